@@ -1,0 +1,1 @@
+"""SCLS serving engine."""

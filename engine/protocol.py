@@ -1,0 +1,394 @@
+"""The wire contract: every message between clients, the broker and workers, and one codec per link.
+
+Client <-> broker messages are msgpack maps with a ``type`` field and named fields (see
+docs/PROTOCOL.md), so any language with msgpack and ZeroMQ can speak them. Broker <-> worker
+messages are compact array-like structs; they are internal, versioned by ``PROTOCOL_VERSION``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+#: Frames larger than this are dropped by libzmq before any decoding (``zmq.MAXMSGSIZE``).
+MAX_CLIENT_FRAME_BYTES = 8 * 1024 * 1024
+
+
+class ProtocolError(ValueError):
+    """A frame that cannot be decoded into a known message; ``code`` is machine-readable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------
+# Client -> broker
+
+
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
+    role: str
+    content: str
+
+
+class Submit(msgspec.Struct, tag="submit", tag_field="type", kw_only=True, omit_defaults=True):
+    """Generate from exactly one of ``prompt`` (text), ``prompt_ids`` or ``messages`` (chat)."""
+
+    request_id: str | None = None  # None: the broker assigns one and returns it in Accepted
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 is greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    seed: int | None = None
+    stop: list[str] = []
+    ignore_eos: bool = False
+    stream: bool = False
+
+
+class Cancel(msgspec.Struct, tag="cancel", tag_field="type", kw_only=True):
+    request_id: str
+
+
+class GetStats(msgspec.Struct, tag="get_stats", tag_field="type", kw_only=True):
+    pass
+
+
+ClientRequest = Submit | Cancel | GetStats
+
+# ---------------------------------------------------------------------------------------------
+# Broker -> client
+
+
+class Accepted(msgspec.Struct, tag="accepted", tag_field="type", kw_only=True):
+    request_id: str
+    prompt_tokens: int
+
+
+class Delta(msgspec.Struct, tag="delta", tag_field="type", kw_only=True):
+    """New tokens of a streaming request, in order, each exactly once."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Timings(msgspec.Struct, kw_only=True):
+    """Durations in seconds from the broker's receipt of the request."""
+
+    queued_s: float  # until its first batch was dispatched
+    first_token_s: float | None  # time to first token (None: no token was generated)
+    finished_s: float  # end-to-end latency
+
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class Finished(msgspec.Struct, tag="finished", tag_field="type", kw_only=True):
+    request_id: str
+    finish_reason: FinishReason
+    text: str
+    token_ids: list[int]
+    usage: Usage
+    timings: Timings
+    num_slices: int = 0
+
+
+class Error(msgspec.Struct, tag="error", tag_field="type", kw_only=True):
+    """``code`` is one of ERROR_CODES; ``message`` says what to change."""
+
+    code: str
+    message: str
+    request_id: str | None = None
+
+
+ERROR_CODES = (
+    "malformed",  # not msgpack, or not a map with a known "type"
+    "invalid_request",  # a field is missing, wrongly typed, or out of range
+    "prompt_too_long",  # prompt plus max_tokens exceeds the model's context
+    "duplicate_request_id",  # a live request already has this id
+    "unknown_request",  # cancel of an id the broker does not know
+    "no_workers",  # nothing can serve the model yet (request stays queued)
+    "internal",
+)
+
+# ---------------------------------------------------------------------------------------------
+# Stats (broker -> clients on request, and published on the PUB socket)
+
+
+class BatchInfo(msgspec.Struct, kw_only=True):
+    batch_id: int
+    num_requests: int
+    padded_len: int
+    max_steps: int
+    predicted_s: float
+    predicted_peak_bytes: int
+    step: int = 0
+    num_finished: int = 0
+
+
+class BatchRecord(msgspec.Struct, kw_only=True):
+    """What a worker measured for one dispatched batch, beside what the cost model predicted."""
+
+    batch_id: int
+    worker_id: str
+    policy: str
+    num_requests: int
+    padded_len: int
+    steps: int
+    max_steps: int
+    prefill_tokens: int
+    pad_tokens: int
+    invalid_tokens: int
+    recomputed_tokens: int
+    reused_kv_tokens: int
+    generated_tokens: int
+    predicted_s: float
+    measured_s: float
+    predicted_peak_bytes: int
+    measured_peak_bytes: int
+    early_return: bool
+
+
+class WorkerStats(msgspec.Struct, kw_only=True):
+    worker_id: str
+    device: str
+    state: str  # "idle" | "busy" | "lost"
+    queued: list[BatchInfo]
+    running: list[BatchInfo]
+    num_running_requests: int
+    kv_used_bytes: int  # measured by the worker (live batch plus parked KV)
+    kv_parked_bytes: int
+    kv_predicted_peak_bytes: int
+    kv_budget_bytes: int
+    mem_used_bytes: int | None  # device (GPU) or process (CPU) memory; None when unknown
+    mem_total_bytes: int | None
+    util_percent: float | None
+    tokens_per_s: float
+    generated_tokens: int
+    busy_s: float
+
+
+class RequestInfo(msgspec.Struct, kw_only=True):
+    request_id: str
+    state: str  # "waiting" | "running" | "finished" | "cancelled" | "failed"
+    prompt_tokens: int
+    generated_tokens: int
+    num_slices: int
+    worker_id: str | None
+    ttft_s: float | None
+    latency_s: float | None
+
+
+class LogEvent(msgspec.Struct, kw_only=True):
+    at_s: float  # seconds since the broker started
+    level: str  # "info" | "warning" | "error"
+    message: str
+
+
+class StatsSnapshot(msgspec.Struct, tag="stats", tag_field="type", kw_only=True):
+    uptime_s: float
+    policy: str
+    slice_len: int
+    max_gen_len: int
+    kv_mode: str
+    num_workers: int
+    num_waiting: int
+    num_running: int
+    num_finished: int
+    num_failed: int
+    request_throughput: float  # finished requests per second over the recent window
+    token_throughput: float  # generated tokens per second over the recent window
+    ttft_p50_s: float | None
+    ttft_p99_s: float | None
+    e2e_p50_s: float | None
+    e2e_p99_s: float | None
+    workers: list[WorkerStats]
+    requests: list[RequestInfo]  # most recent first, bounded
+    events: list[LogEvent]  # most recent last, bounded
+    batches: list[BatchRecord]  # most recent last, bounded
+
+
+ClientReply = Accepted | Delta | Finished | Error | StatsSnapshot
+
+_client_request_decoder = msgspec.msgpack.Decoder(ClientRequest)
+_client_reply_decoder = msgspec.msgpack.Decoder(ClientReply)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    """Encode any message of this module to msgpack bytes."""
+    return _encoder.encode(msg)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, frame: bytes):
+    try:
+        return decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError("invalid_request", f"invalid message: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError("malformed", f"frame is not valid msgpack: {exc}") from None
+
+
+def decode_client_request(frame: bytes) -> ClientRequest:
+    """Decode a client frame; raises ProtocolError with a code and a message that says what to fix."""
+    return _decode(_client_request_decoder, frame)
+
+
+def decode_client_reply(frame: bytes) -> ClientReply:
+    return _decode(_client_reply_decoder, frame)
+
+
+# ---------------------------------------------------------------------------------------------
+# Broker <-> worker (internal, array-like, versioned)
+
+
+class _W(msgspec.Struct, array_like=True, tag=True, omit_defaults=False, gc=False):
+    pass
+
+
+class TimeModelParams(msgspec.Struct, array_like=True, gc=False):
+    """Coefficients of the time model (see engine/cost_model.py); seconds."""
+
+    prefill: list[float]
+    decode: list[float]
+
+
+class Ready(_W, tag="ready"):
+    """A worker's first message: who it is and what it can hold."""
+
+    version: int
+    worker_id: str
+    device: str
+    model: str
+    dtype: str
+    kv_bytes_per_token: int
+    kv_budget_bytes: int
+    max_context_len: int
+    eos_token_ids: list[int]
+    mem_total_bytes: int | None
+    time_model: TimeModelParams | None
+    peer_addr: str = ""
+
+
+class Heartbeat(_W, tag="hb"):
+    progress: int  # decode steps done since start: a hung compute loop stops moving it
+    kv_used_bytes: int
+    kv_parked_bytes: int
+    mem_used_bytes: int | None
+    util_percent: float | None
+
+
+class BatchItem(_W, tag="item"):
+    """One request in a batch: its whole context and what it may do in this dispatch."""
+
+    request_id: str
+    token_ids: list[int]  # prompt + tokens generated so far
+    num_generated: int  # how many of token_ids were generated (sampling seeds are per index)
+    max_steps: int  # decode steps allowed in this dispatch (the slice budget)
+    max_new_tokens: int  # tokens it may still generate in total (max_tokens - num_generated)
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    ignore_eos: bool
+    keep_kv: bool  # park the KV cache on the worker if the budget ends before the request
+
+
+class RunBatch(_W, tag="run"):
+    """Run these requests. ``join``: admit them into the running set at the next step (ILS);
+    otherwise start them as a batch once the running set is empty (SLS, SCLS)."""
+
+    batch_id: int
+    items: list[BatchItem]
+    join: bool
+    predicted_s: float
+    predicted_peak_bytes: int
+    max_steps: int  # the batch's step budget (max over items)
+
+
+class Abort(_W, tag="abort"):
+    """Stop these requests now and free their KV (cancel, stop string, broker decision)."""
+
+    request_ids: list[str]
+
+
+class DropKV(_W, tag="drop_kv"):
+    """Free parked KV of these requests (they will continue elsewhere or were finished)."""
+
+    request_ids: list[str]
+
+
+class Shutdown(_W, tag="shutdown"):
+    pass
+
+
+class Generated(_W, tag="gen"):
+    """Tokens produced since the last message, per request, in order (coalesced steps)."""
+
+    tokens: list[tuple[str, list[int]]]
+
+
+ReleaseReason = Literal["eos", "length", "budget", "aborted", "preempted", "error"]
+
+
+class Released(_W, tag="released"):
+    """Requests that left the running set; ``kv_kept``: the KV stays parked on this worker."""
+
+    batch_id: int
+    request_id: str
+    reason: ReleaseReason
+    num_generated: int  # tokens generated in this dispatch
+    kv_kept: bool
+    message: str = ""
+
+
+class BatchDone(_W, tag="done"):
+    """Measurements of one dispatched batch, sent when its last request left."""
+
+    batch_id: int
+    steps: int
+    prefill_tokens: int
+    pad_tokens: int
+    invalid_tokens: int
+    recomputed_tokens: int
+    reused_kv_tokens: int
+    generated_tokens: int
+    measured_s: float
+    measured_peak_bytes: int
+    # (batch size, padded length, seconds) of each prefill and (batch size, context, seconds) of
+    # decode steps, for online refinement of the time model; bounded per batch.
+    prefill_samples: list[tuple[int, int, float]]
+    decode_samples: list[tuple[int, int, float]]
+
+
+class WorkerFailed(_W, tag="failed"):
+    """The worker could not run a batch (bad input, internal error); its requests are released."""
+
+    batch_id: int
+    message: str
+
+
+ToWorker = RunBatch | Abort | DropKV | Shutdown
+FromWorker = Ready | Heartbeat | Generated | Released | BatchDone | WorkerFailed
+
+_to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)
+_from_worker_decoder = msgspec.msgpack.Decoder(FromWorker)
+
+
+def decode_to_worker(frame: bytes) -> ToWorker:
+    return _decode(_to_worker_decoder, frame)
+
+
+def decode_from_worker(frame: bytes) -> FromWorker:
+    return _decode(_from_worker_decoder, frame)
