@@ -372,6 +372,12 @@ class BatchDone(_W, tag="done"):
     decode_samples: list[tuple[int, int, float]]
 
 
+class KVEvicted(_W, tag="evicted"):
+    """Parked KV the worker freed to make room; these requests must recompute."""
+
+    request_ids: list[str]
+
+
 class WorkerFailed(_W, tag="failed"):
     """The worker could not run a batch (bad input, internal error); its requests are released."""
 
@@ -380,7 +386,7 @@ class WorkerFailed(_W, tag="failed"):
 
 
 ToWorker = RunBatch | Abort | DropKV | Shutdown
-FromWorker = Ready | Heartbeat | Generated | Released | BatchDone | WorkerFailed
+FromWorker = Ready | Heartbeat | Generated | Released | BatchDone | KVEvicted | WorkerFailed
 
 _to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)
 _from_worker_decoder = msgspec.msgpack.Decoder(FromWorker)

@@ -1,0 +1,1 @@
+"""The broker: a pure state machine (core) inside a ZeroMQ shell (server)."""

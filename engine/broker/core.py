@@ -1,0 +1,414 @@
+"""The broker's state machine: request table, workers, policy application. No sockets, no clocks:
+every method takes ``now`` and appends what must be sent to ``outbox``."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+from dataclasses import dataclass
+
+from engine import protocol as p
+from engine.broker.requests import Request, RequestState
+from engine.broker.text import Decode
+from engine.broker.validation import Limits, SubmitError, validate_submit
+from engine.broker.workers import BatchState, WorkerState
+from engine.config import SchedulerConfig
+from engine.cost_model import CostModel
+from engine.scheduler.base import Dispatch, Policy, RunningRequest, WaitingRequest, WorkerView
+
+log = logging.getLogger(__name__)
+
+_FINISH_REASONS: dict[str, p.FinishReason] = {"eos": "stop", "length": "length"}
+
+
+@dataclass(frozen=True, slots=True)
+class ToClient:
+    client_id: bytes
+    msg: p.Accepted | p.Delta | p.Finished | p.Error
+
+
+@dataclass(frozen=True, slots=True)
+class ToWorker:
+    worker_id: str
+    identity: bytes
+    msg: p.RunBatch | p.Abort | p.DropKV | p.Shutdown
+
+
+class BrokerCore:
+    """Owns every request's state; applies the policy's plans and checks them."""
+
+    def __init__(
+        self, cfg: SchedulerConfig, policy: Policy, decode: Decode, limits: Limits
+    ) -> None:
+        self.cfg = cfg
+        self.policy = policy
+        self.decode = decode
+        self.limits = limits
+        self.requests: dict[str, Request] = {}  # live (waiting or running) requests
+        self.waiting: dict[str, Request] = {}  # insertion order = arrival order (then requeue)
+        self.workers: dict[str, WorkerState] = {}
+        self.outbox: list[ToClient | ToWorker] = []
+        self.done: collections.deque[Request] = collections.deque(maxlen=2048)
+        self.batch_records: collections.deque[p.BatchRecord] = collections.deque(maxlen=256)
+        self.events: collections.deque[tuple[float, str, str]] = collections.deque(maxlen=200)
+        self.num_finished = 0
+        self.num_failed = 0
+        self._batch_ids = itertools.count(1)
+        self._auto_ids = itertools.count(1)
+
+    # -- clients ---------------------------------------------------------------------------
+
+    def submit(self, client_id: bytes, msg: p.Submit, prompt_ids: list[int], now: float) -> None:
+        request_id = msg.request_id or f"req-{next(self._auto_ids)}"
+        try:
+            validate_submit(msg, prompt_ids, self.limits)
+            if request_id in self.requests:
+                raise SubmitError(
+                    "duplicate_request_id",
+                    f"request id {request_id!r} is already in flight: choose another id",
+                )
+        except SubmitError as exc:
+            self.outbox.append(
+                ToClient(
+                    client_id, p.Error(code=exc.code, message=exc.message, request_id=request_id)
+                )
+            )
+            return
+        req = Request.create(request_id, client_id, msg, prompt_ids, self.decode, now)
+        self.requests[request_id] = req
+        self.waiting[request_id] = req
+        self.outbox.append(
+            ToClient(client_id, p.Accepted(request_id=request_id, prompt_tokens=len(prompt_ids)))
+        )
+
+    def cancel(self, client_id: bytes, request_id: str, now: float) -> None:
+        req = self.requests.get(request_id)
+        if req is None or req.client_id != client_id:
+            msg = f"cancel: no request {request_id!r} is in flight for this client (finished already, or never submitted)"
+            self.outbox.append(
+                ToClient(
+                    client_id, p.Error(code="unknown_request", message=msg, request_id=request_id)
+                )
+            )
+            return
+        self._finish(req, "cancelled", now, RequestState.CANCELLED)
+
+    def drop_client(self, client_id: bytes, now: float) -> None:
+        for req in [r for r in self.requests.values() if r.client_id == client_id]:
+            self._finish(req, "cancelled", now, RequestState.CANCELLED, notify=False)
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def add_worker(self, identity: bytes, ready: p.Ready, now: float) -> None:
+        if ready.worker_id in self.workers:
+            self.remove_worker(ready.worker_id, now, reason="reconnected")
+        cost = CostModel.from_ready(
+            ready.time_model, ready.kv_bytes_per_token, ready.kv_budget_bytes
+        )
+        self.workers[ready.worker_id] = WorkerState(
+            worker_id=ready.worker_id,
+            identity=identity,
+            ready=ready,
+            cost=cost,
+            joined_at=now,
+            last_seen_at=now,
+        )
+        self.limits = self.limits.with_worker(ready)
+        self.log(
+            now,
+            "info",
+            f"worker {ready.worker_id} joined ({ready.device}, {ready.dtype}, "
+            f"KV budget {ready.kv_budget_bytes / 2**20:.0f} MiB)",
+        )
+
+    def remove_worker(self, worker_id: str, now: float, reason: str) -> None:
+        """Forget a worker; everything it was running goes back to the pool with the tokens
+        already generated (the request continues from there on another worker)."""
+        worker = self.workers.pop(worker_id, None)
+        if worker is None:
+            return
+        num_requeued = 0
+        for req in self.requests.values():
+            if req.kv_worker_id == worker_id:
+                req.kv_worker_id = None
+            if req.worker_id == worker_id and req.state is RequestState.RUNNING:
+                self._requeue(req, now)
+                num_requeued += 1
+        self.log(
+            now, "warning", f"worker {worker_id} lost ({reason}); {num_requeued} requests requeued"
+        )
+
+    def worker_by_identity(self, identity: bytes) -> WorkerState | None:
+        for worker in self.workers.values():
+            if worker.identity == identity:
+                return worker
+        return None
+
+    def on_heartbeat(self, worker: WorkerState, msg: p.Heartbeat, now: float) -> None:
+        worker.heartbeat = msg
+        worker.progress = msg.progress
+
+    def on_generated(self, worker: WorkerState, msg: p.Generated, now: float) -> None:
+        num_tokens = 0
+        for request_id, token_ids in msg.tokens:
+            req = self.requests.get(request_id)
+            if (
+                req is None
+                or req.worker_id != worker.worker_id
+                or req.state is not RequestState.RUNNING
+            ):
+                continue  # finished by a stop string or cancelled while the worker ran on
+            num_tokens += len(token_ids)
+            self._append_tokens(req, token_ids, now)
+        worker.generated_tokens += num_tokens
+        worker.token_times.append((now, num_tokens))
+
+    def on_released(self, worker: WorkerState, msg: p.Released, now: float) -> None:
+        batch = worker.batches.get(msg.batch_id)
+        if batch is not None:
+            batch.request_ids.discard(msg.request_id)
+            if msg.reason in ("eos", "length") and batch.step < batch.dispatch.max_steps:
+                batch.num_finished += 1
+        req = self.requests.get(msg.request_id)
+        if req is None or req.worker_id != worker.worker_id or req.batch_id != msg.batch_id:
+            if msg.kv_kept:  # the request ended meanwhile (stop string, cancel): free its KV
+                self._send(worker, p.DropKV(request_ids=[msg.request_id]))
+            return
+        if msg.reason in _FINISH_REASONS:
+            self._finish(req, _FINISH_REASONS[msg.reason], now, RequestState.FINISHED)
+        elif msg.reason in ("budget", "preempted"):
+            self._requeue(req, now)
+            if msg.kv_kept:
+                req.kv_worker_id = worker.worker_id
+                worker.parked[req.request_id] = req.context_len * worker.ready.kv_bytes_per_token
+        elif msg.reason == "error":
+            self._fail(req, "invalid_request", f"the worker could not run it: {msg.message}", now)
+
+    def on_kv_evicted(self, worker: WorkerState, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            worker.parked.pop(request_id, None)
+            req = self.requests.get(request_id)
+            if req is not None and req.kv_worker_id == worker.worker_id:
+                req.kv_worker_id = None
+
+    def on_batch_done(self, worker: WorkerState, msg: p.BatchDone, now: float) -> None:
+        batch = worker.finish_batch(msg.batch_id, msg.measured_s, now)
+        worker.cost.time.observe(msg.prefill_samples, msg.decode_samples)
+        if batch is None:
+            return
+        d = batch.dispatch
+        self.batch_records.append(
+            p.BatchRecord(
+                batch_id=msg.batch_id,
+                worker_id=worker.worker_id,
+                policy=self.policy.name,
+                num_requests=batch.num_requests,
+                padded_len=d.padded_len,
+                steps=msg.steps,
+                max_steps=d.max_steps,
+                prefill_tokens=msg.prefill_tokens,
+                pad_tokens=msg.pad_tokens,
+                invalid_tokens=msg.invalid_tokens,
+                recomputed_tokens=msg.recomputed_tokens,
+                reused_kv_tokens=msg.reused_kv_tokens,
+                generated_tokens=msg.generated_tokens,
+                predicted_s=d.predicted_s,
+                measured_s=msg.measured_s,
+                predicted_peak_bytes=d.predicted_peak_bytes,
+                measured_peak_bytes=msg.measured_peak_bytes,
+                early_return=msg.steps < d.max_steps,
+            )
+        )
+
+    def on_worker_failed(self, worker: WorkerState, msg: p.WorkerFailed, now: float) -> None:
+        self.log(
+            now, "error", f"worker {worker.worker_id} failed batch {msg.batch_id}: {msg.message}"
+        )
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def schedule(self, now: float) -> list[Dispatch]:
+        if not self.waiting or not self.workers:
+            return []
+        waiting = [self._waiting_view(r) for r in self.waiting.values()]
+        views = [self._worker_view(w) for w in self.workers.values()]
+        plan = self.policy.schedule(waiting, views, now)
+        applied = []
+        seen: set[str] = set()
+        for dispatch in plan:
+            if self._check(dispatch, seen):
+                self._apply(dispatch, now)
+                applied.append(dispatch)
+        return applied
+
+    def _check(self, d: Dispatch, seen: set[str]) -> bool:
+        """The broker checks every plan: known worker, waiting requests, none twice, memory."""
+        worker = self.workers.get(d.worker_id)
+        problems = []
+        if worker is None:
+            problems.append(f"unknown worker {d.worker_id}")
+        elif not d.join and d.predicted_peak_bytes > worker.kv_budget_bytes:
+            problems.append(
+                f"predicted peak {d.predicted_peak_bytes} B above budget {worker.kv_budget_bytes} B"
+            )
+        if d.max_steps < 1 or not d.request_ids:
+            problems.append("empty dispatch")
+        if any(rid not in self.waiting or rid in seen for rid in d.request_ids):
+            problems.append("a request is not waiting or is planned twice")
+        if problems:
+            log.error(
+                "policy %s produced an invalid dispatch (%s); dropped",
+                self.policy.name,
+                "; ".join(problems),
+            )
+            return False
+        seen.update(d.request_ids)
+        return True
+
+    def _apply(self, d: Dispatch, now: float) -> None:
+        worker = self.workers[d.worker_id]
+        batch_id = next(self._batch_ids)
+        keep_kv = self.cfg.kv_mode == "keep"
+        items = []
+        for request_id in d.request_ids:
+            req = self.waiting.pop(request_id)
+            if req.kv_worker_id is not None and req.kv_worker_id != d.worker_id:
+                self._drop_parked(req)
+            req.state = RequestState.RUNNING
+            req.worker_id, req.batch_id = d.worker_id, batch_id
+            req.num_slices += 1
+            req.generated_at_dispatch = len(req.generated)
+            if req.first_dispatched_at is None:
+                req.first_dispatched_at = now
+            worker.parked.pop(request_id, None)
+            items.append(req.batch_item(min(d.max_steps, req.max_new_tokens), keep_kv))
+        batch = BatchState(batch_id, d.worker_id, d, set(d.request_ids), now, len(d.request_ids))
+        worker.add_batch(batch, now)
+        self._send(
+            worker,
+            p.RunBatch(
+                batch_id=batch_id,
+                items=items,
+                join=d.join,
+                predicted_s=d.predicted_s,
+                predicted_peak_bytes=d.predicted_peak_bytes,
+                max_steps=d.max_steps,
+            ),
+        )
+
+    def _waiting_view(self, req: Request) -> WaitingRequest:
+        return WaitingRequest(
+            request_id=req.request_id,
+            context_len=req.context_len,
+            prompt_len=len(req.prompt_ids),
+            num_generated=len(req.generated),
+            max_new_tokens=req.max_new_tokens,
+            arrived_at=req.arrived_at,
+            kv_worker_id=req.kv_worker_id,
+        )
+
+    def _worker_view(self, worker: WorkerState) -> WorkerView:
+        running = []
+        for batch in worker.batches.values():
+            for rid in batch.request_ids:
+                req = self.requests.get(rid)
+                if req is not None:
+                    reserved = len(req.prompt_ids) + req.params.max_tokens
+                    running.append(
+                        RunningRequest(rid, req.context_len, req.max_new_tokens, reserved)
+                    )
+        return WorkerView(
+            worker_id=worker.worker_id,
+            cost=worker.cost,
+            busy_until=worker.busy_until,
+            num_queued_batches=len(worker.queued_batches()),
+            running=tuple(running),
+            parked_kv_bytes=sum(worker.parked.values()),
+        )
+
+    # -- request lifecycle -----------------------------------------------------------------
+
+    def _append_tokens(self, req: Request, token_ids: list[int], now: float) -> None:
+        if req.first_token_at is None:
+            req.first_token_at = now
+        req.generated.extend(token_ids)
+        batch = (
+            self.workers[req.worker_id].batches.get(req.batch_id)
+            if req.worker_id in self.workers
+            else None
+        )
+        if batch is not None:
+            batch.step = max(batch.step, len(req.generated) - req.generated_at_dispatch)
+        delta = req.text.add(req.generated)
+        if req.stream and (delta or token_ids):
+            self.outbox.append(
+                ToClient(
+                    req.client_id,
+                    p.Delta(request_id=req.request_id, text=delta, token_ids=token_ids),
+                )
+            )
+        if req.text.stopped:
+            self._finish(req, "stop", now, RequestState.FINISHED)
+
+    def _requeue(self, req: Request, now: float) -> None:
+        req.state = RequestState.WAITING
+        req.worker_id = req.batch_id = None
+        req.waiting_since = now
+        self.waiting[req.request_id] = req
+
+    def _finish(
+        self,
+        req: Request,
+        reason: p.FinishReason,
+        now: float,
+        state: RequestState,
+        notify: bool = True,
+    ) -> None:
+        if req.state is RequestState.RUNNING and req.worker_id in self.workers:
+            self._send(self.workers[req.worker_id], p.Abort(request_ids=[req.request_id]))
+        self._drop_parked(req)
+        req.state = state
+        req.finished_at = now
+        tail = req.text.finish()
+        if notify and req.stream and tail:
+            self.outbox.append(
+                ToClient(req.client_id, p.Delta(request_id=req.request_id, text=tail, token_ids=[]))
+            )
+        if notify:
+            self.outbox.append(ToClient(req.client_id, req.finished_message(reason)))
+        self._forget(req)
+        self.num_finished += state is RequestState.FINISHED
+
+    def _fail(self, req: Request, code: str, message: str, now: float) -> None:
+        self._drop_parked(req)
+        req.state = RequestState.FAILED
+        req.finished_at = now
+        self.outbox.append(
+            ToClient(req.client_id, p.Error(code=code, message=message, request_id=req.request_id))
+        )
+        self._forget(req)
+        self.num_failed += 1
+
+    def _forget(self, req: Request) -> None:
+        self.requests.pop(req.request_id, None)
+        self.waiting.pop(req.request_id, None)
+        if req.worker_id in self.workers:
+            batch = self.workers[req.worker_id].batches.get(req.batch_id)
+            if batch is not None:
+                batch.request_ids.discard(req.request_id)
+        self.done.append(req)
+
+    def _drop_parked(self, req: Request) -> None:
+        worker = self.workers.get(req.kv_worker_id) if req.kv_worker_id else None
+        if worker is not None:
+            worker.parked.pop(req.request_id, None)
+            self._send(worker, p.DropKV(request_ids=[req.request_id]))
+        req.kv_worker_id = None
+
+    def _send(self, worker: WorkerState, msg: p.RunBatch | p.Abort | p.DropKV | p.Shutdown) -> None:
+        self.outbox.append(ToWorker(worker.worker_id, worker.identity, msg))
+
+    def log(self, now: float, level: str, message: str) -> None:
+        getattr(log, "warning" if level == "warning" else level)(message)
+        self.events.append((now, level, message))

@@ -1,0 +1,68 @@
+"""Admission checks on a submitted request: each failure names the field and what to change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from engine import protocol as p
+
+
+class SubmitError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_context_len: int  # prompt + generated tokens the model accepts
+    max_gen_len: int  # L: the most tokens one request may ask for
+    vocab_size: int
+
+    def with_worker(self, ready: p.Ready) -> Limits:
+        return replace(self, max_context_len=min(self.max_context_len, ready.max_context_len))
+
+
+def check_prompt_fields(msg: p.Submit) -> None:
+    """Exactly one prompt form; checked before tokenization."""
+    given = [
+        name for name in ("prompt", "prompt_ids", "messages") if getattr(msg, name) is not None
+    ]
+    if len(given) != 1:
+        raise SubmitError(
+            "invalid_request",
+            f"give exactly one of prompt, prompt_ids or messages (got {', '.join(given) or 'none'})",
+        )
+
+
+def validate_submit(msg: p.Submit, prompt_ids: list[int], limits: Limits) -> None:
+    """Raise SubmitError if the request cannot be served as asked."""
+    bad = "invalid_request"
+    if not prompt_ids:
+        raise SubmitError(bad, "the prompt is empty: send at least one token")
+    if msg.max_tokens < 1:
+        raise SubmitError(bad, f"max_tokens must be at least 1 (got {msg.max_tokens})")
+    if msg.max_tokens > limits.max_gen_len:
+        raise SubmitError(
+            bad,
+            f"max_tokens {msg.max_tokens:,} exceeds this engine's maximal generation length "
+            f"{limits.max_gen_len:,} (--max-gen-len): ask for fewer tokens",
+        )
+    if not msg.temperature >= 0.0:  # also catches NaN
+        raise SubmitError(bad, f"temperature must be >= 0 (0 is greedy); got {msg.temperature}")
+    if not 0.0 < msg.top_p <= 1.0:
+        raise SubmitError(bad, f"top_p must be in (0, 1]; got {msg.top_p}")
+    if msg.top_k < 0:
+        raise SubmitError(bad, f"top_k must be >= 0 (0 disables it); got {msg.top_k}")
+    if msg.seed is not None and not 0 <= msg.seed < 2**63:
+        raise SubmitError(bad, f"seed must be in [0, 2**63); got {msg.seed}")
+    if any(not 0 <= t < limits.vocab_size for t in prompt_ids):
+        raise SubmitError(bad, f"prompt_ids must be token ids in [0, {limits.vocab_size})")
+    total = len(prompt_ids) + msg.max_tokens
+    if total > limits.max_context_len:
+        raise SubmitError(
+            "prompt_too_long",
+            f"request rejected: prompt has {len(prompt_ids):,} tokens and max_tokens is "
+            f"{msg.max_tokens:,} ({total:,} in all); the model accepts {limits.max_context_len:,}",
+        )

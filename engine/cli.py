@@ -1,0 +1,233 @@
+"""The one launcher: serve | broker | worker | generate | tui | demo | profile."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from engine import cli_args
+
+DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from engine.broker.main import serve_broker
+    from engine.supervisor import spawn, stop_all
+
+    cfg = cli_args.broker_config(args, args.bind, args.port)
+    procs = []
+    num_threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+
+    def start_workers(server) -> None:
+        worker_addr = server.addresses["workers"].replace("0.0.0.0", "127.0.0.1")
+        for i in range(args.workers):
+            device = f"cuda:{i}" if args.device == "cuda" else args.device
+            argv = [
+                "worker",
+                "--connect",
+                worker_addr,
+                "--device",
+                device,
+                "--model",
+                args.model,
+                "--dtype",
+                args.dtype,
+                "--threads",
+                str(num_threads),
+                "--log-level",
+                args.log_level,
+            ]
+            if args.kv_budget:
+                argv += ["--kv-budget", str(args.kv_budget)]
+            if args.no_profile:
+                argv.append("--no-profile")
+            procs.append(spawn(argv))
+        addrs = server.addresses
+        print(
+            f'engine: clients connect to {addrs["clients"]}  (run.py generate "..." --connect {addrs["clients"]})',
+            flush=True,
+        )
+        print(
+            f"engine: workers connect to {addrs['workers']}; stats published on {addrs['stats']} (run.py tui)",
+            flush=True,
+        )
+        print(
+            f"engine: policy {cfg.scheduler.policy}, {args.workers} worker(s) on {args.device}; Ctrl-C stops all",
+            flush=True,
+        )
+
+    try:
+        asyncio.run(serve_broker(cfg, on_ready=start_workers))
+    finally:
+        stop_all(procs)
+    return 0
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from engine.broker.main import serve_broker
+
+    cfg = cli_args.broker_config(args, args.bind, args.port)
+
+    def announce(server) -> None:
+        print(
+            f"broker: clients {server.addresses['clients']}, workers {server.addresses['workers']}, "
+            f"stats {server.addresses['stats']}",
+            flush=True,
+        )
+
+    asyncio.run(serve_broker(cfg, on_ready=announce))
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from engine.worker.main import run_worker
+
+    cfg = cli_args.worker_config(args, args.connect, args.device, args.threads)
+    return run_worker(cfg)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine.client import Client, EngineError
+
+    params = dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop or (),
+        ignore_eos=args.ignore_eos,
+        timeout_s=args.timeout,
+    )
+    prompt = (
+        {"messages": [{"role": "user", "content": args.prompt}]}
+        if args.chat
+        else {"prompt": args.prompt}
+    )
+    try:
+        with Client(args.connect) as client:
+            if args.stream:
+                stream = client.stream(**prompt, **params)
+                for delta in stream:
+                    print(delta.text, end="", flush=True)
+                print()
+                result = stream.result
+            else:
+                result = client.generate(**prompt, **params)
+                print(result.text)
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    u, t = result.usage, result.timings
+    ttft = f"{t.first_token_s * 1000:.0f} ms" if t.first_token_s is not None else "n/a"
+    print(
+        f"[{result.finish_reason}; {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens; "
+        f"first token {ttft}; total {t.finished_s:.2f} s; {result.num_slices} slice(s)]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _tui(args: argparse.Namespace) -> int:
+    from tui.app import run_dashboard
+
+    run_dashboard(args.connect)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from engine.demo import run_demo
+
+    return run_demo(args)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from engine.worker.main import run_profile
+
+    return run_profile(cli_args.worker_config(args, "", args.device, args.threads))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="run.py", description="SCLS LLM serving engine")
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument(
+            "--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        )
+        p.set_defaults(func=func)
+        return p
+
+    p = command("serve", _serve, "start a broker and N workers as child processes")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="cpu", help='"cpu" or "cuda" (one worker per GPU)')
+    p.add_argument("--bind", default="127.0.0.1", help="interface to bind (default loopback only)")
+    p.add_argument(
+        "--port", type=int, default=5555, help="client port; workers use PORT+1, stats PORT+2"
+    )
+    cli_args.add_scheduler_flags(p)
+    cli_args.add_worker_flags(p)
+
+    p = command("broker", _broker, "run the broker alone (workers join with `worker --connect`)")
+    p.add_argument("--bind", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--model", default="embedded", help="model whose tokenizer the broker uses")
+    cli_args.add_scheduler_flags(p)
+
+    p = command("worker", _worker, "run one model worker that joins a broker")
+    p.add_argument("--connect", default="tcp://127.0.0.1:5556", help="the broker's worker address")
+    p.add_argument("--device", default="cpu", help='"cpu" or "cuda:N"')
+    p.add_argument("--worker-id", default=None)
+    cli_args.add_worker_flags(p)
+
+    p = command("generate", _generate, "send one prompt and print the answer")
+    p.add_argument("prompt")
+    p.add_argument("--connect", default=DEFAULT_CONNECT)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--stream", action="store_true")
+    p.add_argument(
+        "--raw",
+        dest="chat",
+        action="store_false",
+        help="send the prompt as is, without the chat template",
+    )
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds")
+
+    p = command("tui", _tui, "the live dashboard")
+    p.add_argument("--connect", default="tcp://127.0.0.1:5557", help="the broker's stats address")
+
+    p = command("demo", _demo, "start the engine, send a scripted load and show it live")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--num-requests", type=int, default=24)
+    p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--plain", action="store_true", help="plain lines instead of the dashboard")
+    cli_args.add_scheduler_flags(p)
+    cli_args.add_worker_flags(p)
+
+    p = command("profile", _profile, "profile this device and fit the time model (cached)")
+    p.add_argument("--device", default="cpu")
+    cli_args.add_worker_flags(p)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

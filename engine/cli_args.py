@@ -1,0 +1,114 @@
+"""Command-line flags shared by the subcommands, and their conversion into component configs."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from engine.config import BrokerConfig, SchedulerConfig, WorkerConfig
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '1.5G' or a plain number of bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: use bytes or a unit, e.g. 512MiB or 2GiB"
+        )
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def add_scheduler_flags(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("scheduling")
+    g.add_argument("--policy", choices=["scls", "ils", "sls"], default="scls")
+    g.add_argument("--slice-len", type=int, default=64, help="SCLS: decode steps per slice (S)")
+    g.add_argument(
+        "--max-gen-len", type=int, default=1024, help="maximal generation length L (tokens)"
+    )
+    g.add_argument(
+        "--kv-mode",
+        choices=["keep", "recompute"],
+        default="keep",
+        help="between slices: keep the KV cache on its worker, or re-prefill",
+    )
+    g.add_argument("--ils-admission", choices=["reserve", "optimistic"], default="reserve")
+    g.add_argument(
+        "--max-concurrency", type=int, default=None, help="ILS: cap on running requests per worker"
+    )
+    g.add_argument("--max-batch-size", type=int, default=256)
+
+
+def add_worker_flags(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("worker")
+    g.add_argument(
+        "--model",
+        default="embedded",
+        help='"embedded" (SmolLM2-135M-Instruct), a transformers model directory, or a .gguf file',
+    )
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    g.add_argument(
+        "--kv-budget",
+        type=parse_bytes,
+        default=None,
+        help="KV-cache budget per worker, e.g. 512MiB (CPU default 2GiB; GPU: free memory)",
+    )
+    g.add_argument("--threads", type=int, default=None, help="torch threads per worker (CPU)")
+    g.add_argument(
+        "--no-profile",
+        action="store_true",
+        help="skip the start-up time profile (the time model then uses defaults)",
+    )
+
+
+def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
+    for name in ("slice_len", "max_gen_len", "max_batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    return SchedulerConfig(
+        policy=args.policy,
+        slice_len=args.slice_len,
+        max_gen_len=args.max_gen_len,
+        kv_mode=args.kv_mode,
+        ils_admission=args.ils_admission,
+        max_concurrency=args.max_concurrency,
+        max_batch_size=args.max_batch_size,
+    )
+
+
+def broker_config(args: argparse.Namespace, host: str, port: int) -> BrokerConfig:
+    return BrokerConfig(
+        client_addr=f"tcp://{host}:{port}",
+        worker_addr=f"tcp://{host}:{port + 1}",
+        stats_addr=f"tcp://{host}:{port + 2}",
+        model=args.model,
+        scheduler=scheduler_config(args),
+    )
+
+
+def worker_config(
+    args: argparse.Namespace, connect: str, device: str, threads: int | None
+) -> WorkerConfig:
+    return WorkerConfig(
+        connect=connect,
+        model=args.model,
+        device=device,
+        dtype=args.dtype,
+        kv_budget_bytes=args.kv_budget,
+        num_threads=threads,
+        profile=not args.no_profile,
+        worker_id=getattr(args, "worker_id", None),
+    )

@@ -1,0 +1,75 @@
+"""One frozen dataclass per component; every field documented with its unit.
+
+Nothing here reads the environment: the CLI builds these from flags and hands each component
+only its own config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+PolicyName = Literal["scls", "ils", "sls"]
+KVMode = Literal["recompute", "keep"]
+ILSAdmission = Literal["reserve", "optimistic"]
+
+DEFAULT_KV_BUDGET_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    policy: PolicyName = "scls"
+    slice_len: int = 64
+    """SCLS: decode steps per slice (S)."""
+    max_gen_len: int = 1024
+    """Maximal generation length L in tokens: requests asking for more are rejected; SLS and
+    reserve-ILS size batches for it."""
+    kv_mode: KVMode = "keep"
+    """Between slices: keep the KV cache parked on its worker, or re-prefill (recompute)."""
+    ils_admission: ILSAdmission = "reserve"
+    """ILS: reserve L tokens per request at admission, or admit on current usage and preempt."""
+    max_concurrency: int | None = None
+    """ILS reserve: cap on running requests per worker (None: derived from the memory budget)."""
+    max_batch_size: int = 256
+    """Upper bound on requests in one batch or running set, whatever memory allows."""
+    aging_s: float = 10.0
+    """SCLS: a request waiting longer than this is batched first, whatever its length."""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    client_addr: str = "tcp://127.0.0.1:5555"
+    """Where clients connect (ROUTER). Loopback unless told otherwise."""
+    worker_addr: str = "tcp://127.0.0.1:5556"
+    """Where workers connect (ROUTER)."""
+    stats_addr: str = "tcp://127.0.0.1:5557"
+    """Where stats snapshots are published (PUB), for the dashboard."""
+    model: str = "embedded"
+    """Model spec for the tokenizer: "embedded", a transformers directory, or a .gguf file."""
+    stats_interval_s: float = 0.25
+    """Seconds between published stats snapshots."""
+    worker_timeout_s: float = 3.0
+    """A worker silent for this long is declared lost and its requests are requeued."""
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    connect: str = "tcp://127.0.0.1:5556"
+    """The broker's worker address."""
+    model: str = "embedded"
+    """"embedded", a transformers model directory, or a .gguf file."""
+    device: str = "cpu"
+    """"cpu" or "cuda:N"."""
+    dtype: str = "float32"
+    """"float32" (default, exact greedy batching) or "bfloat16"/"float16"."""
+    kv_budget_bytes: int | None = None
+    """KV-cache budget in bytes. None: DEFAULT_KV_BUDGET_BYTES on a CPU; on a GPU what is free
+    after the weights, less a safety margin."""
+    num_threads: int | None = None
+    """torch threads (CPU). None: this worker's share of the cores."""
+    worker_id: str | None = None
+    """Stable name; None: host-pid-device."""
+    heartbeat_interval_s: float = 0.5
+    profile: bool = True
+    """Profile the device at start (cached per model, device and dtype) to fit the time model."""

@@ -1,0 +1,144 @@
+"""Starts a worker process: threads, model, time profile (cached), executor, ZeroMQ loop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import signal
+import threading
+from pathlib import Path
+
+import torch
+
+from engine import protocol as p
+from engine.config import DEFAULT_KV_BUDGET_BYTES, WorkerConfig
+from engine.cost_model import CostModelError, TimeModel
+from engine.models import models_cache_root
+from engine.worker.executor import Executor
+from engine.worker.memory_probe import probe
+from engine.worker.model_loader import LoadedModel, load_model
+from engine.worker.runner import Runner
+from engine.worker.worker import WorkerLoop, default_worker_id
+
+log = logging.getLogger(__name__)
+
+GPU_SAFETY_FRACTION = 0.9  # of the memory free after the weights, left for the KV cache
+
+
+def set_threads(cfg: WorkerConfig) -> int:
+    num_threads = cfg.num_threads or max(1, os.cpu_count() or 1)
+    torch.set_num_threads(num_threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already set once in this process (tests); intra-op threads are what matter
+    return num_threads
+
+
+def kv_budget_bytes(cfg: WorkerConfig, device: torch.device) -> int:
+    if cfg.kv_budget_bytes is not None:
+        return cfg.kv_budget_bytes
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * GPU_SAFETY_FRACTION)
+    return DEFAULT_KV_BUDGET_BYTES
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "-")
+    return f"{platform.machine()}-{platform.processor() or 'cpu'}"
+
+
+def profile_path(loaded: LoadedModel, num_threads: int) -> Path:
+    name = f"{loaded.info.name}-{_device_name(loaded.device)}-{loaded.dtype}-t{num_threads}.json"
+    return models_cache_root().parent / "profiles" / name.replace("/", "_").replace("torch.", "")
+
+
+def time_model(
+    runner: Runner, loaded: LoadedModel, num_threads: int, use_cache: bool = True
+) -> TimeModel:
+    """The profiled time model, from the cache when this model, device and dtype were profiled."""
+    from engine.worker.profiler import profile
+
+    path = profile_path(loaded, num_threads)
+    cached = TimeModel.load_cached(path) if use_cache else None
+    if cached is not None:
+        log.info("time model from %s", path)
+        return cached
+    log.info("profiling %s on %s (once; cached in %s)", loaded.info.name, loaded.device, path)
+    prefill, decode = profile(runner)
+    model = TimeModel.fit(prefill, decode)
+    model.save(path)
+    return model
+
+
+def build(cfg: WorkerConfig) -> tuple[Executor, p.Ready]:
+    num_threads = set_threads(cfg)
+    loaded = load_model(cfg.model, cfg.device, cfg.dtype)
+    runner = Runner(loaded)
+    budget = kv_budget_bytes(cfg, loaded.device)
+    params = None
+    if cfg.profile:
+        try:
+            params = time_model(runner, loaded, num_threads).to_params()
+        except CostModelError as exc:
+            log.warning("time profile unusable (%s); the broker uses default figures", exc)
+    info = loaded.info
+    ready = p.Ready(
+        version=p.PROTOCOL_VERSION,
+        worker_id=cfg.worker_id or default_worker_id(cfg.device),
+        device=str(loaded.device) if loaded.device.type == "cpu" else _device_name(loaded.device),
+        model=info.name,
+        dtype=cfg.dtype,
+        kv_bytes_per_token=info.kv_bytes_per_token,
+        kv_budget_bytes=budget,
+        max_context_len=info.max_context_len,
+        eos_token_ids=list(info.eos_token_ids),
+        mem_total_bytes=probe(loaded.device)[1],
+        time_model=params,
+    )
+    return Executor(runner, budget), ready
+
+
+def run_worker(cfg: WorkerConfig) -> int:
+    executor, ready = build(cfg)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    device = executor.runner.device
+    log.info(
+        "worker %s ready on %s: KV budget %.0f MiB; connecting to %s",
+        ready.worker_id,
+        ready.device,
+        ready.kv_budget_bytes / 2**20,
+        cfg.connect,
+    )
+    loop = WorkerLoop(cfg, executor, ready, lambda: probe(device))
+    loop.serve(stop)
+    return 1 if loop.compute.failed else 0
+
+
+def run_profile(cfg: WorkerConfig) -> int:
+    """`run.py profile`: measure, fit, report the held-out error, cache the result."""
+    from engine.worker.profiler import profile
+
+    num_threads = set_threads(cfg)
+    loaded = load_model(cfg.model, cfg.device, cfg.dtype)
+    runner = Runner(loaded)
+    prefill, decode = profile(runner)
+    fit_pre, test_pre = prefill[::2], prefill[1::2]
+    fit_dec, test_dec = decode[::2], decode[1::2]
+    held_out = TimeModel.fit(fit_pre, fit_dec)
+    print(
+        f"held-out MAPE: prefill {held_out.mape(test_pre, ()):.1%}, decode {held_out.mape((), test_dec):.1%} "
+        f"({len(test_pre)} + {len(test_dec)} samples not used for fitting)"
+    )
+    model = TimeModel.fit(prefill, decode)
+    path = profile_path(loaded, num_threads)
+    model.save(path)
+    print(
+        f"time model (all samples) saved to {path}: prefill {model.prefill}, decode {model.decode}"
+    )
+    return 0
