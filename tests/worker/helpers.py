@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 from engine import protocol as p
 from engine.worker.executor import Executor
+from engine.worker.runner import Runner
+
+BIG_BUDGET = 1 << 30  # bytes: the memory guard never binds
 
 
 def make_prompts(seed: int, lens: list[int], vocab_size: int = 512) -> list[list[int]]:
@@ -20,7 +23,7 @@ def make_item(
     token_ids: list[int],
     *,
     max_steps: int = 8,
-    max_new_tokens: int | None = None,
+    max_new_tokens: int = 1000,
     num_generated: int = 0,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -34,7 +37,7 @@ def make_item(
         token_ids=list(token_ids),
         num_generated=num_generated,
         max_steps=max_steps,
-        max_new_tokens=max_steps if max_new_tokens is None else max_new_tokens,
+        max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
@@ -130,3 +133,19 @@ def generate_sliced(
             assert msg.reason in ("budget", "length"), msg
             assert msg.kv_kept == (keep_kv and msg.reason == "budget"), msg
         batch_id += 1
+
+
+def drain_steps(executor: Executor, num_steps: int, trace: Trace | None = None) -> Trace:
+    """Exactly ``num_steps`` steps."""
+    trace = trace or Trace()
+    for _ in range(num_steps):
+        trace.record(executor, executor.step())
+    return trace
+
+
+def solo_greedy(runner: Runner, prompt: list[int], num_tokens: int, **item_kwargs) -> list[int]:
+    """Greedy tokens of one request served alone in one dispatch (the reference)."""
+    executor = Executor(runner, BIG_BUDGET)
+    item = make_item("solo", prompt, max_steps=num_tokens, **item_kwargs)
+    executor.submit(make_run(1, [item]))
+    return drain(executor).tokens["solo"]

@@ -1,0 +1,62 @@
+"""What the executor measures per dispatched batch, turned into a BatchDone message at its end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine import protocol as p
+
+MAX_SAMPLES = 64
+
+
+class BoundedSamples:
+    """At most ``max_len`` samples spread evenly over everything added: when full, every other
+    sample is dropped and the keeping stride doubles."""
+
+    def __init__(self, max_len: int = MAX_SAMPLES) -> None:
+        self.max_len = max_len
+        self.items: list[tuple[int, int, float]] = []
+        self._stride = 1
+        self._count = 0
+
+    def add(self, sample: tuple[int, int, float]) -> None:
+        if self._count % self._stride == 0:
+            self.items.append(sample)
+            if len(self.items) > self.max_len:
+                self.items = self.items[::2]
+                self._stride *= 2
+        self._count += 1
+
+
+@dataclass(slots=True)
+class DispatchStats:
+    """Counters of one RunBatch from its first step to the release of its last request."""
+
+    batch_id: int
+    num_open: int  # requests not released yet
+    started_at: float | None = None  # perf_counter seconds at its first step
+    steps: int = 0
+    prefill_tokens: int = 0
+    pad_tokens: int = 0
+    recomputed_tokens: int = 0
+    reused_kv_tokens: int = 0
+    generated_tokens: int = 0
+    peak_bytes: int = 0
+    prefill_samples: BoundedSamples = field(default_factory=BoundedSamples)
+    decode_samples: BoundedSamples = field(default_factory=BoundedSamples)
+
+    def done(self, now: float) -> p.BatchDone:
+        return p.BatchDone(
+            batch_id=self.batch_id,
+            steps=self.steps,
+            prefill_tokens=self.prefill_tokens,
+            pad_tokens=self.pad_tokens,
+            invalid_tokens=0,  # finished rows leave the batch at once: none is ever computed
+            recomputed_tokens=self.recomputed_tokens,
+            reused_kv_tokens=self.reused_kv_tokens,
+            generated_tokens=self.generated_tokens,
+            measured_s=0.0 if self.started_at is None else now - self.started_at,
+            measured_peak_bytes=self.peak_bytes,
+            prefill_samples=list(self.prefill_samples.items),
+            decode_samples=list(self.decode_samples.items),
+        )
