@@ -294,6 +294,7 @@ class Executor:
         for chunk in self._prefill_chunks([r for r in cands if r.kv is None]):
             started_at = self._clock()
             part = self.runner.prefill([r.token_ids[:-1] for r in chunk])
+            self.runner.synchronize()
             elapsed_s = self._clock() - started_at
             for row in chunk:
                 stats, num_tokens = self._stats[row.batch_id], len(row.token_ids) - 1

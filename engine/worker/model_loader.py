@@ -145,6 +145,7 @@ def ensure_converted(spec: ModelSpec) -> Path:
                 _convert_gguf(spec.gguf_file, tmp)
                 if cache_dir.exists():  # an incomplete leftover: nothing reads it
                     shutil.rmtree(cache_dir)
+                os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is not secret
                 os.rename(tmp, cache_dir)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -57,6 +57,11 @@ class Runner:
         self.kv_growth_cols = kv_growth_cols  # spare columns added when a cache grows
         self._unseeded = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
 
+    def synchronize(self) -> None:
+        """Wait for queued device work (GPU), so that wall-clock timings are real."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # -- prefill -------------------------------------------------------------------------------
 
     def prepare_prefill(self, token_lists: list[list[int]]):

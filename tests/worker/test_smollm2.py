@@ -1,0 +1,64 @@
+"""End to end with the embedded SmolLM2 (slow): conversion cache, chat template, exact batching.
+
+Uses the real cache directory (~/.cache/scls-engine or $XDG_CACHE_HOME): the first run converts
+the GGUF file once (about 30 s here), later runs load the converted weights in about a second.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.models import load_tokenizer, resolve_model
+from engine.worker.executor import Executor
+from engine.worker.model_loader import load_model
+from engine.worker.runner import Runner
+
+from .helpers import BIG_BUDGET, drain, generate_sliced, make_item, make_run
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "Name three colours, then explain in detail why the sky looks blue during the day.",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    spec = resolve_model("embedded")
+    loaded = load_model(spec)
+    assert resolve_model("embedded").model_dir is not None  # converted and cached
+    return Runner(loaded), load_tokenizer(spec)
+
+
+def chat_ids(tokenizer, question: str) -> list[int]:
+    messages = [{"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+
+
+def test_smollm2_answers_paris_and_batching_changes_nothing(smollm2):
+    runner, tokenizer = smollm2
+    assert runner.info.kv_bytes_per_token == 2 * 30 * 3 * 64 * 4
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in runner.info.eos_token_ids
+    prompts = [chat_ids(tokenizer, q) for q in QUESTIONS]
+    executor = Executor(runner, BIG_BUDGET)
+    executor.submit(make_run(1, [make_item("paris", prompts[0], max_steps=24, ignore_eos=False)]))
+    alone = drain(executor).tokens["paris"]
+    answer = tokenizer.decode(alone, skip_special_tokens=True)
+    assert "Paris" in answer, answer
+
+    items = [make_item(f"q{i}", t, max_steps=24, ignore_eos=False) for i, t in enumerate(prompts)]
+    executor.submit(make_run(2, items))
+    batched = drain(executor)
+    assert batched.tokens["q0"] == alone
+    assert batched.done[2].pad_tokens > 0  # the prompts really were padded
+
+
+def test_smollm2_slices_with_kept_or_recomputed_kv_equal_one_dispatch(smollm2):
+    runner, tokenizer = smollm2
+    prompts = {f"q{i}": chat_ids(tokenizer, q) for i, q in enumerate(QUESTIONS)}
+    whole = generate_sliced(Executor(runner, BIG_BUDGET), prompts, 32, 32, keep_kv=False)
+    kept = generate_sliced(Executor(runner, BIG_BUDGET), prompts, 32, 8, keep_kv=True)
+    recomputed = generate_sliced(Executor(runner, BIG_BUDGET), prompts, 32, 8, keep_kv=False)
+    assert kept == whole and recomputed == whole
