@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from engine import protocol as p
 from engine.worker.batch_cache import BatchCache, merge
-from engine.worker.dispatch_stats import DispatchStats
+from engine.worker.dispatch import DispatchStats, check_item
 from engine.worker.kv_store import KVStore
 from engine.worker.runner import Runner, SamplingParams
 
@@ -200,7 +200,8 @@ class Executor:
             stats = self._stats[run.batch_id]
             stats.started_at = now if stats.started_at is None else stats.started_at
             for item in run.items:
-                error = self._check(item, {r.request_id for r in (*self._rows, *cands)})
+                busy_ids = {r.request_id for r in (*self._rows, *cands)}
+                error = check_item(item, self.info, busy_ids)
                 if error:
                     self._release(run.batch_id, item.request_id, "error", 0, False, error)
                 else:
@@ -208,24 +209,6 @@ class Executor:
         cands = self._make_room(cands, sequential=not runs[0].join)
         if cands:
             self._start(cands)
-
-    def _check(self, item: p.BatchItem, busy_ids: set[str]) -> str:
-        """What is wrong with an item ("" if nothing)."""
-        n, max_len, vocab = len(item.token_ids), self.info.max_context_len, self.info.vocab_size
-        if item.request_id in busy_ids:
-            return f"request {item.request_id} is already running on this worker"
-        if n == 0:
-            return "token_ids is empty: a request needs at least one token (its prompt)"
-        if n >= max_len:
-            return f"context has {n} tokens; the model accepts {max_len} in all: shorten it"
-        if min(item.token_ids) < 0 or max(item.token_ids) >= vocab:
-            pos, bad = next((i, t) for i, t in enumerate(item.token_ids) if not 0 <= t < vocab)
-            return f"token id {bad} at position {pos} is outside the vocabulary [0, {vocab})"
-        if item.max_steps < 1 or item.max_new_tokens < 1:
-            return f"max_steps {item.max_steps} and max_new_tokens {item.max_new_tokens}: need >= 1"
-        if item.temperature < 0 or not 0 < item.top_p <= 1 or item.top_k < 0:
-            return "sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0"
-        return ""
 
     def _candidate(self, batch_id: int, item: p.BatchItem) -> _Row:
         params = SamplingParams(item.temperature, item.top_p, item.top_k, item.seed)
@@ -301,7 +284,7 @@ class Executor:
                 stats.prefill_tokens += num_tokens
                 stats.pad_tokens += part.num_cols - num_tokens
                 stats.recomputed_tokens += max(0, row.item.num_generated - 1)
-            for batch_id in {r.batch_id for r in chunk}:
+            for batch_id in {r.batch_id for r in chunk} if part.num_cols else ():
                 self._stats[batch_id].prefill_samples.add((len(chunk), part.num_cols, elapsed_s))
             parts.append(part)
             rows += chunk

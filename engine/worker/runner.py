@@ -98,11 +98,13 @@ class Runner:
     # -- decode --------------------------------------------------------------------------------
 
     def prepare_decode(self, cache: BatchCache, last_tokens: list[int]):
-        ids = torch.tensor(last_tokens, dtype=torch.long)[:, None]  # [B, 1]
-        positions = torch.tensor(cache.row_lens(), dtype=torch.long)[:, None]  # [B, 1]
-        new_col = torch.ones((len(last_tokens), 1), dtype=torch.bool)  # [B, 1]
-        mask = torch.cat([cache.key_mask().cpu(), new_col], 1)[:, None, None, :]  # [B, 1, 1, T+1]
-        return ids.to(self.device), positions.to(self.device), mask.to(self.device)
+        """Inputs of one decode step: each row's last token at its own next position."""
+        dev = self.device
+        ids = torch.tensor(last_tokens, dtype=torch.long, device=dev)[:, None]  # [B, 1]
+        positions = torch.tensor(cache.row_lens(), dtype=torch.long, device=dev)[:, None]  # [B, 1]
+        new_col = torch.ones((len(last_tokens), 1), dtype=torch.bool, device=dev)  # [B, 1]
+        mask = torch.cat([cache.key_mask(), new_col], 1)[:, None, None, :]  # [B, 1, 1, T+1]
+        return ids, positions, mask
 
     @torch.inference_mode()
     def decode(

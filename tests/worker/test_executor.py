@@ -213,3 +213,13 @@ def test_samples_are_bounded(runner, executor):
     done = drain(executor).done[1]
     assert done.steps == 150 and 32 <= len(done.decode_samples) <= 64
     assert done.decode_samples[0][1] == 2 and done.decode_samples[-1][1] > 100
+
+
+def test_single_token_prompts_start_from_an_empty_cache(runner, executor):
+    executor.submit(
+        make_run(1, [make_item("a", [7], max_steps=5), make_item("b", [9], max_steps=5)])
+    )
+    trace = drain(executor)
+    assert trace.tokens["a"] == solo_greedy(runner, [7], 5)
+    assert trace.tokens["b"] == solo_greedy(runner, [9], 5)
+    assert trace.done[1].prefill_tokens == 0 and not trace.done[1].prefill_samples

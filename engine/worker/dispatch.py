@@ -1,10 +1,12 @@
-"""What the executor measures per dispatched batch, turned into a BatchDone message at its end."""
+"""Per-dispatch bookkeeping for the executor: checks of incoming items, and the measurements of
+a batch that become its BatchDone message."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from engine import protocol as p
+from engine.worker.model_loader import ModelInfo
 
 MAX_SAMPLES = 64
 
@@ -60,3 +62,22 @@ class DispatchStats:
             prefill_samples=list(self.prefill_samples.items),
             decode_samples=list(self.decode_samples.items),
         )
+
+
+def check_item(item: p.BatchItem, info: ModelInfo, busy_ids: set[str]) -> str:
+    """What is wrong with an item, as a message that says what to change ("" if nothing)."""
+    n, max_len, vocab = len(item.token_ids), info.max_context_len, info.vocab_size
+    if item.request_id in busy_ids:
+        return f"request {item.request_id} is already running on this worker"
+    if n == 0:
+        return "token_ids is empty: a request needs at least one token (its prompt)"
+    if n >= max_len:
+        return f"context has {n} tokens; the model accepts {max_len} in all: shorten it"
+    if min(item.token_ids) < 0 or max(item.token_ids) >= vocab:
+        pos, bad = next((i, t) for i, t in enumerate(item.token_ids) if not 0 <= t < vocab)
+        return f"token id {bad} at position {pos} is outside the vocabulary [0, {vocab})"
+    if item.max_steps < 1 or item.max_new_tokens < 1:
+        return f"max_steps {item.max_steps} and max_new_tokens {item.max_new_tokens}: need >= 1"
+    if item.temperature < 0 or not 0 < item.top_p <= 1 or item.top_k < 0:
+        return "sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0"
+    return ""
