@@ -1,0 +1,430 @@
+"""Per-worker cost model: a time model (prefill and decode seconds, fitted by least squares and
+refined online) and a memory model (KV bytes of a batch or a running set against a budget).
+
+Units: seconds, tokens, bytes. Pure Python and numpy (no torch, no zmq). The formulas, their
+units and where the numbers come from are in docs/SCHEDULING.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from engine.protocol import TimeModelParams
+
+log = logging.getLogger(__name__)
+
+Sample = tuple[int, int, float]  # (rows N, length L or context c, seconds)
+FloatArray = npt.NDArray[np.float64]
+
+# T_prefill(N, L) = p0*N*L + p1*N + p2*L + p3 + p4*N*L*L   (the last term: attention, O(L^2))
+PREFILL_TERMS = ("n*l", "n", "l", "1", "n*l*l")
+# T_decode(N, c) = d0*N*c + d1*N + d2*c + d3
+DECODE_TERMS = ("n*c", "n", "c", "1")
+
+_JSON_FORMAT = "scls-time-model"
+_JSON_VERSION = 1
+_MAX_ANCHORS = 64  # profile samples kept as the prior of online refits
+ANCHOR_WEIGHT = 2.0  # how many measured samples the whole prior counts as in a refit
+_ANCHOR_GRID = ((1, 4, 16, 64), (16, 128, 512, 2048))  # synthetic anchors: rows x lengths
+
+
+class CostModelError(ValueError):
+    """Bad coefficients, samples or cache contents; the message says what to change."""
+
+
+def _prefill_features(n: FloatArray, length: FloatArray) -> FloatArray:
+    return np.stack([n * length, n, length, np.ones_like(n), n * length * length], axis=1)
+
+
+def _decode_features(n: FloatArray, context: FloatArray) -> FloatArray:
+    return np.stack([n * context, n, context, np.ones_like(n)], axis=1)
+
+
+def nnls(a: FloatArray, b: FloatArray) -> FloatArray:
+    """Non-negative least squares, exactly, for the few columns of a time model: the optimum is
+    the plain least-squares solution on its own support, so try every support (at most 2^5)."""
+    num_cols = a.shape[1]
+    best, best_res = np.zeros(num_cols), float(b @ b)
+    full = np.linalg.lstsq(a, b, rcond=None)[0]
+    if np.all(full >= 0):
+        return np.asarray(full, dtype=np.float64)
+    for size in range(1, num_cols + 1):
+        for cols in itertools.combinations(range(num_cols), size):
+            sol = np.linalg.lstsq(a[:, cols], b, rcond=None)[0]
+            if np.any(sol < 0):
+                continue
+            res = b - a[:, cols] @ sol
+            if float(res @ res) < best_res - 1e-15:
+                best_res = float(res @ res)
+                best = np.zeros(num_cols)
+                best[list(cols)] = sol
+    return best
+
+
+def _as_samples(samples: Iterable[Sequence[float]], kind: str) -> FloatArray:
+    arr = np.asarray([tuple(s) for s in samples], dtype=np.float64).reshape(-1, 3)
+    bad = ~np.isfinite(arr).all(axis=1) | (arr[:, 0] < 1) | (arr[:, 1] < 0) | (arr[:, 2] <= 0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise CostModelError(
+            f"{kind} sample {i} is {tuple(arr[i])}: rows must be >= 1, lengths >= 0 and "
+            "seconds > 0 and finite; drop such measurements before fitting"
+        )
+    return arr
+
+
+def _fit_terms(
+    arr: FloatArray, features: Any, weights: FloatArray | None = None
+) -> tuple[float, ...]:
+    """Coefficients minimising the squared *relative* error (each sample weighted by 1/seconds,
+    so that small and large batches count alike, times optional per-sample ``weights``),
+    non-negative, columns scaled for conditioning."""
+    scale_rows = 1.0 / arr[:, 2]
+    if weights is not None:
+        scale_rows = scale_rows * np.sqrt(weights)
+    x = features(arr[:, 0], arr[:, 1]) * scale_rows[:, None]
+    scale = np.abs(x).max(axis=0)
+    scale[scale == 0] = 1.0
+    target = arr[:, 2] * scale_rows
+    coef = nnls(x / scale, target) / scale
+    return tuple(float(c) for c in coef)
+
+
+def _check_coefficients(values: Sequence[float], num_terms: int, kind: str) -> tuple[float, ...]:
+    coef = tuple(float(v) for v in values)
+    if len(coef) != num_terms or not all(math.isfinite(c) and c >= 0 for c in coef):
+        raise CostModelError(
+            f"{kind} coefficients {list(coef)} are invalid: give {num_terms} finite values >= 0 "
+            f"for the terms {PREFILL_TERMS if kind == 'prefill' else DECODE_TERMS}"
+        )
+    return coef
+
+
+def _subsample(arr: FloatArray, max_rows: int) -> FloatArray:
+    if len(arr) <= max_rows:
+        return arr
+    return arr[np.linspace(0, len(arr) - 1, max_rows).round().astype(int)]
+
+
+class TimeModel:
+    """Predicted seconds of prefills, decode steps and whole slices on one worker.
+
+    ``prefill`` and ``decode`` hold the coefficients of PREFILL_TERMS and DECODE_TERMS (seconds
+    per unit of each term). ``observe`` refits on a bounded window of measured samples plus the
+    anchors (profile samples, or a grid predicted by the initial coefficients) as a prior.
+    """
+
+    __slots__ = ("prefill", "decode", "_anchors", "_recent")
+
+    def __init__(
+        self,
+        prefill: Sequence[float],
+        decode: Sequence[float],
+        *,
+        anchor_prefill: Sequence[Sample] | None = None,
+        anchor_decode: Sequence[Sample] | None = None,
+        window_len: int = 256,
+    ) -> None:
+        self.prefill = _check_coefficients(prefill, len(PREFILL_TERMS), "prefill")
+        self.decode = _check_coefficients(decode, len(DECODE_TERMS), "decode")
+        grid = [(n, length) for n in _ANCHOR_GRID[0] for length in _ANCHOR_GRID[1]]
+        # Without profile samples, the prior of online refits is a grid of predictions.
+        if anchor_prefill is None:
+            anchor_prefill = [(n, ln, t) for n, ln in grid if (t := self.prefill_s(n, ln)) > 0]
+        if anchor_decode is None:
+            anchor_decode = [(n, c, t) for n, c in grid if (t := self.decode_step_s(n, c)) > 0]
+        self._anchors = (
+            _subsample(_as_samples(anchor_prefill, "prefill"), _MAX_ANCHORS),
+            _subsample(_as_samples(anchor_decode, "decode"), _MAX_ANCHORS),
+        )
+        self._recent: tuple[deque[Sample], deque[Sample]] = (
+            deque(maxlen=window_len),
+            deque(maxlen=window_len),
+        )
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def default(cls) -> TimeModel:
+        """Rough figures for a ~135M-parameter model in float32 on a few CPU cores (prefill
+        ~500 tokens/s, a decode step ~20 ms plus ~2 ms per row); used until a profile exists."""
+        return cls(
+            prefill=(2.0e-3, 1.0e-3, 0.0, 5.0e-3, 0.0), decode=(2.0e-6, 2.0e-3, 1.0e-6, 2.0e-2)
+        )
+
+    @classmethod
+    def fit(
+        cls, prefill_samples: Iterable[Sequence[float]], decode_samples: Iterable[Sequence[float]]
+    ) -> TimeModel:
+        """Fit both formulas from profile samples (N, L, seconds) and (N, c, seconds)."""
+        pre, dec = _as_samples(prefill_samples, "prefill"), _as_samples(decode_samples, "decode")
+        for arr, terms, kind in ((pre, PREFILL_TERMS, "prefill"), (dec, DECODE_TERMS, "decode")):
+            if len({(r[0], r[1]) for r in arr.tolist()}) < len(terms):
+                raise CostModelError(
+                    f"fitting the {kind} time needs samples of at least {len(terms)} distinct "
+                    f"(rows, length) shapes, got {len(arr)} samples: profile more batch shapes"
+                )
+        model = cls(_fit_terms(pre, _prefill_features), _fit_terms(dec, _decode_features))
+        model._anchors = (_subsample(pre, _MAX_ANCHORS), _subsample(dec, _MAX_ANCHORS))
+        return model
+
+    @classmethod
+    def from_params(cls, params: TimeModelParams) -> TimeModel:
+        """From the wire; a 4-term prefill (no attention term) is accepted and padded with 0."""
+        prefill = list(params.prefill)
+        if len(prefill) == len(PREFILL_TERMS) - 1:
+            prefill.append(0.0)
+        return cls(prefill, params.decode)
+
+    def to_params(self) -> TimeModelParams:
+        return TimeModelParams(prefill=list(self.prefill), decode=list(self.decode))
+
+    # -- prediction -----------------------------------------------------------------------
+
+    def prefill_s(self, n: int, padded_len: int) -> float:
+        """Seconds to prefill ``n`` rows left-padded to ``padded_len`` tokens (0 if n == 0)."""
+        if n <= 0:
+            return 0.0
+        p = self.prefill
+        return (
+            p[0] * n * padded_len + p[1] * n + p[2] * padded_len + p[3] + p[4] * n * padded_len**2
+        )
+
+    def decode_step_s(self, n: int, context_len: int) -> float:
+        """Seconds of one decode step of ``n`` rows attending over ``context_len`` columns."""
+        d = self.decode
+        return d[0] * n * context_len + d[1] * n + d[2] * context_len + d[3]
+
+    def slice_s(
+        self,
+        n: int,
+        padded_len: int,
+        steps: int,
+        prefill_rows: int | None = None,
+        step_lens: Sequence[int] | None = None,
+    ) -> float:
+        """T_prefill(prefill_rows, padded_len) + sum_{j=1..steps} T_decode(n_j, padded_len + j),
+        in closed form. ``prefill_rows`` (default n): rows without reusable KV. ``n_j``: rows
+        still running at step j: all ``n`` of them, or, given each row's step budget
+        ``step_lens``, those whose budget is at least j (a row leaves when its budget ends)."""
+        rows = n if prefill_rows is None else prefill_rows
+        if step_lens is None:
+            num_tokens, token_steps = n * steps, n * steps * (steps + 1) // 2
+        else:
+            num_tokens = sum(step_lens)
+            token_steps = sum(m * (m + 1) // 2 for m in step_lens)
+        return float(self.slice_s_sums(padded_len, steps, rows, num_tokens, token_steps))
+
+    def slice_s_sums(
+        self, padded_len: Any, steps: Any, prefill_rows: Any, num_tokens: Any, token_steps: Any
+    ) -> Any:
+        """``slice_s`` from per-batch sums, elementwise on numpy arrays or on scalars:
+        ``num_tokens`` = sum of the rows' step budgets m_i (the row-steps of decoding) and
+        ``token_steps`` = sum of m_i * (m_i + 1) / 2 (their growth beyond padded_len)."""
+        p, d = self.prefill, self.decode
+        length, rows = padded_len, prefill_rows
+        prefill = (
+            p[0] * rows * length
+            + p[1] * rows
+            + p[2] * length
+            + p[3]
+            + p[4] * rows * length * length
+        ) * (rows > 0)
+        # sum_j n_j * (l + j) = l * num_tokens + token_steps; sum_j (l + j) over the batch steps.
+        attended = length * num_tokens + token_steps
+        widths = steps * length + steps * (steps + 1) / 2
+        return prefill + d[0] * attended + d[1] * num_tokens + d[2] * widths + d[3] * steps
+
+    # -- refinement and checks ------------------------------------------------------------
+
+    def observe(
+        self, prefill_samples: Iterable[Sequence[float]], decode_samples: Iterable[Sequence[float]]
+    ) -> None:
+        """Refine from measured batches: refit on the anchors plus the recent window (relative
+        least squares, non-negative). Invalid samples (e.g. 0 seconds) are skipped with a log."""
+        for idx, (samples, kind) in enumerate(
+            ((prefill_samples, "prefill"), (decode_samples, "decode"))
+        ):
+            added = 0
+            for s in samples:
+                try:
+                    row = _as_samples([s], kind)[0]
+                except CostModelError as exc:
+                    log.debug("time model: skipped a measurement: %s", exc)
+                    continue
+                self._recent[idx].append((int(row[0]), int(row[1]), float(row[2])))
+                added += 1
+            if added:
+                self._refit(idx)
+
+    def _refit(self, idx: int) -> None:
+        """The anchors weigh as ANCHOR_WEIGHT samples in all, each recent sample as one: a
+        few measurements only nudge the prior, a full window overrides it where it was taken."""
+        anchors, recent = self._anchors[idx], np.asarray(self._recent[idx], dtype=np.float64)
+        arr = np.concatenate([anchors, recent.reshape(-1, 3)])
+        weights = np.ones(len(arr))
+        weights[: len(anchors)] = ANCHOR_WEIGHT / max(len(anchors), 1)
+        if idx == 0:
+            self.prefill = _fit_terms(arr, _prefill_features, weights)
+        else:
+            self.decode = _fit_terms(arr, _decode_features, weights)
+
+    def mape(
+        self,
+        prefill_samples: Iterable[Sequence[float]] = (),
+        decode_samples: Iterable[Sequence[float]] = (),
+    ) -> float:
+        """Mean absolute percentage error (0.05 = 5%) over the given held-out samples."""
+        errors = [
+            abs(self.prefill_s(int(n), int(length)) - s) / s
+            for n, length, s in _as_samples(prefill_samples, "prefill").tolist()
+        ]
+        errors += [
+            abs(self.decode_step_s(int(n), int(c)) - s) / s
+            for n, c, s in _as_samples(decode_samples, "decode").tolist()
+        ]
+        if not errors:
+            raise CostModelError("mape needs at least one prefill or decode sample")
+        return sum(errors) / len(errors)
+
+    # -- serialisation (the per model/device/dtype profile cache) -------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": _JSON_FORMAT,
+            "version": _JSON_VERSION,
+            "prefill_terms": list(PREFILL_TERMS),
+            "decode_terms": list(DECODE_TERMS),
+            "prefill": list(self.prefill),
+            "decode": list(self.decode),
+            "prefill_samples": self._anchors[0].tolist(),
+            "decode_samples": self._anchors[1].tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TimeModel:
+        if data.get("format") != _JSON_FORMAT or data.get("version") != _JSON_VERSION:
+            raise CostModelError(
+                f"not a version-{_JSON_VERSION} {_JSON_FORMAT} file "
+                f"(format={data.get('format')!r}, version={data.get('version')!r}): re-profile"
+            )
+        return cls(
+            data["prefill"],
+            data["decode"],
+            anchor_prefill=data.get("prefill_samples") or None,
+            anchor_decode=data.get("decode_samples") or None,
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write atomically (temporary file, then rename); creates the parent folder."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        os.replace(tmp, target)
+
+    @classmethod
+    def load_cached(cls, path: str | os.PathLike[str]) -> TimeModel | None:
+        """The cached model, or None if there is none or it is unreadable (logged: re-profile)."""
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning(
+                "ignoring the time-model cache %s (%s); the worker will re-profile", path, exc
+            )
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryModel:
+    """KV bytes of batches on one worker, whose running rows share one left-padded cache.
+
+    A batch of ``n`` rows padded to ``padded_len`` tokens that runs ``steps`` decode steps peaks
+    at ``n * (padded_len + steps + slack_tokens) * kv_bytes_per_token``: padding costs memory
+    like real tokens. ``slack_tokens`` per row is the transient term: the worker's buffers grow
+    by up to 32 spare columns at a time and copy one layer at a time when they grow or merge.
+    """
+
+    kv_bytes_per_token: int
+    budget_bytes: int
+    slack_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if self.kv_bytes_per_token < 1 or self.budget_bytes < 1 or self.slack_tokens < 0:
+            raise CostModelError(
+                f"memory model needs kv_bytes_per_token >= 1 (got {self.kv_bytes_per_token}), "
+                f"budget_bytes >= 1 (got {self.budget_bytes}) and slack_tokens >= 0 "
+                f"(got {self.slack_tokens}); check the worker's --kv-budget and model config"
+            )
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Row-tokens (rows x columns, slack included) that fit in the budget."""
+        return self.budget_bytes // self.kv_bytes_per_token
+
+    def batch_peak_bytes(self, n: int, padded_len: int, steps: int) -> int:
+        return n * (padded_len + steps + self.slack_tokens) * self.kv_bytes_per_token
+
+    def fits(self, n: int, padded_len: int, steps: int) -> bool:
+        return self.batch_peak_bytes(n, padded_len, steps) <= self.budget_bytes
+
+    def max_rows(self, padded_len: int, steps: int) -> int:
+        """The most rows of this padded length and step budget that fit (0: not even one)."""
+        return self.capacity_tokens // (padded_len + steps + self.slack_tokens)
+
+    def max_request_tokens(self) -> int:
+        """Longest prompt + max_tokens a request may have to run alone here: the broker should
+        reject longer ones, no policy can ever place them."""
+        return self.capacity_tokens - self.slack_tokens
+
+    # -- ILS reservations -----------------------------------------------------------------
+
+    def running_peak_bytes(self, cache_len: int, remaining_steps: Iterable[int]) -> int:
+        """Honest peak of a running set that admits nobody else: rows share one cache of
+        ``cache_len`` columns that grows by one per step; a row leaves after its remaining
+        steps. Peak = max over k of k * (cache_len + m_k + slack), m sorted descending."""
+        peak = 0
+        for k, m in enumerate(sorted(remaining_steps, reverse=True), start=1):
+            peak = max(peak, k * (cache_len + m + self.slack_tokens))
+        return peak * self.kv_bytes_per_token
+
+    def join_peak_bytes(
+        self,
+        running: Iterable[tuple[int, int]],
+        joining: Iterable[tuple[int, int]],
+    ) -> int:
+        """Peak after ``joining`` rows enter a running set; rows as (context_len, max_new_tokens).
+        The cache is as wide as the longest context (the worker trims all-padding columns)."""
+        rows = list(running) + list(joining)
+        cache_len = max((c for c, _ in rows), default=0)
+        return self.running_peak_bytes(cache_len, (m for _, m in rows))
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    """One worker's calibrated models (the time model refines itself in place)."""
+
+    time: TimeModel
+    memory: MemoryModel
+
+    @classmethod
+    def from_ready(
+        cls, time_params: TimeModelParams | None, kv_bytes_per_token: int, kv_budget_bytes: int
+    ) -> CostModel:
+        """From a worker's Ready message; no profile (None) gives TimeModel.default()."""
+        time = TimeModel.default() if time_params is None else TimeModel.from_params(time_params)
+        return cls(time, MemoryModel(kv_bytes_per_token, kv_budget_bytes))
