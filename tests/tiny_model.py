@@ -1,8 +1,11 @@
 """A tiny random-weight Llama with its own byte-level BPE tokenizer, built in milliseconds.
 
 Nothing is downloaded: the tokenizer is trained on the text below and the weights are random
-(seeded, with a large initializer range so that logits are peaked and greedy argmax is stable
-against float noise).
+and seeded. Greedy tests compare batched with one-at-a-time decoding, which differ by float
+noise (matrix kernels differ by batch size), so the argmax must have margins far above that
+noise. Measured over 480 greedy steps: initializer_range 0.1 gives noise ~3e-6 and a smallest
+top-2 gap of ~5e-4 (ratio ~170); larger ranges grow the noise faster than the gaps (0.5: ratio
+~6, 1.0: ratio ~1.5), so 0.1 it is.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def build_tokenizer(path: Path):
     return fast
 
 
-def build_tiny_model(path: Path, seed: int = 0, initializer_range: float = 0.5) -> Path:
+def build_tiny_model(path: Path, seed: int = 0, initializer_range: float = 0.1) -> Path:
     """Write a tiny Llama (hidden 64, 2 layers, 4 heads, 2 kv heads) and its tokenizer to
     ``path``; returns ``path``."""
     import torch
