@@ -1,0 +1,125 @@
+"""Iteration-level scheduling (ILS, continuous batching): waiting requests join a worker's
+running set between decode steps, first come first served, under a memory admission rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from operator import attrgetter
+
+from engine.config import ILSAdmission, SchedulerConfig
+from engine.scheduler.base import Dispatch, WaitingRequest, WorkerView
+
+_ARRIVAL = attrgetter("arrived_at", "request_id")
+
+
+class _Slot:
+    """One worker's running set while a round is planned: who runs, who joins now."""
+
+    def __init__(self, view: WorkerView, admission: ILSAdmission, headroom_tokens: int) -> None:
+        self.view = view
+        self.admission = admission
+        self.headroom_tokens = headroom_tokens
+        self.memory = view.cost.memory
+        # The worker trims columns padded in every row, so its cache is as wide as the longest
+        # running context (context_len counts the token not yet fed: one column of margin).
+        self.cache_len = max((r.context_len for r in view.running), default=0)
+        self.steps = [r.max_new_tokens for r in view.running]  # remaining steps per row
+        self.joining: list[WaitingRequest] = []
+        self.peak_bytes = self.peak(self.cache_len, self.steps)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.steps)
+
+    def load_key(self) -> tuple[int, float, str]:
+        return (self.num_rows, self.peak_bytes / self.memory.budget_bytes, self.view.worker_id)
+
+    def peak(self, cache_len: int, steps: list[int]) -> int:
+        """Reserve: the honest peak if every row runs its whole remaining budget. Optimistic: the
+        cache now plus ``headroom_tokens`` columns of growth."""
+        if self.admission == "reserve":
+            return self.memory.running_peak_bytes(cache_len, steps)
+        width = cache_len + self.headroom_tokens + self.memory.slack_tokens
+        return len(steps) * width * self.memory.kv_bytes_per_token
+
+    def peak_with(self, r: WaitingRequest) -> int:
+        """Predicted peak if ``r`` joined now."""
+        return self.peak(max(self.cache_len, r.context_len), [*self.steps, r.max_new_tokens])
+
+    def admit(self, r: WaitingRequest, peak_bytes: int) -> None:
+        self.cache_len = max(self.cache_len, r.context_len)
+        self.steps.append(r.max_new_tokens)
+        self.joining.append(r)
+        self.peak_bytes = peak_bytes
+
+    def dispatch(self) -> Dispatch:
+        max_steps = max(r.max_new_tokens for r in self.joining)
+        return Dispatch(
+            worker_id=self.view.worker_id,
+            request_ids=tuple(r.request_id for r in self.joining),
+            max_steps=max_steps,
+            join=True,
+            padded_len=max(r.context_len for r in self.joining),
+            predicted_s=self.view.cost.time.slice_s(
+                self.num_rows,
+                self.cache_len,
+                max_steps,
+                prefill_rows=len(self.joining),
+                step_lens=[min(m, max_steps) for m in self.steps],
+            ),
+            predicted_peak_bytes=self.peak_bytes,
+        )
+
+
+class ILSPolicy:
+    """Continuous batching: FCFS admission into the least loaded worker that can take the
+    request; a head request that fits nowhere now blocks the queue (no overtaking, no
+    starvation). Each request's step budget is its own max_new_tokens."""
+
+    name = "ils"
+
+    def __init__(
+        self,
+        admission: ILSAdmission = "reserve",
+        max_concurrency: int | None = None,
+        max_batch_size: int = 256,
+        headroom_tokens: int = 16,
+    ) -> None:
+        self.admission = admission
+        self.max_rows = (
+            max_batch_size if max_concurrency is None else min(max_concurrency, max_batch_size)
+        )
+        self.headroom_tokens = headroom_tokens  # optimistic: growth allowed for before a preempt
+
+    @classmethod
+    def from_config(cls, cfg: SchedulerConfig) -> ILSPolicy:
+        return cls(cfg.ils_admission, cfg.max_concurrency, cfg.max_batch_size)
+
+    def schedule(
+        self, waiting: Sequence[WaitingRequest], workers: Sequence[WorkerView], now: float
+    ) -> list[Dispatch]:
+        slots = [_Slot(w, self.admission, self.headroom_tokens) for w in workers]
+        if not slots:
+            return []
+        for r in sorted(waiting, key=_ARRIVAL):
+            if not self._place(r, slots):
+                if self._fits_empty(r, slots):
+                    break  # FCFS: wait until some worker has room for the head
+                # It fits no worker even alone: the broker should have rejected it; skip it.
+        return [s.dispatch() for s in slots if s.joining]
+
+    def _place(self, r: WaitingRequest, slots: list[_Slot]) -> bool:
+        for slot in sorted(slots, key=_Slot.load_key):
+            if slot.num_rows >= self.max_rows:
+                continue
+            peak = slot.peak_with(r)
+            if peak <= slot.memory.budget_bytes:
+                slot.admit(r, peak)
+                return True
+        return False
+
+    def _fits_empty(self, r: WaitingRequest, slots: list[_Slot]) -> bool:
+        return any(
+            s.peak(r.context_len, [r.max_new_tokens]) <= s.memory.budget_bytes for s in slots
+        )

@@ -1,0 +1,85 @@
+"""The Policy contract of engine/scheduler/base.py as executable checks, with the memory
+bounds recomputed independently (by brute force over decode steps where it matters)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+from engine.scheduler.base import Dispatch, Policy, WaitingRequest, WorkerView
+from engine.scheduler.ils import ILSPolicy
+from engine.scheduler.scls import SCLSPolicy
+from engine.scheduler.sls import SLSPolicy
+
+from .brute import brute_running_peak
+
+
+def check_plan(
+    policy: Policy,
+    plan: Sequence[Dispatch],
+    waiting: Sequence[WaitingRequest],
+    views: Sequence[WorkerView],
+    now: float,
+) -> None:
+    by_id = {r.request_id: r for r in waiting}
+    workers = {w.worker_id: w for w in views}
+    seen: set[str] = set()
+    sequential: Counter[str] = Counter()
+    for d in plan:
+        assert d.worker_id in workers, f"unknown worker {d.worker_id}"
+        assert d.request_ids, "empty dispatch"
+        assert d.max_steps >= 1
+        assert len(set(d.request_ids)) == len(d.request_ids), "a request twice in one batch"
+        assert not seen & set(d.request_ids), "a request in two dispatches"
+        seen.update(d.request_ids)
+        members = [by_id[rid] for rid in d.request_ids]  # KeyError: not a waiting request
+        assert d.padded_len == max(r.context_len for r in members)
+        assert math.isfinite(d.predicted_s) and d.predicted_s >= 0
+        worker = workers[d.worker_id]
+        if d.join:
+            _check_join(policy, d, worker, members)
+        else:
+            sequential[d.worker_id] += 1
+            _check_sequential(policy, d, worker, members, now)
+    assert all(n == 1 for n in sequential.values()), f"several batches for one worker: {sequential}"
+
+
+def _check_sequential(
+    policy: Policy, d: Dispatch, worker: WorkerView, members: list[WaitingRequest], now: float
+) -> None:
+    mem = worker.cost.memory
+    assert worker.num_queued_batches == 0, "a second queued batch"
+    n = len(members)
+    if isinstance(policy, SLSPolicy):
+        assert not worker.running, "SLS dispatched to a busy worker"
+        assert d.max_steps == policy.max_gen_len
+        assert d.predicted_peak_bytes == mem.batch_peak_bytes(n, d.padded_len, policy.max_gen_len)
+        assert n <= policy.max_batch_size
+    elif isinstance(policy, SCLSPolicy):
+        assert policy.is_ready(worker, now), "SCLS dispatched to a worker not about to be idle"
+        assert 1 <= d.max_steps <= policy.slice_len
+        assert d.max_steps == min(policy.slice_len, max(r.max_new_tokens for r in members))
+        assert d.predicted_peak_bytes == mem.batch_peak_bytes(n, d.padded_len, d.max_steps)
+        assert n <= policy.max_batch_size
+    else:
+        raise AssertionError(f"{policy.name} made a sequential dispatch")
+    assert d.predicted_peak_bytes <= mem.budget_bytes, "predicted peak above the budget"
+
+
+def _check_join(
+    policy: Policy, d: Dispatch, worker: WorkerView, members: list[WaitingRequest]
+) -> None:
+    assert isinstance(policy, ILSPolicy), f"{policy.name} made a join dispatch"
+    mem = worker.cost.memory
+    rows = [(r.context_len, r.max_new_tokens) for r in worker.running]
+    rows += [(r.context_len, r.max_new_tokens) for r in members]
+    assert len(rows) <= policy.max_rows, "running set above max_concurrency / max_batch_size"
+    assert d.max_steps == max(r.max_new_tokens for r in members)
+    if policy.admission == "reserve":
+        peak = brute_running_peak(mem, rows)
+        assert d.predicted_peak_bytes == peak
+    else:
+        width = max(c for c, _ in rows) + policy.headroom_tokens + mem.slack_tokens
+        peak = len(rows) * width * mem.kv_bytes_per_token
+    assert peak <= mem.budget_bytes, "admission above the budget"
