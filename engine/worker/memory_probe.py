@@ -41,10 +41,10 @@ def _nvml_handle(index: int):
         import pynvml
 
         pynvml.nvmlInit()
-        uuid = str(torch.cuda.get_device_properties(index).uuid)
-        try:
+        try:  # the UUID maps torch's index to NVML's even under CUDA_VISIBLE_DEVICES
+            uuid = str(torch.cuda.get_device_properties(index).uuid)
             handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
-        except pynvml.NVMLError:  # older drivers: fall back to the visible index
+        except (AttributeError, pynvml.NVMLError):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         _nvml_handles[index] = handle
         return handle

@@ -108,3 +108,15 @@ def test_top_p_keeps_the_nucleus(runner):
     logits[0, 10], logits[0, 11] = 5.0, 4.0  # ~0.73 and ~0.27 of the mass
     params = SamplingParams(temperature=1.0, top_p=0.5, seed=None)
     assert {runner.sample(logits, [params], [i])[0] for i in range(20)} == {10}
+
+
+def test_bfloat16_runs_with_finite_logits(tiny_model_dir):
+    from engine.worker.model_loader import load_model
+
+    runner = Runner(load_model(str(tiny_model_dir), dtype="bfloat16"))
+    prompts = make_prompts(5, [4, 19])
+    cache = runner.prefill([t[:-1] for t in prompts])
+    assert cache.keys[0].dtype == torch.bfloat16
+    logits = runner.decode(cache, [t[-1] for t in prompts])
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert cache.nbytes == cache.num_rows * cache.capacity * runner.info.kv_bytes_per_token
