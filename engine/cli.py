@@ -117,7 +117,7 @@ def _generate(args: argparse.Namespace) -> int:
                 result = stream.result
             else:
                 result = client.generate(**prompt, **params)
-                print(result.text)
+                print(result.text, flush=True)
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -150,7 +150,15 @@ def _profile(args: argparse.Namespace) -> int:
     return run_profile(cli_args.worker_config(args, "", args.device, args.threads))
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from engine.bench.cli import run_bench
+
+    return run_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from engine.bench.cli import add_bench_parser
+
     ap = argparse.ArgumentParser(prog="run.py", description="SCLS LLM serving engine")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -218,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("profile", _profile, "profile this device and fit the time model (cached)")
     p.add_argument("--device", default="cpu")
     cli_args.add_worker_flags(p)
+
+    p = command("bench", _bench, "benchmark policies (and transformers peers) on a workload")
+    add_bench_parser(p)
     return ap
 
 

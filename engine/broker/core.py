@@ -63,6 +63,7 @@ class BrokerCore:
         request_id = msg.request_id or f"req-{next(self._auto_ids)}"
         try:
             validate_submit(msg, prompt_ids, self.limits)
+            self._check_fits_a_worker(len(prompt_ids) + msg.max_tokens)
             if request_id in self.requests:
                 raise SubmitError(
                     "duplicate_request_id",
@@ -81,6 +82,18 @@ class BrokerCore:
         self.outbox.append(
             ToClient(client_id, p.Accepted(request_id=request_id, prompt_tokens=len(prompt_ids)))
         )
+
+    def _check_fits_a_worker(self, num_tokens: int) -> None:
+        """A request whose KV cannot fit even alone on the largest worker could never run."""
+        if not self.workers:
+            return  # checked by the policy once workers join; it waits meanwhile
+        largest = max(w.cost.memory.max_request_tokens() for w in self.workers.values())
+        if num_tokens > largest:
+            raise SubmitError(
+                "prompt_too_long",
+                f"request rejected: prompt plus max_tokens is {num_tokens:,} tokens, but the largest "
+                f"worker's KV budget holds {largest:,}: shorten it or raise the workers' --kv-budget",
+            )
 
     def cancel(self, client_id: bytes, request_id: str, now: float) -> None:
         req = self.requests.get(request_id)

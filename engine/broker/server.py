@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 
+import msgpack
 import zmq
 import zmq.asyncio
 
@@ -184,10 +185,8 @@ class BrokerServer:
 def _peek_request_id(frame: bytes) -> str | None:
     """Best effort: the request id of a frame that failed validation, so the client can match it."""
     try:
-        import msgpack
-
         obj = msgpack.unpackb(frame, raw=False)
-    except Exception:
-        return None
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return None  # not decodable at all: the error reply carries no request id
     rid = obj.get("request_id") if isinstance(obj, dict) else None
     return rid if isinstance(rid, str) else None
