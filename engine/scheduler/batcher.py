@@ -76,11 +76,13 @@ def max_rows_alone(memories: Sequence[MemoryModel], padded_len: int, steps: int)
 
 
 def unit_starts(
-    rows: Rows, memories: Sequence[MemoryModel], max_rows: int, per_batch: int
+    rows: Rows, memories: Sequence[MemoryModel], max_rows: int, per_batch: int, min_units: int = 32
 ) -> IntArray:
     """Where the DP's units begin: about ``1/per_batch`` of the rows that fit in one batch at
     that length (fine where contexts are long and batches small, coarse where they are short),
-    and never more rows than fit at the unit's longest context, so every unit fits alone."""
+    but fine enough for ``min_units`` units in all (single rows up to that many), and never more
+    rows than fit at the unit's longest context, so every unit fits alone."""
+    finest = -(-len(rows) // min_units)  # ceil: rows per unit that still gives min_units units
     steps = int(rows.step_lens.max())
     caps = np.full(len(rows), max_rows, dtype=np.int64)
     for mem in memories:
@@ -91,7 +93,7 @@ def unit_starts(
     starts, i, num = [], 0, len(cap_list)
     while i < num:
         starts.append(i)
-        size = max(1, cap_list[i] // per_batch)
+        size = max(1, min(cap_list[i] // per_batch, finest))
         i += min(size, cap_list[min(i + size, num) - 1])
     return np.asarray(starts, dtype=np.int64)
 

@@ -34,6 +34,8 @@ class _Pool:
         self.arrived = np.fromiter(map(attrgetter("arrived_at"), waiting), np.float64, n)
         self.aged = self.arrived <= aged_before
         self.holders = [r.kv_worker_id for r in waiting]
+        self.code_of: dict[str, int] = {}  # worker id -> its index in the round's views
+        self.holder_codes = np.full(n, -1, dtype=np.int64)  # holder's index, -1: none or gone
         self.taken = np.zeros(n, dtype=bool)
 
     def oldest(self, indices: IntArray) -> IntArray:
@@ -106,7 +108,7 @@ class SCLSPolicy:
                 free_workers.append(worker)
                 continue
             indices = np.concatenate(
-                [own[: self.max_window_len], self._window(pool, free, [worker])]
+                [own[: self.max_window_len], self._window(pool, free, [worker], own)]
             )
             dispatch = self._plan_own(pool, worker, indices)
             if dispatch is not None:
@@ -135,24 +137,28 @@ class SCLSPolicy:
     ) -> tuple[dict[str, IntArray], IntArray]:
         """Indices whose KV is parked on a ready worker (per worker) and the rest, oldest first.
         A request parked on a busy worker waits for it unless it has aged."""
+        everyone = np.arange(len(pool.holders))
         if not any(pool.holders):
-            return {}, pool.oldest(np.arange(len(pool.holders)))
-        ready_ids = {w.worker_id for w in ready}
-        busy_ids = {w.worker_id for w in workers} - ready_ids
-        groups: dict[str, list[int]] = {}
-        free = []
-        for i, holder in enumerate(pool.holders):
-            if holder in ready_ids:
-                groups.setdefault(holder, []).append(i)
-            elif holder not in busy_ids or pool.aged[i]:
-                free.append(i)
-        parked = {w: pool.oldest(np.asarray(g, dtype=np.int64)) for w, g in groups.items()}
-        return parked, pool.oldest(np.asarray(free, dtype=np.int64))
+            return {}, pool.oldest(everyone)
+        code_of: dict[str | None, int] = {w.worker_id: i for i, w in enumerate(workers)}
+        pool.code_of = {w.worker_id: i for i, w in enumerate(workers)}
+        codes = np.fromiter((code_of.get(h, -1) for h in pool.holders), np.int64, len(everyone))
+        pool.holder_codes = codes
+        is_ready = np.zeros(len(workers) + 1, dtype=bool)  # index -1: no holder
+        is_ready[[code_of[w.worker_id] for w in ready]] = True
+        held_ready = is_ready[codes]
+        held_busy = (codes >= 0) & ~held_ready
+        parked = {}
+        for w in ready:
+            own = everyone[codes == code_of[w.worker_id]]
+            if len(own):
+                parked[w.worker_id] = pool.oldest(own)
+        return parked, pool.oldest(everyone[~held_ready & (~held_busy | pool.aged)])
 
     # -- forming batches ------------------------------------------------------------------
 
     def _candidates(
-        self, pool: _Pool, indices: IntArray, memories: Sequence[MemoryModel], holder: str | None
+        self, pool: _Pool, indices: IntArray, memories: Sequence[MemoryModel], holder: int | None
     ) -> _Candidates | None:
         """Sort by context length; drop requests that fit no target even alone (the broker
         should reject those: see MemoryModel.max_request_tokens)."""
@@ -163,10 +169,8 @@ class SCLSPolicy:
         indices = indices[np.argsort(pool.context_lens[indices], kind="stable")]
         if holder is None:
             needs_prefill = np.ones(len(indices), dtype=bool)
-        else:
-            needs_prefill = np.fromiter(
-                (pool.holders[i] != holder for i in indices.tolist()), bool, len(indices)
-            )
+        else:  # rows parked on the target worker (index ``holder``) reuse their KV
+            needs_prefill = pool.holder_codes[indices] != holder
         rows = Rows(pool.context_lens[indices], pool.step_lens[indices], needs_prefill)
         return _Candidates(indices, rows)
 
@@ -191,7 +195,7 @@ class SCLSPolicy:
     def _plan_own(self, pool: _Pool, worker: WorkerView, indices: IntArray) -> Dispatch | None:
         """One batch for a worker holding parked KV: its parked requests skip the prefill."""
         memories = [worker.cost.memory]
-        cands = self._candidates(pool, indices, memories, worker.worker_id)
+        cands = self._candidates(pool, indices, memories, pool.code_of[worker.worker_id])
         if cands is None:
             return None
         best = self._ranked(pool, cands, self._partition(cands, worker, memories))[0]
@@ -224,8 +228,18 @@ class SCLSPolicy:
             for s, w in zip(chosen, placement, strict=True)
         ]
 
-    def _window(self, pool: _Pool, free: IntArray, workers: Sequence[WorkerView]) -> IntArray:
+    def _window(
+        self,
+        pool: _Pool,
+        free: IntArray,
+        workers: Sequence[WorkerView],
+        own: IntArray | None = None,
+    ) -> IntArray:
+        """The oldest free requests that, with ``own`` (parked requests), fill the workers'
+        budgets ``window_fill`` times over."""
         fill = self.window_fill * sum(w.cost.memory.capacity_tokens for w in workers)
+        if own is not None:
+            fill -= float(np.sum(pool.context_lens[own] + pool.step_lens[own]))
         return pool.window(free, fill, self.min_window_len, self.max_window_len)
 
     def _dispatch(
