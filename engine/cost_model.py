@@ -115,7 +115,8 @@ def _check_coefficients(values: Sequence[float], num_terms: int, kind: str) -> t
 def _subsample(arr: FloatArray, max_rows: int) -> FloatArray:
     if len(arr) <= max_rows:
         return arr
-    return arr[np.linspace(0, len(arr) - 1, max_rows).round().astype(int)]
+    picked: FloatArray = arr[np.linspace(0, len(arr) - 1, max_rows).round().astype(int)]
+    return picked
 
 
 class TimeModel:
@@ -297,7 +298,7 @@ class TimeModel:
         ]
         if not errors:
             raise CostModelError("mape needs at least one prefill or decode sample")
-        return sum(errors) / len(errors)
+        return float(sum(errors) / len(errors))
 
     # -- serialisation (the per model/device/dtype profile cache) -------------------------
 
