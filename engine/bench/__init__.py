@@ -1,0 +1,1 @@
+"""Benchmarks: workloads, metrics and timing scripts (run each with ``python -m``)."""

@@ -1,0 +1,141 @@
+"""Planning-time benchmark of the policies: one scheduling round for many waiting requests.
+
+Run: ``python -m engine.bench.plan_bench [--waiting 4096] [--workers 8] [--rounds 100]``.
+Prints the median and 99th percentile of the wall time and of the CPU time of one
+``schedule()`` call per scenario (the policy alone: the broker's view building is not
+included). On a shared machine other processes inflate the wall time; compare CPU medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+from engine.config import SchedulerConfig
+from engine.cost_model import CostModel, MemoryModel, TimeModel
+from engine.scheduler.base import Policy, WaitingRequest, WorkerView
+from engine.scheduler.factory import make_policy
+
+KV_BYTES_PER_TOKEN = 46_080  # SmolLM2-135M in float32: 30 layers x 2 x 3 KV heads x 64 x 4 B
+KV_BUDGET_BYTES = 2 * 1024**3
+NOW = 20.0  # planning time: requests arrived over [0, 20) s, half of them aged (aging_s = 10)
+
+Scenario = tuple[Policy, list[WaitingRequest], list[WorkerView]]
+
+
+def make_waiting(
+    num: int, num_workers: int, parked_per_worker: int, seed: int = 0
+) -> list[WaitingRequest]:
+    """Prompts of 16..2,048 tokens (log-uniform), 1..1,024 new tokens, arrivals over 20 s; the
+    first ``parked_per_worker`` * workers requests continue a slice with KV parked."""
+    rng = random.Random(seed)
+    out: list[WaitingRequest] = []
+    for i in range(num):
+        prompt_len = int(2 ** rng.uniform(4, 11))
+        generated = rng.randrange(0, 512) if i < parked_per_worker * num_workers else 0
+        holder = f"w{i % num_workers}" if i < parked_per_worker * num_workers else None
+        out.append(
+            WaitingRequest(
+                request_id=f"r{i}",
+                context_len=prompt_len + generated,
+                prompt_len=prompt_len,
+                num_generated=generated,
+                max_new_tokens=rng.randint(1, 1024 - generated),
+                arrived_at=rng.uniform(0.0, 20.0),
+                kv_worker_id=holder,
+            )
+        )
+    return out
+
+
+def make_workers(num: int, now: float) -> list[WorkerView]:
+    return [
+        WorkerView(
+            worker_id=f"w{i}",
+            cost=CostModel(TimeModel.default(), MemoryModel(KV_BYTES_PER_TOKEN, KV_BUDGET_BYTES)),
+            busy_until=now - 0.001 * i,
+            num_queued_batches=0,
+            running=(),
+            parked_kv_bytes=0,
+        )
+        for i in range(num)
+    ]
+
+
+def time_rounds(
+    policy: Policy, waiting: Sequence[WaitingRequest], workers: Sequence[WorkerView], rounds: int
+) -> tuple[list[float], list[float], int]:
+    """Sorted wall times and CPU times (s) of ``rounds`` calls on the same input, and the
+    dispatches per round. CPU time (this process only) is what other processes on a shared
+    machine do not inflate, or much less."""
+    wall, cpu = [], []
+    num_dispatches = 0
+    for _ in range(rounds):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        plan = policy.schedule(waiting, workers, NOW)
+        cpu.append(time.process_time() - start_cpu)
+        wall.append(time.perf_counter() - start)
+        num_dispatches = len(plan)
+    return sorted(wall), sorted(cpu), num_dispatches
+
+
+def percentile(sorted_s: list[float], q: float) -> float:
+    return sorted_s[min(len(sorted_s) - 1, int(q * len(sorted_s)))]
+
+
+def scenarios(
+    args: argparse.Namespace,
+) -> list[tuple[str, Callable[[], Scenario]]]:
+    base = SchedulerConfig()
+
+    def build(cfg: SchedulerConfig, parked: int, num_workers: int) -> Callable[[], Scenario]:
+        def make() -> Scenario:
+            return (
+                make_policy(cfg),
+                make_waiting(args.waiting, args.workers, parked),
+                make_workers(num_workers, NOW),
+            )
+
+        return make
+
+    return [
+        ("scls keep, all workers idle, no parked KV", build(base, 0, args.workers)),
+        ("scls keep, all workers idle, 64 parked per worker", build(base, 64, args.workers)),
+        (
+            "scls recompute, all workers idle",
+            build(replace(base, kv_mode="recompute"), 0, args.workers),
+        ),
+        ("scls keep, 1 worker idle", build(base, 64, 1)),
+        ("ils reserve, all workers idle", build(replace(base, policy="ils"), 0, args.workers)),
+        ("sls, all workers idle", build(replace(base, policy="sls"), 0, args.workers)),
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--waiting", type=int, default=4096)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=100)
+    args = parser.parse_args(argv)
+    print(f"{args.waiting} waiting requests, {args.workers} workers, {args.rounds} rounds each")
+    for label, make in scenarios(args):
+        policy, waiting, workers = make()
+        policy.schedule(waiting, workers, NOW)  # warm-up
+        wall_s, cpu_s, num = time_rounds(policy, waiting, workers, args.rounds)
+        figures = "  ".join(
+            f"{name} {percentile(times, q) * 1e3:5.2f}"
+            for name, times, q in (
+                ("wall median", wall_s, 0.5),
+                ("p99", wall_s, 0.99),
+                ("cpu median", cpu_s, 0.5),
+                ("p99", cpu_s, 0.99),
+            )
+        )
+        print(f"  {label:<50} {figures} ms  ({num} batches)")
+
+
+if __name__ == "__main__":
+    main()
