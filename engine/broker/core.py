@@ -235,9 +235,10 @@ class BrokerCore:
         )
 
     def on_worker_failed(self, worker: WorkerState, msg: p.WorkerFailed, now: float) -> None:
-        self.log(
-            now, "error", f"worker {worker.worker_id} failed batch {msg.batch_id}: {msg.message}"
-        )
+        """The worker's compute loop failed and it is exiting: serve its requests elsewhere now
+        rather than after the heartbeat timeout."""
+        self.log(now, "error", f"worker {worker.worker_id} failed: {msg.message}")
+        self.remove_worker(worker.worker_id, now, reason="compute loop failed")
 
     # -- scheduling ------------------------------------------------------------------------
 
