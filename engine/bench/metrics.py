@@ -1,0 +1,301 @@
+"""Benchmark metrics, with the names users of ``vllm bench serve`` know, plus the engine's own
+(per-worker load, padding, recomputation, slices, memory against prediction and budget).
+
+Definitions (as vLLM's): duration_s runs from the first request's due time to the last
+request's end; TTFT = first token - submission; TPOT = (e2e - TTFT) / (output tokens - 1)
+for requests with more than one token; ITL = the gaps between consecutive stream deltas that
+carried tokens (one per delta: a delta carrying k tokens counts once); e2el = end - submission.
+Percentiles interpolate linearly (numpy). Pure functions: no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from engine.bench.records import RequestRecord, RunResult
+
+GOODPUT_KEYS = ("ttft", "tpot", "e2el")
+PERCENTILES = (50, 90, 99)
+
+
+class MetricsError(ValueError):
+    """A metric option that cannot be used; the message says what to pass."""
+
+
+def parse_goodput(items: Iterable[str]) -> dict[str, float]:
+    """``["ttft:500", "tpot:100"]`` -> {"ttft": 500.0, "tpot": 100.0} (milliseconds).
+    ``e2e`` is accepted for ``e2el``."""
+    out: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition(":")
+        key = {"e2e": "e2el"}.get(key.strip().lower(), key.strip().lower())
+        try:
+            ms = float(value)
+        except ValueError:
+            ms = float("nan")
+        if not sep or key not in GOODPUT_KEYS or not ms > 0:
+            raise MetricsError(
+                f"goodput target {item!r}: write KEY:MILLISECONDS with KEY one of ttft, tpot, "
+                "e2e (e.g. --goodput ttft:2000 tpot:200)"
+            )
+        out[key] = ms
+    return out
+
+
+def distribution(values_s: Sequence[float], name: str) -> dict[str, float | None]:
+    """mean, median, std and percentiles of durations in seconds, reported in milliseconds as
+    ``mean_{name}_ms``, ``median_{name}_ms``, ``std_{name}_ms``, ``p50_{name}_ms`` ...;
+    None when there are no values."""
+    keys = ["mean", "median", "std", *(f"p{q}" for q in PERCENTILES)]
+    if not values_s:
+        return {f"{k}_{name}_ms": None for k in keys}
+    ms = np.asarray(values_s, dtype=np.float64) * 1000.0
+    out = {
+        f"mean_{name}_ms": float(ms.mean()),
+        f"median_{name}_ms": float(np.median(ms)),
+        f"std_{name}_ms": float(ms.std()),
+    }
+    for q, value in zip(PERCENTILES, np.percentile(ms, PERCENTILES), strict=True):
+        out[f"p{q}_{name}_ms"] = float(value)
+    return out
+
+
+def ttft_s(r: RequestRecord) -> float | None:
+    if r.first_token_s is None or r.submitted_s is None:
+        return None
+    return r.first_token_s - r.submitted_s
+
+
+def e2el_s(r: RequestRecord) -> float | None:
+    if r.finished_s is None or r.submitted_s is None:
+        return None
+    return r.finished_s - r.submitted_s
+
+
+def tpot_s(r: RequestRecord) -> float | None:
+    ttft, e2el = ttft_s(r), e2el_s(r)
+    if ttft is None or e2el is None or r.num_output_tokens < 2:
+        return None
+    return (e2el - ttft) / (r.num_output_tokens - 1)
+
+
+def itls_s(r: RequestRecord) -> list[float]:
+    times = r.chunk_times_s
+    return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+
+def is_good(r: RequestRecord, targets_ms: Mapping[str, float]) -> bool:
+    """A finished request that meets every given latency target (vLLM's goodput rule)."""
+    if not r.success:
+        return False
+    values = {"ttft": ttft_s(r), "tpot": tpot_s(r), "e2el": e2el_s(r)}
+    for key, limit_ms in targets_ms.items():
+        value = values[key]
+        if key == "tpot" and value is None:  # one token: no time per output token to miss
+            continue
+        if value is None or value * 1000.0 > limit_ms:
+            return False
+    return True
+
+
+def request_metrics(
+    records: Sequence[RequestRecord], duration_s: float, goodput_ms: Mapping[str, float]
+) -> dict[str, Any]:
+    """Throughput and latency over the successful requests."""
+    done = [r for r in records if r.success]
+    input_tokens = sum(r.prompt_len for r in done)
+    output_tokens = sum(r.num_output_tokens for r in done)
+    per_s = (lambda n: n / duration_s) if duration_s > 0 else (lambda n: None)
+    stalls = [max(itls_s(r), default=0.0) for r in done]
+    out: dict[str, Any] = {
+        "num_requests": len(records),
+        "completed": len(done),
+        "failed": len(records) - len(done),
+        "duration_s": duration_s,
+        "total_input_tokens": input_tokens,
+        "total_output_tokens": output_tokens,
+        "request_throughput": per_s(len(done)),
+        "output_throughput": per_s(output_tokens),
+        "total_token_throughput": per_s(input_tokens + output_tokens),
+        "request_goodput": per_s(sum(is_good(r, goodput_ms) for r in done)) if goodput_ms else None,
+        "goodput_targets_ms": dict(goodput_ms),
+        "num_length_mismatches": sum(r.num_output_tokens != r.output_len for r in done),
+    }
+    out.update(distribution([v for r in done if (v := ttft_s(r)) is not None], "ttft"))
+    out.update(distribution([v for r in done if (v := tpot_s(r)) is not None], "tpot"))
+    out.update(distribution([v for r in done for v in itls_s(r)], "itl"))
+    out.update(distribution([v for r in done if (v := e2el_s(r)) is not None], "e2el"))
+    out["max_stall_ms"] = max(stalls) * 1000.0 if stalls else None
+    out["mean_max_stall_ms"] = float(np.mean(stalls)) * 1000.0 if stalls else None
+    return out
+
+
+def imbalance(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """(max/mean - 1, coefficient of variation std/mean) of per-worker loads; None when the
+    mean is 0 or there are no workers."""
+    if not values:
+        return None, None
+    arr = np.asarray(values, dtype=np.float64)
+    mean = float(arr.mean())
+    if mean <= 0:
+        return None, None
+    return float(arr.max()) / mean - 1.0, float(arr.std()) / mean
+
+
+def expected_dispatches(policy: str, output_len: int, slice_len: int | None) -> int:
+    """Dispatches a request needs when nothing preempts it: one per slice under SCLS, one
+    under SLS and ILS (and for peers)."""
+    if policy.startswith("scls") and slice_len:
+        return max(1, math.ceil(output_len / slice_len))
+    return 1
+
+
+def sampled_busy_s(run: RunResult) -> dict[str, float]:
+    """Seconds each worker was busy (had work dispatched), integrated over the stats timeline:
+    a sample's state holds until the next sample."""
+    out: dict[str, float] = {}
+    for a, b in zip(run.timeline, run.timeline[1:], strict=False):
+        for w in a.workers:
+            out[w.worker_id] = out.get(w.worker_id, 0.0) + (b.at_s - a.at_s) * w.busy
+    return out
+
+
+def per_worker(run: RunResult) -> dict[str, dict[str, float]]:
+    """Per worker during the load: ``busy_s`` (sampled from the timeline, see sampled_busy_s),
+    ``dispatch_s`` (the broker's sum of measured dispatch durations: under ILS, dispatches that
+    joined one running set overlap, so it can exceed the wall time) and generated tokens."""
+    sampled = sampled_busy_s(run)
+    out = {}
+    for worker_id, end in run.workers_end.items():
+        start = run.workers_start.get(worker_id, {})
+        out[worker_id] = {
+            "busy_s": sampled.get(worker_id, 0.0),
+            "dispatch_s": end.get("busy_s", 0.0) - start.get("busy_s", 0.0),
+            "generated_tokens": end.get("generated_tokens", 0.0)
+            - start.get("generated_tokens", 0.0),
+        }
+    return out
+
+
+def _sum(batches: Sequence[Mapping[str, Any]], key: str) -> int:
+    return int(sum(b.get(key, 0) for b in batches))
+
+
+def failure_counts(run: RunResult, slice_len: int | None) -> dict[str, int]:
+    """What the benchmark counts as OOM-like events: batches a worker failed, workers lost,
+    requests that ended in an error, and preemptions (dispatches beyond the plan, inferred
+    from each finished request's slice count: the broker publishes no preemption counter)."""
+    messages = [str(e.get("message", "")) for e in run.events]
+    preemptions = sum(
+        max(0, r.num_slices - expected_dispatches(run.name, r.output_len, slice_len))
+        for r in run.requests
+        if r.success
+    )
+    counts = {
+        "worker_failures": sum("failed batch" in m for m in messages),
+        "workers_lost": sum(" lost (" in m for m in messages),
+        "error_requests": sum(r.finish_reason == "error" for r in run.requests),
+        "preemptions": preemptions,
+    }
+    counts["oom_count"] = sum(counts.values())
+    return counts
+
+
+def memory_metrics(run: RunResult) -> dict[str, Any]:
+    """Peak KV bytes: measured (batch records and heartbeats) against predicted and budget."""
+    batches = run.batches
+    budgets = [w.kv_budget_bytes for s in run.timeline for w in s.workers if w.kv_budget_bytes]
+    budget = min(budgets) if budgets else None
+    used = [w.kv_used_bytes for s in run.timeline for w in s.workers]
+    return {
+        "kv_budget_bytes": budget,
+        "peak_measured_bytes": max((b["measured_peak_bytes"] for b in batches), default=None),
+        "peak_predicted_bytes": max((b["predicted_peak_bytes"] for b in batches), default=None),
+        "peak_kv_used_bytes": max(used, default=None),
+        "num_batches_over_budget": sum(
+            budget is not None and b["measured_peak_bytes"] > budget for b in batches
+        ),
+        "num_batches_over_prediction": sum(
+            b["measured_peak_bytes"] > b["predicted_peak_bytes"] for b in batches
+        ),
+    }
+
+
+def engine_metrics(run: RunResult, slice_len: int | None) -> dict[str, Any]:
+    """Per-worker load and imbalance, token waste, slices, early returns, failures, memory."""
+    workers = per_worker(run)
+    busy_imbalance, busy_cv = imbalance([w["busy_s"] for w in workers.values()])
+    token_imbalance, _ = imbalance([w["generated_tokens"] for w in workers.values()])
+    batches = run.batches
+    done = [r for r in run.requests if r.success]
+    slices = [r.num_slices for r in done]
+    out: dict[str, Any] = {
+        "per_worker": workers,
+        "load_imbalance": busy_imbalance,
+        "busy_cv": busy_cv,
+        "token_imbalance": token_imbalance,
+        "num_batches": len(batches),
+        "num_batches_missed": run.num_batches_missed,
+        "prefill_tokens": _sum(batches, "prefill_tokens"),
+        "pad_tokens": _sum(batches, "pad_tokens"),
+        "invalid_tokens": _sum(batches, "invalid_tokens"),
+        "recomputed_tokens": _sum(batches, "recomputed_tokens"),
+        "reused_kv_tokens": _sum(batches, "reused_kv_tokens"),
+        "early_return_ratio": (
+            sum(bool(b["early_return"]) for b in batches) / len(batches) if batches else None
+        ),
+        "mean_slices_per_request": float(np.mean(slices)) if slices else None,
+        "max_slices_per_request": max(slices, default=None),
+    }
+    out.update(failure_counts(run, slice_len))
+    out.update(memory_metrics(run))
+    return out
+
+
+def summarize(
+    run: RunResult, goodput_ms: Mapping[str, float], slice_len: int | None
+) -> dict[str, Any]:
+    """Every metric of one run; a peer's own counters (run.extra["metrics"]) override the
+    engine-side ones it has no source for."""
+    out = request_metrics(run.requests, run.duration_s, goodput_ms)
+    out.update(engine_metrics(run, slice_len))
+    out.update(run.extra.get("metrics", {}))
+    return out
+
+
+def aggregate(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One summary from repeats: the mean of every numeric metric (None if any repeat lacks
+    it); other values from the first repeat. One repeat: returned unchanged."""
+    if len(summaries) == 1:
+        return dict(summaries[0])
+    out: dict[str, Any] = {}
+    for key, first in summaries[0].items():
+        values = [s.get(key) for s in summaries]
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        out[key] = float(np.mean(values)) if numeric else first
+    out["num_repeats"] = len(summaries)
+    return out
+
+
+def ratios(
+    summaries: Mapping[str, Mapping[str, Any]], baseline: str, keys: Sequence[str]
+) -> dict[str, dict[str, float | None]]:
+    """metric / baseline's metric for each name and key (None where undefined)."""
+    if baseline not in summaries:
+        raise MetricsError(
+            f"baseline {baseline!r} did not run: pick one of {', '.join(summaries)} (--baseline)"
+        )
+    base = summaries[baseline]
+    out: dict[str, dict[str, float | None]] = {}
+    for name, summary in summaries.items():
+        row: dict[str, float | None] = {}
+        for key in keys:
+            value, ref = summary.get(key), base.get(key)
+            ok = isinstance(value, int | float) and isinstance(ref, int | float) and ref != 0
+            row[key] = float(value) / float(ref) if ok else None
+        out[name] = row
+    return out

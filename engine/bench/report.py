@@ -1,0 +1,238 @@
+"""Benchmark results as files: one JSON document (config, workload and scaling, per-request
+records, a summary per policy or peer keyed by name, ratios against the baseline) and a
+Markdown report with the same figures as tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from engine.bench import metrics
+from engine.bench.records import RunResult
+
+SCHEMA_VERSION = 1
+
+#: (metric, column title, format) of the two Markdown tables.
+SERVING_COLUMNS = (
+    ("completed", "done", "{:.0f}"),
+    ("request_throughput", "req/s", "{:.3f}"),
+    ("output_throughput", "out tok/s", "{:.1f}"),
+    ("total_token_throughput", "total tok/s", "{:.1f}"),
+    ("request_goodput", "goodput req/s", "{:.3f}"),
+    ("mean_ttft_ms", "mean TTFT ms", "{:.0f}"),
+    ("p99_ttft_ms", "p99 TTFT ms", "{:.0f}"),
+    ("mean_tpot_ms", "mean TPOT ms", "{:.0f}"),
+    ("p99_tpot_ms", "p99 TPOT ms", "{:.0f}"),
+    ("mean_itl_ms", "mean ITL ms", "{:.0f}"),
+    ("p50_e2el_ms", "p50 e2e ms", "{:.0f}"),
+    ("p99_e2el_ms", "p99 e2e ms", "{:.0f}"),
+    ("max_stall_ms", "max stall ms", "{:.0f}"),
+)
+ENGINE_COLUMNS = (
+    ("load_imbalance", "imbalance", "{:.1%}"),
+    ("busy_cv", "busy CV", "{:.1%}"),
+    ("mean_slices_per_request", "slices/req", "{:.2f}"),
+    ("early_return_ratio", "early ret.", "{:.0%}"),
+    ("pad_tokens", "pad tok", "{:.0f}"),
+    ("invalid_tokens", "invalid tok", "{:.0f}"),
+    ("recomputed_tokens", "recomputed tok", "{:.0f}"),
+    ("oom_count", "OOM", "{:.0f}"),
+    ("peak_measured_bytes", "peak KV MiB", "mib"),
+    ("peak_predicted_bytes", "predicted MiB", "mib"),
+    ("kv_budget_bytes", "budget MiB", "mib"),
+)
+RATIO_KEYS = (
+    "request_throughput",
+    "output_throughput",
+    "total_token_throughput",
+    "mean_ttft_ms",
+    "mean_tpot_ms",
+    "p99_e2el_ms",
+)
+
+NOTES = [
+    "Times are taken in the benchmark process with time.monotonic() on each stream delta.",
+    "duration_s: from the first request's due time to the last request's end; throughputs "
+    "divide finished requests and their tokens by it.",
+    "ITL: one value per stream delta that carried tokens (a delta with k tokens counts once).",
+    "busy_s per worker: integrated from the broker's stats snapshots (busy = work dispatched); "
+    "dispatch_s: the broker's sum of measured dispatch durations (overlaps under ILS).",
+    "load_imbalance = max/mean - 1 of per-worker busy_s; busy_cv = std/mean.",
+    "oom_count = worker_failures (batches a worker failed) + workers_lost + error_requests + "
+    "preemptions (dispatches beyond one per slice, inferred from each finished request's slice "
+    "count: the broker publishes no preemption counter).",
+    "Peak KV: measured_peak_bytes and predicted_peak_bytes of the engine's batch records; "
+    "peak_kv_used_bytes from the workers' heartbeats.",
+]
+
+
+def _json_default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities become None (JSON has neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def run_document(run: RunResult, summary: Mapping[str, Any]) -> dict[str, Any]:
+    doc = dataclasses.asdict(run)
+    doc["summary"] = dict(summary)
+    return doc
+
+
+def build_document(
+    *,
+    command: str,
+    config: Mapping[str, Any],
+    workload: Mapping[str, Any],
+    arrival: Mapping[str, Any],
+    goodput_ms: Mapping[str, float],
+    baseline: str,
+    results: Sequence[RunResult],
+    slice_len: int | None,
+) -> dict[str, Any]:
+    """The whole JSON document; ``summary[name]`` averages that name's repeats."""
+    per_run = [metrics.summarize(r, goodput_ms, slice_len) for r in results]
+    names = list(dict.fromkeys(r.name for r in results))
+    summary = {
+        name: metrics.aggregate(
+            [s for r, s in zip(results, per_run, strict=True) if r.name == name]
+        )
+        for name in names
+    }
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for result, run_summary in zip(results, per_run, strict=True):
+        runs[result.name].append(run_document(result, run_summary))
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "config": dict(config),
+        "workload": dict(workload),
+        "arrival": dict(arrival),
+        "goodput_targets_ms": dict(goodput_ms),
+        "baseline": baseline,
+        "summary": summary,
+        "ratios": metrics.ratios(summary, baseline, RATIO_KEYS),
+        "notes": NOTES,
+        "runs": runs,
+    }
+    return _finite(doc)
+
+
+def write_json(doc: Mapping[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(doc, indent=1, default=_json_default) + "\n", encoding="utf-8")
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if fmt == "mib":
+        return f"{value / 2**20:.1f}"
+    return fmt.format(value)
+
+
+def table(summary: Mapping[str, Mapping[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A Markdown table: one row per name, one column per metric."""
+    lines = [
+        "| name | " + " | ".join(title for _, title, _ in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for name, values in summary.items():
+        cells = [_cell(values.get(key), fmt) for key, _, fmt in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ratio_table(ratios: Mapping[str, Mapping[str, float | None]], baseline: str) -> str:
+    lines = [
+        "| name | " + " | ".join(f"{k} / {baseline}" for k in RATIO_KEYS) + " |",
+        "|---|" + "---:|" * len(RATIO_KEYS),
+    ]
+    for name, row in ratios.items():
+        lines.append(
+            f"| {name} | " + " | ".join(_cell(row.get(k), "{:.2f}x") for k in RATIO_KEYS) + " |"
+        )
+    return "\n".join(lines)
+
+
+def _workload_lines(workload: Mapping[str, Any], arrival: Mapping[str, Any]) -> list[str]:
+    desc = workload.get("description", {})
+    scaling = desc.get("scaling", {})
+    prompt, output = desc.get("prompt_len", {}), desc.get("output_len", {})
+    lines = [
+        f"- workload: `{workload.get('name')}`, {desc.get('num_requests', '?')} requests, "
+        f"arrival {json.dumps(dict(arrival))}",
+        f"- prompt tokens after scaling: mean {prompt.get('mean', 0):.0f}, p50 "
+        f"{prompt.get('p50', 0):.0f}, p99 {prompt.get('p99', 0):.0f}, max {prompt.get('max', 0):.0f}; "
+        f"output tokens: mean {output.get('mean', 0):.0f}, p50 {output.get('p50', 0):.0f}, "
+        f"p99 {output.get('p99', 0):.0f}, max {output.get('max', 0):.0f}",
+    ]
+    if scaling:
+        lines.append(
+            f"- scaling: prompt / {scaling.get('prompt_divisor')}, output / "
+            f"{scaling.get('output_divisor')}, prompt clipped to {scaling.get('max_prompt_len')} "
+            f"({scaling.get('num_prompts_clipped')} clipped), output clipped to "
+            f"{scaling.get('max_output_len')} ({scaling.get('num_outputs_clipped')} clipped), "
+            f"context at most {scaling.get('max_total_len')}"
+        )
+    if desc.get("attribution"):
+        lines.append(f"- data: {desc['attribution']}")
+    return lines
+
+
+def markdown(doc: Mapping[str, Any]) -> str:
+    """The Markdown report of a document made by build_document."""
+    cfg = doc["config"]
+    sched = cfg.get("scheduler", {})
+    head = [
+        "# Benchmark results",
+        "",
+        f"`{doc['command']}`",
+        "",
+        f"- {cfg.get('num_workers')} workers x {cfg.get('threads_per_worker')} torch thread(s), "
+        f"model `{cfg.get('model')}` ({cfg.get('dtype')}), KV budget "
+        f"{cfg.get('kv_budget_bytes_effective', 0) / 2**20:.0f} MiB per worker; slice "
+        f"{sched.get('slice_len')}, max_gen_len {sched.get('max_gen_len')}, kv_mode "
+        f"{sched.get('kv_mode')}, ils_admission {sched.get('ils_admission')}; seed "
+        f"{cfg.get('seed')}, {cfg.get('repeats')} repeat(s)",
+        *_workload_lines(doc["workload"], doc["arrival"]),
+    ]
+    if doc.get("goodput_targets_ms"):
+        head.append(f"- goodput targets (ms): {json.dumps(doc['goodput_targets_ms'])}")
+    body = [
+        "",
+        "## Serving",
+        "",
+        table(doc["summary"], SERVING_COLUMNS),
+        "",
+        "## Engine",
+        "",
+        table(doc["summary"], ENGINE_COLUMNS),
+        "",
+        f"## Against {doc['baseline']}",
+        "",
+        ratio_table(doc["ratios"], doc["baseline"]),
+        "",
+        "## Definitions",
+        "",
+        *[f"- {note}" for note in doc.get("notes", [])],
+        "",
+    ]
+    return "\n".join(head + body)
