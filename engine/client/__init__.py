@@ -7,6 +7,7 @@ from engine.client.errors import (
     ClientClosed,
     Disconnected,
     EngineError,
+    InvalidRequest,
     RequestRejected,
     RequestTimeout,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "Disconnected",
     "EngineError",
     "GenerateResult",
+    "InvalidRequest",
     "RequestRejected",
     "RequestTimeout",
     "StatsSnapshot",

@@ -246,8 +246,16 @@ class AsyncClient:
             self._conn.send_nowait(encode(Cancel(request_id=inflight.request_id)))
 
     def _abandon_threadsafe(self, inflight: Inflight) -> None:
-        """_abandon from any thread (an AsyncStream dropped without being closed)."""
+        """_abandon from any thread (an AsyncStream dropped without being closed); on the
+        loop's own thread at once, so that the Cancel leaves before any later frame."""
         if self._loop is None or self._loop.is_closed() or inflight.done:
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._abandon(inflight)
             return
         try:
             self._loop.call_soon_threadsafe(self._abandon, inflight)
@@ -307,7 +315,7 @@ class AsyncClient:
             inflight.num_tokens += len(msg.token_ids)
         else:  # Finished or Error: the last message of the request
             inflight.done = True
-            del self._inflight[msg.request_id]
+            self._inflight.pop(msg.request_id, None)
         inflight.put(msg)
 
     def _on_unrouted_error(self, error: Error) -> None:
@@ -319,7 +327,7 @@ class AsyncClient:
             return
         inflight = waiting[0]
         inflight.done = True
-        del self._inflight[inflight.request_id]
+        self._inflight.pop(inflight.request_id, None)
         inflight.put(RequestRejected(error.code, error.message, inflight.request_id))
 
     def _on_connection_lost(self) -> None:
@@ -339,10 +347,11 @@ class AsyncClient:
         self._fail_all(lost)
 
     def _fail_all(self, make_error: Callable[[str | None], BaseException]) -> None:
-        for inflight in self._inflight.values():
+        inflights = list(self._inflight.values())  # a copy: a dropped stream may pop meanwhile
+        self._inflight.clear()
+        for inflight in inflights:
             inflight.done = True
             inflight.put(make_error(inflight.request_id))
-        self._inflight.clear()
         while self._stats_waiters:
             waiter = self._stats_waiters.popleft()
             if not waiter.done():

@@ -108,7 +108,7 @@ def build_submit(
         temperature=_check_float("temperature", temperature, minimum=0.0),
         top_p=_check_top_p(top_p),
         top_k=_check_int("top_k", top_k, minimum=0),
-        seed=None if seed is None else _check_int("seed", seed, minimum=0, below=2**63),
+        seed=_check_seed(seed),
         stop=_check_stop(stop),
         ignore_eos=_check_bool("ignore_eos", ignore_eos),
         stream=stream,
@@ -141,13 +141,18 @@ def _check_request_id(request_id: str | None) -> str:
     return request_id
 
 
-def _check_int(name: str, value: Any, *, minimum: int, below: int | None = None) -> int:
+def _check_int(name: str, value: Any, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum or (below is not None and value >= below):
-        bound = f"in [{minimum}, {below})" if below is not None else f">= {minimum}"
-        raise InvalidRequest(f"{name} must be {bound}, got {value}")
+    if value < minimum:
+        raise InvalidRequest(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def _check_seed(seed: Any) -> int | None:
+    if seed is not None and _check_int("seed", seed, minimum=0) >= 2**63:
+        raise InvalidRequest(f"seed must be in [0, 2**63), got {seed}")
+    return seed
 
 
 def _check_float(name: str, value: Any, *, minimum: float) -> float:
