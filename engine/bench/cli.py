@@ -1,0 +1,208 @@
+"""`run.py bench`: flags, and the steps of one benchmark (workload, prompts, arrivals, runs,
+results files). ``bench_main(argv)`` runs it from Python (examples/compare_policies.py)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from engine import cli_args
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORKLOAD = "synthetic:prompt=uniform:24:56,output=lognormal:80:0.8"
+
+
+def add_bench_parser(p: argparse.ArgumentParser) -> None:
+    """The flags of ``run.py bench`` (plus the scheduling and worker flags of ``serve``)."""
+    p.add_argument("--policies", default="sls,ils,scls", help="comma-separated: sls, ils, "
+                   "ils:reserve, ils:optimistic, scls, scls:keep, scls:recompute")  # fmt: skip
+    p.add_argument("--peers", nargs="?", const="hf_generate,hf_generate_batch", default="",
+                   help="also run transformers peers in-process (default both: "
+                   "hf_generate,hf_generate_batch)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workload", default=DEFAULT_WORKLOAD,
+                   help="KIND:PATH (azure, burstgpt, mooncake, sharegpt) or synthetic:SPEC "
+                   "(see docs/BENCHMARKS.md)")  # fmt: skip
+    p.add_argument("--arrival", default=None,
+                   help="offline | poisson:RATE | gamma:RATE:BURSTINESS | trace[:SPEED] | "
+                   "closed:CONCURRENCY (default: trace for traces with timestamps, else offline)")  # fmt: skip
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--trace-offset", type=int, default=0, help="first trace row to replay")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="results directory")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each entry, interleaved")
+    p.add_argument(
+        "--baseline", default=None, help="entry the ratios compare with (default: first)"
+    )
+    p.add_argument("--goodput", nargs="+", default=[], metavar="KEY:MS",
+                   help="latency targets for goodput, e.g. ttft:2000 tpot:200 e2e:30000")  # fmt: skip
+    p.add_argument("--max-duration", type=float, default=600.0,
+                   help="seconds each run may take from its first request; the rest is cancelled")  # fmt: skip
+    g = p.add_argument_group("length scaling")
+    g.add_argument("--prompt-divisor", type=float, default=1.0, help="divide prompt lengths")
+    g.add_argument("--output-divisor", type=float, default=1.0, help="divide output lengths")
+    g.add_argument("--max-prompt-len", type=int, default=None, help="clip prompts (tokens)")
+    g.add_argument("--max-output-len", type=int, default=None,
+                   help="clip outputs (tokens; default and at most --max-gen-len)")  # fmt: skip
+    g.add_argument("--min-output-len", type=int, default=1)
+    g = p.add_argument_group("peers")
+    g.add_argument("--peer-batch-size", type=int, default=None,
+                   help="hf_generate batch size (default: the most whose worst case fits the "
+                   "workers' KV budgets together)")  # fmt: skip
+    g.add_argument("--peer-page-size", type=int, default=32,
+                   help="hf_generate_batch tokens per KV page")  # fmt: skip
+    g.add_argument(
+        "--peer-max-batch-tokens", type=int, default=1024,
+        help="hf_generate_batch tokens per forward (its default, 8192, sizes attention masks "
+        "for the whole cache and exhausts a CPU's memory)",
+    )  # fmt: skip
+    p.add_argument("--stats-interval", type=float, default=0.25, help="seconds between snapshots")
+    p.add_argument("--no-plots", action="store_true")
+    cli_args.add_scheduler_flags(p)
+    cli_args.add_worker_flags(p)
+    p.set_defaults(policy=None)  # bench takes --policies; --policy is refused in run_bench
+    for action in p._actions:
+        if "--policy" in action.option_strings:
+            action.help = argparse.SUPPRESS
+
+
+def _settings(args: argparse.Namespace):
+    from engine.bench.runner import BenchError, BenchSettings, check_entries
+
+    if args.policy is not None:
+        raise BenchError(
+            "bench compares policies: pass --policies scls,ils,... instead of --policy"
+        )
+    if args.workers < 1 or args.repeats < 1 or args.max_duration <= 0:
+        raise BenchError("--workers and --repeats must be at least 1, --max-duration above 0")
+    entries = check_entries([*args.policies.split(","), *args.peers.split(",")])
+    sched_args = argparse.Namespace(**{**vars(args), "policy": "scls"})
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    return BenchSettings(
+        entries=entries,
+        num_workers=args.workers,
+        model=args.model,
+        dtype=args.dtype,
+        threads_per_worker=threads,
+        kv_budget_bytes=args.kv_budget,
+        profile=not args.no_profile,
+        scheduler=cli_args.scheduler_config(sched_args),
+        seed=args.seed,
+        repeats=args.repeats,
+        max_duration_s=args.max_duration,
+        stats_interval_s=args.stats_interval,
+        peer_batch_size=args.peer_batch_size,
+        peer_page_size=args.peer_page_size,
+        peer_max_batch_tokens=args.peer_max_batch_tokens,
+        log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+    )
+
+
+def prepare(args: argparse.Namespace, max_gen_len: int) -> tuple[Any, Any, list, Any]:
+    """(workload after scaling, arrival spec, load items, send times) from the flags."""
+    from engine.bench.arrivals import default_arrival, parse_arrival, send_times
+    from engine.bench.loadgen import LoadItem
+    from engine.bench.prompts import PromptMaker
+    from engine.bench.workloads import LengthScaling, load_workload, scale_workload
+    from engine.models import load_model_config, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    config = load_model_config(args.model)
+    max_context_len = int(getattr(config, "max_position_embeddings", 0) or 2**31 - 1)
+
+    def tokenize(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    workload = load_workload(
+        args.workload, args.num_requests, args.seed, args.trace_offset, tokenize
+    )
+    max_output = min(args.max_output_len or max_gen_len, max_gen_len)
+    scaling = LengthScaling(
+        prompt_divisor=args.prompt_divisor,
+        output_divisor=args.output_divisor,
+        min_output_len=args.min_output_len,
+        max_prompt_len=args.max_prompt_len,
+        max_output_len=max_output,
+        max_total_len=max_context_len - 1,
+    )
+    workload = scale_workload(workload, scaling)
+    arrival = parse_arrival(args.arrival) if args.arrival else default_arrival(workload)
+    times = send_times(arrival, workload, args.seed)
+    maker = PromptMaker(tokenizer, args.seed)
+    items = [
+        LoadItem(r.index, maker.make(r.index, r.prompt_len, r.prompt_ids), r.output_len)
+        for r in workload.requests
+    ]
+    return workload, arrival, items, times
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from engine.bench import plots, report
+    from engine.bench.metrics import MetricsError, parse_goodput
+    from engine.bench.runner import BenchError, run_all
+    from engine.bench.workloads import WorkloadError
+
+    try:
+        settings = _settings(args)
+        goodput_ms = parse_goodput(args.goodput)
+        baseline = (args.baseline or settings.entries[0]).lower()
+        if baseline not in settings.entries:
+            raise BenchError(f"--baseline {baseline!r} is not among {', '.join(settings.entries)}")
+        workload, arrival, items, times = prepare(args, settings.scheduler.max_gen_len)
+    except (BenchError, MetricsError, WorkloadError, ValueError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = "run.py " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
+    workload_doc = {
+        "name": workload.name,
+        "kind": workload.kind,
+        "description": workload.description,
+        "attribution": workload.attribution,
+    }
+    print(
+        f"bench: {len(items)} requests of {workload.name} ({arrival.label()}), entries "
+        f"{', '.join(settings.entries)}, {settings.repeats} repeat(s); results in {out_dir}",
+        flush=True,
+    )
+    results = []
+
+    def write(partial: bool) -> dict[str, Any]:
+        doc = report.build_document(
+            command=command, config=settings.describe(), workload=workload_doc,
+            arrival=arrival.describe(), goodput_ms=goodput_ms,
+            baseline=baseline if any(r.name == baseline for r in results) else results[0].name,
+            results=results, slice_len=settings.scheduler.slice_len,
+        )  # fmt: skip
+        doc["partial"] = partial
+        report.write_json(doc, out_dir / "results.json")
+        return doc
+
+    def on_result(result) -> None:
+        results.append(result)
+        write(partial=True)
+
+    run_all(settings, items, times, arrival.concurrency, on_result)
+    doc = write(partial=False)
+    text = report.markdown(doc)
+    (out_dir / "results.md").write_text(text, encoding="utf-8")
+    if not args.no_plots:
+        plots.write_plots(doc, out_dir)
+    print(text)
+    return 0
+
+
+def bench_main(argv: list[str]) -> int:
+    """``run.py bench ARGV`` from Python."""
+    parser = argparse.ArgumentParser(prog="run.py bench")
+    add_bench_parser(parser)
+    args = parser.parse_args(argv)
+    args.argv = ["bench", *argv]
+    return run_bench(args)

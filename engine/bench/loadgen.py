@@ -1,0 +1,257 @@
+"""The load generator: sends streaming requests to a running engine on an arrival schedule (or a
+closed loop), stamps every stream delta with ``time.monotonic()``, and records the engine's
+stats stream alongside. Bounded in requests and in time: at the deadline, requests still in
+flight are cancelled on the engine and recorded as "timeout"."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.bench.progress import Progress
+from engine.bench.records import RequestRecord, TimelineSample, WorkerSample
+from engine.client import AsyncClient, AsyncStatsSubscriber, EngineError, StatsSnapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadItem:
+    index: int
+    prompt_ids: list[int]
+    output_len: int
+
+
+@dataclass(slots=True)
+class LoadOutcome:
+    records: list[RequestRecord]
+    duration_s: float
+    timeline: list[TimelineSample] = field(default_factory=list)
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    num_batches_missed: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)
+    workers_start: dict[str, dict[str, float]] = field(default_factory=dict)
+    workers_end: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _worker_totals(snap: StatsSnapshot) -> dict[str, dict[str, float]]:
+    return {
+        w.worker_id: {"busy_s": w.busy_s, "generated_tokens": float(w.generated_tokens)}
+        for w in snap.workers
+    }
+
+
+class StatsRecorder:
+    """Follows the broker's stats stream: a timeline of per-worker samples, and every batch
+    record and event that appears, each once. Batch ids at or below ``after_batch_id`` (work
+    done before the load) are ignored."""
+
+    def __init__(self, stats_addr: str, t0: float, after_batch_id: int) -> None:
+        self.t0 = t0
+        self.after_batch_id = after_batch_id
+        self.timeline: list[TimelineSample] = []
+        self.batches: dict[int, dict[str, Any]] = {}
+        self.events: dict[tuple[float, str], dict[str, Any]] = {}
+        self._sub = AsyncStatsSubscriber(stats_addr, latest_only=False)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="stats-recorder")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._sub.close()
+
+    async def _run(self) -> None:
+        while True:
+            snap = await self._sub.recv(timeout_s=1.0)
+            if snap is not None:
+                self.add(snap, time.monotonic() - self.t0)
+
+    def add(self, snap: StatsSnapshot, at_s: float) -> None:
+        workers = [
+            WorkerSample(
+                worker_id=w.worker_id,
+                busy=w.state == "busy",
+                busy_s=w.busy_s,
+                generated_tokens=w.generated_tokens,
+                num_running_requests=w.num_running_requests,
+                kv_used_bytes=w.kv_used_bytes,
+                kv_parked_bytes=w.kv_parked_bytes,
+                kv_predicted_peak_bytes=w.kv_predicted_peak_bytes,
+                kv_budget_bytes=w.kv_budget_bytes,
+            )
+            for w in snap.workers
+        ]
+        self.timeline.append(TimelineSample(at_s, snap.num_waiting, snap.num_running, workers))
+        for record in snap.batches:
+            if record.batch_id > self.after_batch_id:
+                self.batches.setdefault(record.batch_id, _struct_dict(record))
+        for event in snap.events:
+            key = (round(event.at_s, 6), event.message)
+            self.events.setdefault(
+                key, {"at_s": event.at_s, "level": event.level, "message": event.message}
+            )
+
+    def num_missed(self) -> int:
+        """Batch ids after the start, up to the highest seen, without a record (a snapshot
+        carries only the latest 64; ids of batches that never finished count too)."""
+        if not self.batches:
+            return 0
+        return max(self.batches) - self.after_batch_id - len(self.batches)
+
+
+def _struct_dict(obj: Any) -> dict[str, Any]:
+    import msgspec
+
+    return msgspec.to_builtins(obj)
+
+
+async def _one(
+    client: AsyncClient, item: LoadItem, rec: RequestRecord, t0: float, tag: str
+) -> None:
+    rec.submitted_s = time.monotonic() - t0
+    stream = client.stream(
+        prompt_ids=item.prompt_ids,
+        max_tokens=item.output_len,
+        ignore_eos=True,
+        temperature=0.0,
+        request_id=f"{tag}-{item.index}",
+    )
+    rec.request_id = stream.request_id
+    rec.finish_reason = "timeout"  # until it ends otherwise (a cancellation leaves it so)
+    try:
+        async with stream:
+            async for delta in stream:
+                rec.add_chunk(time.monotonic() - t0, len(delta.token_ids))
+    except EngineError as exc:
+        rec.finish_reason, rec.error = "error", str(exc)
+        rec.finished_s = time.monotonic() - t0
+        return
+    rec.finished_s = time.monotonic() - t0
+    if stream.result is None:
+        rec.finish_reason, rec.error = "error", "the stream ended without a result"
+        return
+    rec.finish_reason = stream.result.finish_reason
+    rec.num_slices = stream.result.num_slices
+
+
+async def _open_loop(
+    client: AsyncClient,
+    items: Sequence[LoadItem],
+    records: list[RequestRecord],
+    send_times: Sequence[float],
+    t0: float,
+    tag: str,
+    progress: Progress,
+) -> list[asyncio.Task[None]]:
+    async def scheduled(i: int) -> None:
+        await asyncio.sleep(max(0.0, t0 + send_times[i] - time.monotonic()))
+        await _one(client, items[i], records[i], t0, tag)
+        progress.advance(records[i].success)
+
+    return [asyncio.create_task(scheduled(i)) for i in range(len(items))]
+
+
+async def _closed_loop(
+    client: AsyncClient,
+    items: Sequence[LoadItem],
+    records: list[RequestRecord],
+    concurrency: int,
+    t0: float,
+    tag: str,
+    progress: Progress,
+) -> list[asyncio.Task[None]]:
+    queue = list(range(len(items)))
+    queue.reverse()
+
+    async def user() -> None:
+        while queue:
+            i = queue.pop()
+            records[i].scheduled_s = time.monotonic() - t0
+            await _one(client, items[i], records[i], t0, tag)
+            progress.advance(records[i].success)
+
+    return [asyncio.create_task(user()) for _ in range(min(concurrency, len(items)))]
+
+
+async def _settle(client: AsyncClient, timeout_s: float = 5.0) -> StatsSnapshot | None:
+    """The broker's snapshot once no worker has work dispatched (the last BatchDone arrives
+    just after the last tokens), or after ``timeout_s``; None if the broker does not answer."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            snap = await client.stats(timeout_s=10.0)
+        except EngineError as exc:
+            log.warning("no final stats snapshot (%s): worker totals are left empty", exc)
+            return None
+        if all(w.state != "busy" for w in snap.workers) or time.monotonic() > deadline:
+            return snap
+        await asyncio.sleep(0.1)
+
+
+async def run_load(
+    client_addr: str,
+    stats_addr: str,
+    items: Sequence[LoadItem],
+    send_times: Sequence[float] | None,
+    concurrency: int | None = None,
+    max_duration_s: float = 600.0,
+    tag: str = "bench",
+    progress: Progress | None = None,
+) -> LoadOutcome:
+    """Send ``items`` (open loop at ``send_times`` offsets, or a closed loop of
+    ``concurrency`` when send_times is None) and wait for all of them, at most
+    ``max_duration_s`` from the first send."""
+    progress = progress or Progress(tag, len(items))
+    async with AsyncClient(client_addr, connect_timeout_s=30.0) as client:
+        start = await client.stats(timeout_s=30.0)
+        after_id = max((b.batch_id for b in start.batches), default=0)
+        t0 = time.monotonic() + 0.5  # time for the stats subscription to connect
+        recorder = StatsRecorder(stats_addr, t0, after_id)
+        recorder.start()
+        records = [
+            RequestRecord(
+                index=it.index,
+                prompt_len=len(it.prompt_ids),
+                output_len=it.output_len,
+                scheduled_s=None if send_times is None else float(send_times[i]),
+            )
+            for i, it in enumerate(items)
+        ]
+        await asyncio.sleep(max(0.0, t0 - time.monotonic()))
+        progress.start()
+        if send_times is None:
+            assert concurrency is not None and concurrency >= 1
+            tasks = await _closed_loop(client, items, records, concurrency, t0, tag, progress)
+        else:
+            tasks = await _open_loop(client, items, records, send_times, t0, tag, progress)
+        _, pending = await asyncio.wait(tasks, timeout=max_duration_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        progress.finish()
+        ends = [r.finished_s for r in records if r.finished_s is not None]
+        duration_s = max(ends) if ends else time.monotonic() - t0
+        if pending:
+            duration_s = max(duration_s, max_duration_s)
+        end = await _settle(client)
+        if end is not None:
+            recorder.add(end, time.monotonic() - t0)
+        await recorder.stop()
+    return LoadOutcome(
+        records=records,
+        duration_s=duration_s,
+        timeline=recorder.timeline,
+        batches=[recorder.batches[k] for k in sorted(recorder.batches)],
+        num_batches_missed=recorder.num_missed(),
+        events=list(recorder.events.values()),
+        workers_start=_worker_totals(start),
+        workers_end=_worker_totals(end) if end is not None else {},
+    )

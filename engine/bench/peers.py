@@ -1,0 +1,356 @@
+"""Peers: the same workload (prompt ids, output lengths, arrivals) served in-process by two real
+libraries a user would otherwise pick, on the same model and dtype, with as many torch threads
+as the engine's workers have together.
+
+- ``hf_generate``: transformers ``generate()`` on static FCFS batches of a fixed size (what a
+  user writes by hand): greedy, ``min_new_tokens = max_new_tokens`` = the longest request of
+  the batch, each request keeping its own first ``output_len`` tokens (the rest are counted as
+  invalid tokens). A request is done when its own last token was produced (a streamer stamps
+  every step), which favours this peer over waiting for ``generate()`` to return.
+- ``hf_generate_batch``: transformers continuous batching, through the manager that
+  ``generate_batch`` wraps (``continuous_batching_context_manager``), because ``generate_batch``
+  takes one ``max_new_tokens`` for all requests and no arrival times: each request is added at
+  its arrival with its own ``max_new_tokens``, EOS disabled (``eos_token_id=-1``), streamed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from engine.bench.loadgen import LoadItem
+from engine.bench.progress import Progress
+from engine.bench.records import RequestRecord
+
+PEER_NAMES = ("hf_generate", "hf_generate_batch")
+
+
+class PeerError(ValueError):
+    """A peer that cannot run as asked; the message says what to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSettings:
+    model: str
+    dtype: str
+    num_threads: int  # torch threads: the engine's workers' threads together
+    kv_budget_bytes: int  # the engine's KV budget, all workers together
+    batch_size: int | None = None  # hf_generate; None: the most that fits kv_budget_bytes
+    page_size: int = 32  # hf_generate_batch: tokens per KV page
+    max_batch_tokens: int = 1024  # hf_generate_batch: tokens per forward (prefill chunks)
+    max_batch_size: int = 256
+    max_duration_s: float = 600.0
+
+
+class _Feed:
+    """When each request becomes available: open loop at its send time; closed loop when one
+    of the ``concurrency`` requests in flight ends."""
+
+    def __init__(self, num: int, send_times: Sequence[float] | None, concurrency: int | None):
+        if send_times is None:
+            assert concurrency is not None
+            first = min(num, concurrency)
+            self.ready_at: dict[int, float] = {i: 0.0 for i in range(first)}
+            self._next: int | None = first
+        else:
+            self.ready_at = {i: float(t) for i, t in enumerate(send_times)}
+            self._next = None
+        self.num = num
+        self._taken: set[int] = set()
+
+    def due(self, now_s: float) -> list[int]:
+        """Available, not yet taken requests, oldest first."""
+        ready = [i for i, t in self.ready_at.items() if t <= now_s and i not in self._taken]
+        return sorted(ready, key=lambda i: (self.ready_at[i], i))
+
+    def take(self, indices: Sequence[int]) -> None:
+        self._taken.update(indices)
+
+    def next_at(self) -> float | None:
+        waiting = [t for i, t in self.ready_at.items() if i not in self._taken]
+        return min(waiting) if waiting else None
+
+    def on_finish(self, at_s: float) -> None:
+        if self._next is not None and self._next < self.num:
+            self.ready_at[self._next] = at_s
+            self._next += 1
+
+    @property
+    def all_taken(self) -> bool:
+        return len(self._taken) == self.num
+
+
+def _load(settings: PeerSettings):
+    import torch
+
+    from engine.worker.model_loader import load_model
+
+    torch.set_num_threads(settings.num_threads)
+    loaded = load_model(settings.model, "cpu", settings.dtype)
+    return loaded
+
+
+def _pad_id(loaded) -> int:
+    gen = loaded.model.generation_config
+    for value in (gen.pad_token_id, loaded.model.config.pad_token_id, *loaded.info.eos_token_ids):
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _records(items: Sequence[LoadItem], send_times: Sequence[float] | None) -> list[RequestRecord]:
+    return [
+        RequestRecord(
+            index=it.index,
+            prompt_len=len(it.prompt_ids),
+            output_len=it.output_len,
+            scheduled_s=None if send_times is None else float(send_times[i]),
+            request_id=f"peer-{it.index}",
+        )
+        for i, it in enumerate(items)
+    ]
+
+
+def static_batch_size(settings: PeerSettings, items: Sequence[LoadItem], kv_bytes: int) -> int:
+    """The fixed batch size: given, or the most requests whose worst case (longest prompt plus
+    longest output of the workload) fits the KV budget."""
+    if settings.batch_size is not None:
+        return settings.batch_size
+    worst = max(len(it.prompt_ids) for it in items) + max(it.output_len for it in items)
+    return max(1, min(settings.max_batch_size, settings.kv_budget_bytes // (worst * kv_bytes)))
+
+
+def run_hf_generate(
+    settings: PeerSettings,
+    items: Sequence[LoadItem],
+    send_times: Sequence[float] | None,
+    concurrency: int | None,
+    progress: Progress,
+) -> tuple[list[RequestRecord], float, dict[str, Any]]:
+    """Static FCFS batches through ``model.generate``; returns (records, duration_s, extra)."""
+    import torch
+    from transformers import StoppingCriteria
+    from transformers.generation.streamers import BaseStreamer
+
+    loaded = _load(settings)
+    model, pad_id = loaded.model, _pad_id(loaded)
+    batch_size = static_batch_size(settings, items, loaded.info.kv_bytes_per_token)
+    records, feed = _records(items, send_times), _Feed(len(items), send_times, concurrency)
+
+    class StepClock(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.num_puts = 0
+
+        def put(self, value) -> None:
+            self.num_puts += 1
+            if self.num_puts > 1:  # the first put is the prompt
+                self.times.append(time.monotonic() - t0)
+
+        def end(self) -> None:
+            pass
+
+    class Deadline(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            late = time.monotonic() - t0 > settings.max_duration_s
+            return torch.full((input_ids.shape[0],), late, dtype=torch.bool)
+
+    def generate(batch: list[LoadItem], clock: StepClock | None, max_new: int):
+        width = max(len(it.prompt_ids) for it in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, it in enumerate(batch):  # left padding: last tokens aligned
+            ids[row, width - len(it.prompt_ids) :] = torch.tensor(it.prompt_ids)
+            mask[row, width - len(it.prompt_ids) :] = 1
+        with torch.inference_mode():
+            model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
+                min_new_tokens=max_new, pad_token_id=pad_id, streamer=clock,
+                stopping_criteria=[Deadline()],
+            )  # fmt: skip
+        return width
+
+    t0 = time.monotonic()
+    generate(list(items[:1]), None, 2)  # warm-up, not timed
+    counters = {"pad_tokens": 0, "invalid_tokens": 0, "num_batches": 0}
+    t0 = time.monotonic()
+    progress.start()
+    while not feed.all_taken and time.monotonic() - t0 < settings.max_duration_s:
+        now_s = time.monotonic() - t0
+        due = feed.due(now_s)
+        if not due:
+            next_at = feed.next_at()
+            if next_at is None:
+                break
+            time.sleep(max(0.0, min(next_at - now_s, 0.5)))
+            continue
+        chosen = due[:batch_size]
+        feed.take(chosen)
+        batch = [items[i] for i in chosen]
+        max_new = max(it.output_len for it in batch)
+        for i in chosen:
+            records[i].submitted_s = feed.ready_at[i]
+        clock = StepClock()
+        width = generate(batch, clock, max_new)
+        counters["num_batches"] += 1
+        for i, it in zip(chosen, batch, strict=True):
+            rec = records[i]
+            for at_s in clock.times[: it.output_len]:
+                rec.add_chunk(at_s, 1)
+            counters["pad_tokens"] += (width - len(it.prompt_ids)) * len(clock.times)
+            counters["invalid_tokens"] += max(0, len(clock.times) - it.output_len)
+            rec.num_slices = 1
+            if rec.num_output_tokens == it.output_len:
+                rec.finish_reason, rec.finished_s = "length", rec.chunk_times_s[-1]
+            else:
+                rec.finish_reason = "timeout"
+            feed.on_finish(rec.finished_s if rec.finished_s is not None else time.monotonic() - t0)
+            progress.advance(rec.success)
+    progress.finish()
+    duration_s = max((r.finished_s for r in records if r.finished_s is not None), default=0.0)
+    extra = {
+        "batch_size": batch_size,
+        "num_threads": settings.num_threads,
+        "metrics": {**counters, "kv_budget_bytes": settings.kv_budget_bytes},
+    }
+    return records, duration_s, extra
+
+
+def run_hf_generate_batch(
+    settings: PeerSettings,
+    items: Sequence[LoadItem],
+    send_times: Sequence[float] | None,
+    concurrency: int | None,
+    progress: Progress,
+) -> tuple[list[RequestRecord], float, dict[str, Any]]:
+    """transformers continuous batching with per-request lengths and arrivals."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    loaded = _load(settings)
+    model, kv_bytes = loaded.model, loaded.info.kv_bytes_per_token
+    num_blocks = max(1, settings.kv_budget_bytes // (settings.page_size * kv_bytes))
+    gen_config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max(it.output_len for it in items),
+        eos_token_id=-1,
+        pad_token_id=_pad_id(loaded),
+    )
+    cb_config = ContinuousBatchingConfig(
+        num_blocks=num_blocks,
+        page_size=settings.page_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_requests_per_batch=settings.max_batch_size,
+    )
+    records, feed = _records(items, send_times), _Feed(len(items), send_times, concurrency)
+    with model.continuous_batching_context_manager(
+        generation_config=gen_config,
+        continuous_batching_config=cb_config,
+        warmup=False,
+        block=True,
+        timeout=10,
+    ) as manager:
+        _warm_up(manager, items[0])
+        t0 = time.monotonic()
+        progress.start()
+        _serve(manager, items, records, feed, t0, settings.max_duration_s, progress)
+        progress.finish()
+    duration_s = max((r.finished_s for r in records if r.finished_s is not None), default=0.0)
+    extra = {
+        "num_blocks": num_blocks,
+        "page_size": settings.page_size,
+        "max_batch_tokens": settings.max_batch_tokens,
+        "num_threads": settings.num_threads,
+        "attn_implementation": str(getattr(model.config, "_attn_implementation", "")),
+        "metrics": {"kv_budget_bytes": num_blocks * settings.page_size * kv_bytes},
+    }
+    return records, duration_s, extra
+
+
+def _warm_up(manager, item: LoadItem) -> None:
+    manager.add_request(
+        list(item.prompt_ids), request_id="warmup", max_new_tokens=2, eos_token_id=-1
+    )
+    deadline = time.monotonic() + 120.0
+    while time.monotonic() < deadline and manager.is_running():
+        result = manager.get_result(timeout=1.0)
+        if result is not None and result.request_id == "warmup" and result.is_finished():
+            return
+    raise PeerError(
+        "transformers continuous batching did not answer a 2-token warm-up (see its log above): "
+        "lower --peer-max-batch-tokens or --kv-budget if it ran out of memory"
+    )
+
+
+def _serve(
+    manager, items, records, feed: _Feed, t0: float, max_duration_s: float, progress
+) -> None:
+    """Add requests as they arrive, stamp every streamed output, until all end or time is up."""
+    live: set[int] = set()
+    while (not feed.all_taken or live) and time.monotonic() - t0 < max_duration_s:
+        now_s = time.monotonic() - t0
+        for i in feed.due(now_s):
+            feed.take([i])
+            records[i].submitted_s = now_s
+            manager.add_request(
+                list(items[i].prompt_ids), request_id=f"peer-{i}", streaming=True,
+                max_new_tokens=items[i].output_len, eos_token_id=-1,
+            )  # fmt: skip
+            live.add(i)
+        next_at = feed.next_at()
+        wait_s = 0.05 if next_at is None else max(0.001, min(0.05, next_at - now_s))
+        result = manager.get_result(timeout=wait_s)
+        if result is None and not manager.is_running():
+            _fail_all(records, live, "transformers' generation loop stopped (see its log above)")
+            return
+        if result is None or not result.request_id.startswith("peer-"):
+            continue
+        i = int(result.request_id.removeprefix("peer-"))
+        rec, at_s = records[i], time.monotonic() - t0
+        rec.add_chunk(at_s, len(result.generated_tokens) - rec.num_output_tokens)
+        if result.is_finished():
+            live.discard(i)
+            rec.finished_s, rec.num_slices = at_s, 1
+            rec.finish_reason = "length" if result.error is None else "error"
+            rec.error = result.error
+            feed.on_finish(at_s)
+            progress.advance(rec.success)
+    for i in live:  # out of time
+        manager.cancel_request(f"peer-{i}")
+        records[i].finish_reason = "timeout"
+
+
+def _fail_all(records: list[RequestRecord], live: set[int], message: str) -> None:
+    for i, rec in enumerate(records):
+        if i in live or rec.finish_reason == "not_sent":
+            rec.finish_reason, rec.error = "error", message
+    live.clear()
+
+
+RUNNERS = {"hf_generate": run_hf_generate, "hf_generate_batch": run_hf_generate_batch}
+
+
+def run_peer(
+    name: str,
+    settings: PeerSettings,
+    items: Sequence[LoadItem],
+    send_times: Sequence[float] | None,
+    concurrency: int | None,
+    progress: Progress,
+) -> tuple[list[RequestRecord], float, dict[str, Any]]:
+    if name not in RUNNERS:
+        raise PeerError(f"unknown peer {name!r}: use {', '.join(PEER_NAMES)}")
+    if not items:
+        raise PeerError("no requests to run")
+    if settings.num_threads < 1 or not math.isfinite(settings.max_duration_s):
+        raise PeerError("peers need at least one torch thread and a finite time limit")
+    import torch
+
+    threads_before = torch.get_num_threads()
+    try:
+        return RUNNERS[name](settings, items, send_times, concurrency, progress)
+    finally:
+        torch.set_num_threads(threads_before)

@@ -1,0 +1,217 @@
+"""Runs one workload side by side: a fresh LocalEngine per policy run (same worker settings),
+then the peers in this process; repeats are interleaved (A B C, A B C, ...) so that drifts of a
+shared machine spread over every entry."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from engine.bench.loadgen import LoadItem, run_load
+from engine.bench.peers import PEER_NAMES, PeerSettings, run_peer
+from engine.bench.progress import Progress
+from engine.bench.records import RunResult
+from engine.config import DEFAULT_KV_BUDGET_BYTES, BrokerConfig, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+ANY_PORT = "tcp://127.0.0.1:*"
+POLICY_VARIANTS = {
+    "sls": {},
+    "ils": {},
+    "ils:reserve": {"ils_admission": "reserve"},
+    "ils:optimistic": {"ils_admission": "optimistic"},
+    "scls": {},
+    "scls:keep": {"kv_mode": "keep"},
+    "scls:recompute": {"kv_mode": "recompute"},
+}
+
+
+class BenchError(ValueError):
+    """A benchmark option that cannot be used; the message says what to pass."""
+
+
+@dataclass(frozen=True, slots=True)
+class BenchSettings:
+    """What every entry of one benchmark shares. ``entries``: policy specs (POLICY_VARIANTS)
+    and peer names (PEER_NAMES), in run order."""
+
+    entries: tuple[str, ...]
+    num_workers: int
+    model: str
+    dtype: str
+    threads_per_worker: int
+    kv_budget_bytes: int | None  # per worker; None: the worker's default
+    profile: bool
+    scheduler: SchedulerConfig
+    seed: int = 0
+    repeats: int = 1
+    max_duration_s: float = 600.0
+    stats_interval_s: float = 0.25
+    peer_batch_size: int | None = None
+    peer_page_size: int = 32
+    peer_max_batch_tokens: int = 1024
+    log_level: str = "WARNING"
+
+    def describe(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["scheduler"] = dataclasses.asdict(self.scheduler)
+        out["kv_budget_bytes_effective"] = self.kv_budget_bytes or DEFAULT_KV_BUDGET_BYTES
+        return out
+
+
+def check_entries(entries: Sequence[str]) -> tuple[str, ...]:
+    names = tuple(e.strip().lower() for e in entries if e.strip())
+    unknown = [n for n in names if n not in POLICY_VARIANTS and n not in PEER_NAMES]
+    if unknown:
+        raise BenchError(
+            f"unknown policy or peer {', '.join(unknown)}: use {', '.join(POLICY_VARIANTS)} "
+            f"(and --peers for {', '.join(PEER_NAMES)})"
+        )
+    if not names:
+        raise BenchError("nothing to run: pass --policies sls,ils,scls and/or --peers")
+    if len(set(names)) != len(names):
+        raise BenchError(f"an entry appears twice in {', '.join(names)}: list each once")
+    return names
+
+
+def policy_config(base: SchedulerConfig, spec: str) -> SchedulerConfig:
+    """The scheduler config of a policy spec such as "ils:optimistic" or "scls:recompute"."""
+    return replace(base, policy=spec.split(":")[0], **POLICY_VARIANTS[spec])  # type: ignore[arg-type]
+
+
+def worker_args(settings: BenchSettings) -> list[str]:
+    args = [
+        "--model", settings.model, "--dtype", settings.dtype,
+        "--threads", str(settings.threads_per_worker), "--log-level", settings.log_level,
+    ]  # fmt: skip
+    if settings.kv_budget_bytes is not None:
+        args += ["--kv-budget", str(settings.kv_budget_bytes)]
+    if not settings.profile:
+        args.append("--no-profile")
+    return args
+
+
+def run_policy(
+    settings: BenchSettings,
+    spec: str,
+    items: Sequence[LoadItem],
+    send_times: Sequence[float] | None,
+    concurrency: int | None,
+    repeat: int,
+) -> RunResult:
+    """A fresh engine with this policy, the whole load, and everything it recorded."""
+    from engine.launcher import LocalEngine
+
+    sched = policy_config(settings.scheduler, spec)
+    cfg = BrokerConfig(
+        client_addr=ANY_PORT,
+        worker_addr=ANY_PORT,
+        stats_addr=ANY_PORT,
+        model=settings.model,
+        stats_interval_s=settings.stats_interval_s,
+        scheduler=sched,
+    )
+    started = time.monotonic()
+    progress = Progress(f"{spec} #{repeat + 1}", len(items))
+    with LocalEngine(cfg, settings.num_workers, worker_args(settings)) as engine:
+        outcome = asyncio.run(
+            run_load(
+                engine.client_addr, engine.stats_addr, items, send_times, concurrency,
+                settings.max_duration_s, tag=f"{spec.replace(':', '-')}-{repeat}", progress=progress,
+            )
+        )  # fmt: skip
+    return RunResult(
+        name=spec,
+        kind="policy",
+        repeat=repeat,
+        config={"scheduler": dataclasses.asdict(sched), "worker_args": worker_args(settings)},
+        requests=outcome.records,
+        duration_s=outcome.duration_s,
+        wall_s=time.monotonic() - started,
+        timeline=outcome.timeline,
+        batches=outcome.batches,
+        num_batches_missed=outcome.num_batches_missed,
+        events=outcome.events,
+        workers_start=outcome.workers_start,
+        workers_end=outcome.workers_end,
+    )
+
+
+def peer_settings(settings: BenchSettings) -> PeerSettings:
+    per_worker = settings.kv_budget_bytes or DEFAULT_KV_BUDGET_BYTES
+    return PeerSettings(
+        model=settings.model,
+        dtype=settings.dtype,
+        num_threads=settings.num_workers * settings.threads_per_worker,
+        kv_budget_bytes=settings.num_workers * per_worker,
+        batch_size=settings.peer_batch_size,
+        page_size=settings.peer_page_size,
+        max_batch_tokens=settings.peer_max_batch_tokens,
+        max_batch_size=settings.scheduler.max_batch_size,
+        max_duration_s=settings.max_duration_s,
+    )
+
+
+def run_peer_entry(
+    settings: BenchSettings,
+    name: str,
+    items: Sequence[LoadItem],
+    send_times: Sequence[float] | None,
+    concurrency: int | None,
+    repeat: int,
+) -> RunResult:
+    started = time.monotonic()
+    peer = peer_settings(settings)
+    progress = Progress(f"{name} #{repeat + 1}", len(items))
+    records, duration_s, extra = run_peer(name, peer, items, send_times, concurrency, progress)
+    return RunResult(
+        name=name,
+        kind="peer",
+        repeat=repeat,
+        config={"peer": dataclasses.asdict(peer)},
+        requests=records,
+        duration_s=duration_s,
+        wall_s=time.monotonic() - started,
+        extra=extra,
+    )
+
+
+def report_failures(result: RunResult, max_shown: int = 3) -> None:
+    """Log how many requests of a run did not finish, and their first distinct errors."""
+    failed = [r for r in result.requests if not r.success]
+    if not failed:
+        return
+    reasons = list(dict.fromkeys(f"{r.finish_reason}: {r.error or ''}" for r in failed))
+    log.warning(
+        "%s: %d of %d requests did not finish; %s",
+        result.name,
+        len(failed),
+        len(result.requests),
+        " | ".join(reasons[:max_shown]),
+    )
+
+
+def run_all(
+    settings: BenchSettings,
+    items: Sequence[LoadItem],
+    send_times: Sequence[float] | None,
+    concurrency: int | None,
+    on_result: Callable[[RunResult], None] | None = None,
+) -> list[RunResult]:
+    """Every entry, ``repeats`` times, interleaved; ``on_result`` sees each run as it ends."""
+    results = []
+    for repeat in range(settings.repeats):
+        for name in settings.entries:
+            run = run_peer_entry if name in PEER_NAMES else run_policy
+            result = run(settings, name, items, send_times, concurrency, repeat)
+            report_failures(result)
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    return results
