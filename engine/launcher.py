@@ -107,7 +107,7 @@ class LocalEngine:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        stop_all(self.procs)
+        """Stop the broker first (it tells its workers to shut down), then reap the workers."""
         if self._loop is not None and self._stop is not None and not self._loop.is_closed():
             try:
                 self._loop.call_soon_threadsafe(self._stop.set)
@@ -115,6 +115,7 @@ class LocalEngine:
                 pass  # the loop closed between the check and the call
         if self._thread.is_alive():
             self._thread.join(timeout=10.0)
+        stop_all(self.procs)
 
     def __enter__(self) -> LocalEngine:
         return self.start()

@@ -6,7 +6,7 @@ import pytest
 
 from engine.client import Client
 
-from .conftest import local_engine
+from engine_helpers import local_engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -10,7 +10,7 @@ import pytest
 
 from engine.client import AsyncClient
 
-from .conftest import local_engine
+from engine_helpers import local_engine
 
 pytestmark = pytest.mark.timeout(300)
 

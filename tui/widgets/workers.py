@@ -101,15 +101,22 @@ class WorkerPanel(Vertical):
         self.worker_id = worker_id
         self.border_title = worker_id
         self.tps_history: deque[float] = deque(maxlen=history_len)
+        # Held as attributes, not queried: a snapshot may arrive before the children are mounted.
+        self.running_line = Static(classes="running")
+        self.queue_line = Static(classes="queue")
+        self.kv_bar = KvBar()
+        self.memory_line = Static(classes="memory")
+        self.tps_line = Static(classes="tps")
+        self.sparkline = Sparkline([], classes="tps-spark")
 
     def compose(self) -> ComposeResult:
-        yield Static(classes="running")
-        yield Static(classes="queue")
-        yield KvBar()
-        yield Static(classes="memory")
+        yield self.running_line
+        yield self.queue_line
+        yield self.kv_bar
+        yield self.memory_line
         with Horizontal(classes="tps-row"):
-            yield Static(classes="tps")
-            yield Sparkline([], classes="tps-spark")
+            yield self.tps_line
+            yield self.sparkline
 
     def on_mount(self) -> None:
         if self.stats is not None:
@@ -126,16 +133,16 @@ class WorkerPanel(Vertical):
         self.border_subtitle = f"{stats.device} · {stats.state}"
         self.set_class(stats.state == "busy", "-busy")
         running = [_running_line(b) for b in stats.running] or [Text("idle", "dim")]
-        self.query_one(".running", Static).update(Text("\n").join(running))
-        self.query_one(".queue", Static).update(_queue_line(stats.queued))
-        bar = self.query_one(KvBar)
+        self.running_line.update(Text("\n").join(running))
+        self.queue_line.update(_queue_line(stats.queued))
+        bar = self.kv_bar
         bar.used_bytes = stats.kv_used_bytes
         bar.parked_bytes = stats.kv_parked_bytes
         bar.peak_bytes = stats.kv_predicted_peak_bytes
         bar.budget_bytes = stats.kv_budget_bytes
-        self.query_one(".memory", Static).update(_memory_line(stats))
-        self.query_one(".tps", Static).update(f"{fmt_rate(stats.tokens_per_s)} tok/s")
-        self.query_one(Sparkline).data = list(self.tps_history)
+        self.memory_line.update(_memory_line(stats))
+        self.tps_line.update(f"{fmt_rate(stats.tokens_per_s)} tok/s")
+        self.sparkline.data = list(self.tps_history)
 
 
 class WorkersView(VerticalScroll):
