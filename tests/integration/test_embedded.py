@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from engine_helpers import local_engine
 
 from engine.client import Client
-
-from engine_helpers import local_engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

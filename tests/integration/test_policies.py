@@ -7,10 +7,9 @@ import asyncio
 import random
 
 import pytest
+from engine_helpers import local_engine
 
 from engine.client import AsyncClient
-
-from engine_helpers import local_engine
 
 pytestmark = pytest.mark.timeout(300)
 
