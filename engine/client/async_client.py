@@ -15,6 +15,7 @@ from engine.client.errors import (
     ClientClosed,
     Disconnected,
     EngineError,
+    InvalidRequest,
     RequestRejected,
     RequestTimeout,
 )
@@ -196,9 +197,11 @@ class AsyncClient:
         """Register and send a Submit; return once the broker has accepted it."""
         loop = self._ensure_running()
         if request_id in self._inflight:
-            raise ValueError(
+            raise InvalidRequest(
                 f"request_id {request_id!r} is already in flight on this client: pass another "
-                "id, or none to get a fresh one"
+                "id, or none to get a fresh one",
+                request_id,
+                code="duplicate_request_id",
             )
         timeout = check_timeout("timeout_s", timeout_s) or self.timeout_s
         inflight = Inflight(request_id, timeout, None if timeout is None else loop.time() + timeout)

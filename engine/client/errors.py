@@ -39,12 +39,15 @@ class RequestRejected(EngineError):
 
 
 class InvalidRequest(RequestRejected, ValueError):
-    """The client rejected a request before sending it (code "invalid_request"): the same
-    check the broker would make, so one ``except RequestRejected`` (or ValueError) covers both."""
+    """The client rejected a request before sending it, with the code the broker would use
+    ("invalid_request", "duplicate_request_id"): one ``except RequestRejected`` (or
+    ValueError) covers both places."""
 
-    def __init__(self, message: str, request_id: str | None = None) -> None:
+    def __init__(
+        self, message: str, request_id: str | None = None, code: str = "invalid_request"
+    ) -> None:
         EngineError.__init__(self, f"invalid request: {message}")
-        self.code = "invalid_request"
+        self.code = code
         self.message = message
         self.request_id = request_id
 

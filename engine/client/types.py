@@ -113,6 +113,11 @@ def build_submit(
         ignore_eos=_check_bool("ignore_eos", ignore_eos),
         stream=stream,
     )
+    return msg, _encode_checked(msg)
+
+
+def _encode_checked(msg: Submit) -> bytes:
+    """The frame of ``msg``, refused here if the broker would refuse it as a frame."""
     try:
         frame = encode(msg)
     except (OverflowError, msgspec.EncodeError) as exc:  # ints beyond 64 bits
@@ -128,7 +133,7 @@ def build_submit(
         raise InvalidRequest(
             f"this request would be rejected by the broker: {exc.message}"
         ) from None
-    return msg, frame
+    return frame
 
 
 def _check_request_id(request_id: str | None) -> str:

@@ -358,8 +358,9 @@ def test_a_request_id_already_in_flight_is_refused_locally(make_broker):
     async def main():
         async with AsyncClient(broker.addr) as client:
             async with client.stream("abc", request_id="same"):
-                with pytest.raises(ValueError, match="already in flight"):
+                with pytest.raises(ValueError, match="already in flight") as info:
                     await client.generate("abc", request_id="same")
+                assert info.value.code == "duplicate_request_id"
 
     run(main())
 
