@@ -12,7 +12,8 @@ from typing import Literal
 import msgspec
 
 PROTOCOL_VERSION = 1
-#: Frames larger than this are dropped by libzmq before any decoding (``zmq.MAXMSGSIZE``).
+#: Client frames larger than this make libzmq drop the connection before any decoding
+#: (``zmq.MAXMSGSIZE``); the client library refuses to send them.
 MAX_CLIENT_FRAME_BYTES = 8 * 1024 * 1024
 
 
@@ -113,13 +114,12 @@ class Error(msgspec.Struct, tag="error", tag_field="type", kw_only=True):
 
 
 ERROR_CODES = (
-    "malformed",  # not msgpack, or not a map with a known "type"
-    "invalid_request",  # a field is missing, wrongly typed, or out of range
+    "malformed",  # the frame is not msgpack at all
+    "invalid_request",  # not a map with a known "type", or a field missing, mistyped, out of range
     "prompt_too_long",  # prompt plus max_tokens exceeds the model's context
     "duplicate_request_id",  # a live request already has this id
     "unknown_request",  # cancel of an id the broker does not know
-    "no_workers",  # nothing can serve the model yet (request stays queued)
-    "internal",
+    "internal",  # the engine failed this request (a worker could not run it); not the client's fault
 )
 
 # ---------------------------------------------------------------------------------------------

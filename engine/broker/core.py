@@ -196,7 +196,7 @@ class BrokerCore:
                 req.kv_worker_id = worker.worker_id
                 worker.parked[req.request_id] = req.context_len * worker.ready.kv_bytes_per_token
         elif msg.reason == "error":
-            self._fail(req, "invalid_request", f"the worker could not run it: {msg.message}", now)
+            self._fail(req, "internal", f"the worker could not run it: {msg.message}", now)
 
     def on_kv_evicted(self, worker: WorkerState, request_ids: list[str]) -> None:
         for request_id in request_ids:

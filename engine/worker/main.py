@@ -121,24 +121,24 @@ def run_worker(cfg: WorkerConfig) -> int:
 
 
 def run_profile(cfg: WorkerConfig) -> int:
-    """`run.py profile`: measure, fit, report the held-out error, cache the result."""
-    from engine.worker.profiler import profile
+    """`run.py profile`: measure, fit, report the error on shapes not used for fitting, cache."""
+    from engine.worker import profiler
 
     num_threads = set_threads(cfg)
     loaded = load_model(cfg.model, cfg.device, cfg.dtype)
     runner = Runner(loaded)
-    prefill, decode = profile(runner)
-    fit_pre, test_pre = prefill[::2], prefill[1::2]
-    fit_dec, test_dec = decode[::2], decode[1::2]
-    held_out = TimeModel.fit(fit_pre, fit_dec)
-    print(
-        f"held-out MAPE: prefill {held_out.mape(test_pre, ()):.1%}, decode {held_out.mape((), test_dec):.1%} "
-        f"({len(test_pre)} + {len(test_dec)} samples not used for fitting)"
+    prefill, decode = profiler.profile(runner)
+    test_pre = profiler.profile_prefill(runner, profiler.HELDOUT_PREFILL_GRID, seed=1)
+    test_dec = profiler.profile_decode(
+        runner, profiler.HELDOUT_DECODE_BATCH_SIZES, profiler.HELDOUT_DECODE_CONTEXT_LENS, seed=1
     )
     model = TimeModel.fit(prefill, decode)
+    print(
+        f"held-out MAPE: prefill {model.mape(test_pre, ()):.1%} over {len(test_pre)} shapes, "
+        f"decode {model.mape((), test_dec):.1%} over {len(test_dec)} shapes "
+        f"(fitted on {len(prefill)} + {len(decode)} other shapes)"
+    )
     path = profile_path(loaded, num_threads)
     model.save(path)
-    print(
-        f"time model (all samples) saved to {path}: prefill {model.prefill}, decode {model.decode}"
-    )
+    print(f"time model saved to {path}: prefill {model.prefill}, decode {model.decode}")
     return 0
