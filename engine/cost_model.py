@@ -1,5 +1,6 @@
 """Per-worker cost model: a time model (prefill and decode seconds, fitted by least squares and
-refined online) and a memory model (KV bytes of a batch or a running set against a budget).
+refined online), a memory model (KV bytes of a batch or a running set against a budget) and a
+KV move model (restores and handoffs, engine/kv_cost.py).
 
 Units: seconds, tokens, bytes. Pure Python and numpy (no torch, no zmq). The formulas, their
 units and where the numbers come from are in docs/SCHEDULING.md.
@@ -14,13 +15,14 @@ import math
 import os
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from engine.kv_cost import KVMoveModel
 from engine.protocol import TimeModelParams
 
 log = logging.getLogger(__name__)
@@ -202,6 +204,12 @@ class TimeModel:
         return (
             p[0] * n * padded_len + p[1] * n + p[2] * padded_len + p[3] + p[4] * n * padded_len**2
         )
+
+    def row_prefill_s(self, context_len: Any) -> Any:
+        """What one more row of ``context_len`` tokens adds to a prefill (the per-row terms),
+        elementwise on numpy arrays: the cost of recomputing one request's KV."""
+        p = self.prefill
+        return p[0] * context_len + p[1] + p[4] * context_len * context_len
 
     def decode_step_s(self, n: int, context_len: int) -> float:
         """Seconds of one decode step of ``n`` rows attending over ``context_len`` columns."""
@@ -417,15 +425,20 @@ class MemoryModel:
 
 @dataclass(frozen=True, slots=True)
 class CostModel:
-    """One worker's calibrated models (the time model refines itself in place)."""
+    """One worker's calibrated models (the time and KV move models refine themselves in place)."""
 
     time: TimeModel
     memory: MemoryModel
+    kv: KVMoveModel = field(default_factory=KVMoveModel)
 
     @classmethod
     def from_ready(
-        cls, time_params: TimeModelParams | None, kv_bytes_per_token: int, kv_budget_bytes: int
+        cls,
+        time_params: TimeModelParams | None,
+        kv_bytes_per_token: int,
+        kv_budget_bytes: int,
+        kv: KVMoveModel | None = None,
     ) -> CostModel:
         """From a worker's Ready message; no profile (None) gives TimeModel.default()."""
         time = TimeModel.default() if time_params is None else TimeModel.from_params(time_params)
-        return cls(time, MemoryModel(kv_bytes_per_token, kv_budget_bytes))
+        return cls(time, MemoryModel(kv_bytes_per_token, kv_budget_bytes), kv or KVMoveModel())

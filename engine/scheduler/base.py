@@ -26,6 +26,7 @@ class WaitingRequest:
     max_new_tokens: int  # tokens it may still generate (max_tokens - num_generated), >= 1
     arrived_at: float  # monotonic seconds, when the broker received it
     kv_worker_id: str | None = None  # worker that holds its parked KV cache, if any
+    kv_on_host: bool = False  # that KV is in the holder's host tier (a restore costs a copy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +57,9 @@ class WorkerView:
 @dataclass(frozen=True, slots=True)
 class Dispatch:
     """One batch for one worker. ``join``: admit into the running set now (ILS); otherwise run as
-    its own batch after the worker's current work (SLS, SCLS)."""
+    its own batch after the worker's current work (SLS, SCLS). ``handoff_ids``: requests whose
+    KV, parked on another worker, this worker pulls from there; any other request parked
+    elsewhere recomputes (the broker frees its KV on the holder)."""
 
     worker_id: str
     request_ids: tuple[str, ...]
@@ -65,6 +68,7 @@ class Dispatch:
     padded_len: int  # longest context in the batch
     predicted_s: float
     predicted_peak_bytes: int
+    handoff_ids: tuple[str, ...] = ()
 
 
 class Policy(Protocol):

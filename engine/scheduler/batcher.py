@@ -18,6 +18,7 @@ from engine.cost_model import MemoryModel, TimeModel
 
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
+FloatArray = npt.NDArray[np.float64]
 
 
 class BatcherError(ValueError):
@@ -31,11 +32,14 @@ class Rows:
     context_lens: IntArray  # [W] tokens each row must attend to (prompt + generated)
     step_lens: IntArray  # [W] decode steps each row may take in its slice: min(S, max_new_tokens)
     needs_prefill: BoolArray  # [W] False where the target already holds the row's KV
+    extra_s: FloatArray | None = None  # [W] seconds to bring a row's KV (restore, handoff)
 
     def __post_init__(self) -> None:
         n = len(self.context_lens)
-        if len(self.step_lens) != n or len(self.needs_prefill) != n:
-            raise BatcherError("context_lens, step_lens and needs_prefill differ in length")
+        lens = [len(self.step_lens), len(self.needs_prefill)]
+        lens += [] if self.extra_s is None else [len(self.extra_s)]
+        if any(m != n for m in lens):
+            raise BatcherError("context_lens, step_lens, needs_prefill, extra_s differ in length")
         if n and (np.any(np.diff(self.context_lens) < 0) or np.any(self.step_lens < 1)):
             raise BatcherError("rows must be sorted by context length and have step_lens >= 1")
 
@@ -54,7 +58,7 @@ class Span:
     num_prefill_rows: int
     num_tokens: int  # tokens its rows may generate (sum of step_lens)
     token_steps: int  # sum of m * (m + 1) / 2 over its step_lens (see TimeModel.slice_s_sums)
-    predicted_s: float
+    predicted_s: float  # the slice, plus the rows' extra_s
 
     @property
     def num_rows(self) -> int:
@@ -123,6 +127,8 @@ def partition(
     cum_tokens = np.concatenate([[0], np.cumsum(rows.step_lens, dtype=np.int64)])
     tri = rows.step_lens * (rows.step_lens + 1) // 2
     cum_token_steps = np.concatenate([[0], np.cumsum(tri, dtype=np.int64)])
+    extra = np.zeros(num) if rows.extra_s is None else rows.extra_s
+    cum_extra = np.concatenate([[0.0], np.cumsum(extra, dtype=np.float64)])
     unit_steps = np.maximum.reduceat(rows.step_lens, starts)
 
     # How many units a batch ending at unit u may span: no more rows than fit at u's padded
@@ -149,7 +155,7 @@ def partition(
         cum_prefill[end_row] - cum_prefill[first_row],
         (cum_tokens[end_row] - cum_tokens[first_row]).astype(np.float64),
         (cum_token_steps[end_row] - cum_token_steps[first_row]).astype(np.float64),
-    )
+    ) + (cum_extra[end_row] - cum_extra[first_row])
     feasible = valid & (n <= max_rows) & fits_all(memories, n, padded, steps)
     cost = np.where(feasible, cost, np.inf)
 
@@ -183,4 +189,37 @@ def partition(
         )
         u -= k + 1
     spans.reverse()
+    return spans
+
+
+def span_of(rows: Rows, start: int, end: int, time: TimeModel) -> Span:
+    """The batch of rows ``[start, end)`` (non-empty), with its predicted time."""
+    steps = rows.step_lens[start:end]
+    padded_len, max_steps = int(rows.context_lens[end - 1]), int(steps.max())
+    num_prefill_rows = int(rows.needs_prefill[start:end].sum())
+    num_tokens, token_steps = int(steps.sum()), int((steps * (steps + 1) // 2).sum())
+    extra_s = 0.0 if rows.extra_s is None else float(rows.extra_s[start:end].sum())
+    slice_s = time.slice_s_sums(padded_len, max_steps, num_prefill_rows, num_tokens, token_steps)
+    return Span(
+        start, end, padded_len, max_steps, num_prefill_rows, num_tokens, token_steps,
+        float(slice_s) + extra_s,
+    )  # fmt: skip
+
+
+def split_to_fill(rows: Rows, spans: list[Span], num_workers: int, time: TimeModel) -> list[Span]:
+    """While there are fewer batches than workers, halve the longest one (by predicted time)
+    that has two rows or more: two halves on two workers end sooner than the whole on one. A
+    part of a batch that fits fits too (fewer rows, no longer, no more steps)."""
+    spans = list(spans)
+    while len(spans) < num_workers:
+        splittable = [s for s in spans if s.num_rows >= 2]
+        if not splittable:
+            break
+        longest = max(splittable, key=lambda s: s.predicted_s)
+        mid = (longest.start + longest.end) // 2
+        i = spans.index(longest)
+        spans[i : i + 1] = [
+            span_of(rows, longest.start, mid, time),
+            span_of(rows, mid, longest.end, time),
+        ]
     return spans

@@ -32,8 +32,8 @@ def check_config(cfg: SchedulerConfig) -> None:
         problems.append(f"max_concurrency must be >= 1 or None (got {cfg.max_concurrency})")
     if not cfg.aging_s >= 0:
         problems.append(f"aging_s must be >= 0 seconds (got {cfg.aging_s})")
-    if cfg.kv_mode not in ("keep", "recompute"):
-        problems.append(f"kv_mode must be 'keep' or 'recompute' (got {cfg.kv_mode!r})")
+    if cfg.kv_mode not in ("auto", "keep", "recompute"):
+        problems.append(f"kv_mode must be 'auto', 'keep' or 'recompute' (got {cfg.kv_mode!r})")
     if cfg.ils_admission not in ("reserve", "optimistic"):
         problems.append(
             f"ils_admission must be 'reserve' or 'optimistic' (got {cfg.ils_admission!r})"

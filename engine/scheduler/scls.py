@@ -1,6 +1,7 @@
 """Slice-level scheduling (SCLS): batches of length-sorted requests formed by dynamic
 programming for one slice of at most S steps, assigned to workers by the max-min rule, each
-formed as late as is safe (when its worker is about to go idle).
+formed as late as is safe (when its worker is about to go idle). Between slices a request's KV
+is recomputed, kept on its worker, or (auto) brought wherever the cost model says is cheapest.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from engine.config import KVMode, SchedulerConfig
 from engine.cost_model import MemoryModel
 from engine.scheduler.assignment import assign_min_max
 from engine.scheduler.base import Dispatch, WaitingRequest, WorkerView
-from engine.scheduler.batcher import Rows, Span, fits_all
+from engine.scheduler.batcher import Rows, Span, fits_all, split_to_fill
 from engine.scheduler.batcher import partition as dp_partition
 
 IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
 
 
 class _Pool:
@@ -34,6 +36,7 @@ class _Pool:
         self.arrived = np.fromiter(map(attrgetter("arrived_at"), waiting), np.float64, n)
         self.aged = self.arrived <= aged_before
         self.holders = [r.kv_worker_id for r in waiting]
+        self.on_host = np.fromiter(map(attrgetter("kv_on_host"), waiting), bool, n)
         self.code_of: dict[str, int] = {}  # worker id -> its index in the round's views
         self.holder_codes = np.full(n, -1, dtype=np.int64)  # holder's index, -1: none or gone
         self.taken = np.zeros(n, dtype=bool)
@@ -56,6 +59,15 @@ class _Candidates:
 
     indices: IntArray
     rows: Rows
+
+
+@dataclass(frozen=True, slots=True)
+class _Costed:
+    """One batch on one worker (auto mode): each row's cheapest way to its KV, priced."""
+
+    completion: float  # predicted monotonic end
+    predicted_s: float  # the slice plus restores and handoffs
+    handoff_ids: tuple[str, ...]
 
 
 class SCLSPolicy:
@@ -99,6 +111,8 @@ class SCLSPolicy:
             return []
         ready.sort(key=attrgetter("busy_until", "worker_id"))
         pool = _Pool(waiting, self.slice_len, now - self.aging_s)
+        if self.kv_mode == "auto":
+            return self._plan_auto(pool, workers, ready, now)
         parked, free = self._split(pool, workers, ready)
         plan: list[Dispatch] = []
         free_workers = []
@@ -120,13 +134,13 @@ class SCLSPolicy:
     def is_ready(self, worker: WorkerView, now: float) -> bool:
         """Adaptive batching interval: a worker takes a batch when nothing waits in its queue and
         it is idle or, in recompute mode, within one decode step (or min_lookahead_s) of idle.
-        In keep mode it waits until its slice ends, so that the survivors, parked on it, can be
-        batched again with their KV."""
+        In keep and auto modes it waits until its slice ends, so that the survivors, parked on
+        it, can be batched again with their KV."""
         if worker.num_queued_batches > 0:
             return False
         if not worker.running:
             return True
-        if self.kv_mode == "keep":
+        if self.kv_mode != "recompute":
             return False
         context_len = max(r.context_len for r in worker.running)
         step_s = worker.cost.time.decode_step_s(len(worker.running), context_len)
@@ -140,10 +154,8 @@ class SCLSPolicy:
         everyone = np.arange(len(pool.holders))
         if not any(pool.holders):
             return {}, pool.oldest(everyone)
-        code_of: dict[str | None, int] = {w.worker_id: i for i, w in enumerate(workers)}
-        pool.code_of = {w.worker_id: i for i, w in enumerate(workers)}
-        codes = np.fromiter((code_of.get(h, -1) for h in pool.holders), np.int64, len(everyone))
-        pool.holder_codes = codes
+        code_of = self._set_holders(pool, workers)
+        codes = pool.holder_codes
         is_ready = np.zeros(len(workers) + 1, dtype=bool)  # index -1: no holder
         is_ready[[code_of[w.worker_id] for w in ready]] = True
         held_ready = is_ready[codes]
@@ -154,6 +166,16 @@ class SCLSPolicy:
             if len(own):
                 parked[w.worker_id] = pool.oldest(own)
         return parked, pool.oldest(everyone[~held_ready & (~held_busy | pool.aged)])
+
+    @staticmethod
+    def _set_holders(pool: _Pool, workers: Sequence[WorkerView]) -> dict[str, int]:
+        """Each request's holder as an index into ``workers`` (-1: none, or a worker gone)."""
+        pool.code_of = {w.worker_id: i for i, w in enumerate(workers)}
+        get = pool.code_of.get
+        pool.holder_codes = np.fromiter(
+            (-1 if h is None else get(h, -1) for h in pool.holders), np.int64, len(pool.holders)
+        )
+        return pool.code_of
 
     # -- forming batches ------------------------------------------------------------------
 
@@ -212,6 +234,7 @@ class SCLSPolicy:
             return []
         spans = self._partition(cands, workers[0], memories)
         chosen = self._ranked(pool, cands, spans)[: len(workers)]
+        chosen = split_to_fill(cands.rows, chosen, len(workers), workers[0].cost.time)
         completion = [
             [
                 max(w.busy_until, now)
@@ -243,23 +266,105 @@ class SCLSPolicy:
         return pool.window(free, fill, self.min_window_len, self.max_window_len)
 
     def _dispatch(
-        self, pool: _Pool, worker: WorkerView, cands: _Candidates, span: Span
+        self,
+        pool: _Pool,
+        worker: WorkerView,
+        cands: _Candidates,
+        span: Span,
+        costed: _Costed | None = None,
     ) -> Dispatch:
         members = cands.indices[span.start : span.end].tolist()
         pool.taken[members] = True
-        prefill_rows = sum(1 for i in members if pool.holders[i] != worker.worker_id)
+        if costed is None:
+            prefill_rows = sum(1 for i in members if pool.holders[i] != worker.worker_id)
+            predicted_s = worker.cost.time.slice_s_sums(
+                span.padded_len, span.steps, prefill_rows, span.num_tokens, span.token_steps
+            )
+        else:
+            predicted_s = costed.predicted_s
         return Dispatch(
             worker_id=worker.worker_id,
             request_ids=tuple(pool.requests[i].request_id for i in members),
             max_steps=span.steps,
             join=False,
             padded_len=span.padded_len,
-            predicted_s=float(
-                worker.cost.time.slice_s_sums(
-                    span.padded_len, span.steps, prefill_rows, span.num_tokens, span.token_steps
-                )
-            ),
+            predicted_s=float(predicted_s),
             predicted_peak_bytes=worker.cost.memory.batch_peak_bytes(
                 span.num_rows, span.padded_len, span.steps
             ),
+            handoff_ids=() if costed is None else costed.handoff_ids,
         )
+
+    # -- auto: KV handoffs, and work that migrates ------------------------------------------
+
+    def _plan_auto(
+        self, pool: _Pool, workers: Sequence[WorkerView], ready: list[WorkerView], now: float
+    ) -> list[Dispatch]:
+        """All ready workers share one DP over the requests they hold plus the oldest others;
+        each batch then goes where it completes soonest, counting, per row, the cheapest of
+        its kept KV, a restore, a handoff from its holder, or a recompute."""
+        self._set_holders(pool, workers)
+        everyone = np.arange(len(pool.holders))
+        ready_codes = np.asarray([pool.code_of[w.worker_id] for w in ready], dtype=np.int64)
+        held = np.isin(pool.holder_codes, ready_codes)
+        own = pool.oldest(everyone[held])[: self.max_window_len]
+        rest = pool.oldest(everyone[~held])
+        indices = np.concatenate([own, self._window(pool, rest, ready, own)])
+        memories = list({id(w.cost.memory): w.cost.memory for w in ready}.values())
+        cands = self._candidates(pool, indices, memories, None)
+        if cands is None:
+            return []
+        cands = self._with_move_costs(pool, cands, ready, ready_codes)
+        time = ready[0].cost.time
+        spans = self._partition(cands, ready[0], memories)
+        chosen = split_to_fill(
+            cands.rows, self._ranked(pool, cands, spans)[: len(ready)], len(ready), time
+        )
+        costed = [[self._costed(pool, cands, s, w, now) for w in ready] for s in chosen]
+        placement = assign_min_max([[c.completion for c in row] for row in costed])
+        return [
+            self._dispatch(pool, ready[w], cands, s, costed[b][w])
+            for b, (s, w) in enumerate(zip(chosen, placement, strict=True))
+        ]
+
+    def _row_costs(
+        self, pool: _Pool, members: IntArray, worker: WorkerView, target: IntArray
+    ) -> tuple[npt.NDArray[np.bool_], FloatArray, npt.NDArray[np.bool_]]:
+        """Per row, for targets ``target`` (worker indices, with ``worker``'s models): whether
+        its KV is used (kept, restored or handed off: cheaper than recomputing), the seconds
+        that costs, and whether it is a handoff."""
+        cost = worker.cost
+        holders = pool.holder_codes[members]
+        nbytes = (pool.context_lens[members] - 1) * cost.memory.kv_bytes_per_token
+        mine = holders == target
+        move_s = np.where(
+            mine,
+            np.where(pool.on_host[members], cost.kv.restore_s(nbytes), 0.0),
+            cost.kv.handoff_s(nbytes),
+        )
+        use_kv = (holders >= 0) & (move_s <= cost.time.row_prefill_s(pool.context_lens[members]))
+        return use_kv, np.where(use_kv, move_s, 0.0), use_kv & ~mine
+
+    def _with_move_costs(
+        self, pool: _Pool, cands: _Candidates, ready: list[WorkerView], ready_codes: IntArray
+    ) -> _Candidates:
+        """The DP's view: a row held by a ready worker is priced there, any other on the
+        earliest ready worker (the assignment prices every row exactly per worker later)."""
+        holders = pool.holder_codes[cands.indices]
+        target = np.where(np.isin(holders, ready_codes), holders, ready_codes[0])
+        use_kv, move_s, _ = self._row_costs(pool, cands.indices, ready[0], target)
+        rows = Rows(cands.rows.context_lens, cands.rows.step_lens, ~use_kv, move_s)
+        return _Candidates(cands.indices, rows)
+
+    def _costed(
+        self, pool: _Pool, cands: _Candidates, span: Span, worker: WorkerView, now: float
+    ) -> _Costed:
+        members = cands.indices[span.start : span.end]
+        code = np.full(len(members), pool.code_of[worker.worker_id], dtype=np.int64)
+        use_kv, move_s, handoff = self._row_costs(pool, members, worker, code)
+        slice_s = worker.cost.time.slice_s_sums(
+            span.padded_len, span.steps, int((~use_kv).sum()), span.num_tokens, span.token_steps
+        )
+        predicted_s = float(slice_s) + float(move_s.sum())
+        ids = tuple(pool.requests[i].request_id for i in members[handoff].tolist())
+        return _Costed(max(worker.busy_until, now) + predicted_s, predicted_s, ids)

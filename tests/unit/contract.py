@@ -37,6 +37,9 @@ def check_plan(
         assert d.padded_len == max(r.context_len for r in members)
         assert math.isfinite(d.predicted_s) and d.predicted_s >= 0
         worker = workers[d.worker_id]
+        for rid in d.handoff_ids:  # pulled from a live holder that is not the target
+            assert rid in d.request_ids, f"handoff of {rid}, which is not in the batch"
+            assert by_id[rid].kv_worker_id in set(workers) - {d.worker_id}, f"handoff of {rid}"
         if d.join:
             _check_join(policy, d, worker, members)
         else:

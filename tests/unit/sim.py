@@ -194,8 +194,9 @@ class Driver:
                 worker.step_end_at += prefill_s
             else:
                 worker.queue.append((d, rows))
-            for r in rows:
-                r.kv_worker_id = r.kv_worker_id if r.kv_worker_id == d.worker_id else None
+            for r in rows:  # a handoff brings the KV along; any other move recomputes
+                kept = r.kv_worker_id == d.worker_id or r.request_id in d.handoff_ids
+                r.kv_worker_id = d.worker_id if kept else None
             worker.start_next(now)
 
     def _advance(self, w: SimWorker, now: float) -> None:

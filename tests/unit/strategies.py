@@ -35,7 +35,7 @@ def configs(draw: st.DrawFn) -> SchedulerConfig:
         policy=draw(st.sampled_from(["scls", "ils", "sls"])),
         slice_len=draw(st.integers(1, 64)),
         max_gen_len=draw(st.integers(1, 300)),
-        kv_mode=draw(st.sampled_from(["keep", "recompute"])),
+        kv_mode=draw(st.sampled_from(["auto", "keep", "recompute"])),
         ils_admission=draw(st.sampled_from(["reserve", "optimistic"])),
         max_concurrency=draw(st.none() | st.integers(1, 40)),
         max_batch_size=draw(st.integers(1, 64)),
@@ -86,7 +86,8 @@ def waiting_queues(
                 num_generated=generated,
                 max_new_tokens=max_tokens - generated,
                 arrived_at=NOW - draw(st.floats(0.0, 30.0)),
-                kv_worker_id=draw(holders) if generated else None,
+                kv_worker_id=(holder := draw(holders) if generated else None),
+                kv_on_host=holder is not None and draw(st.booleans()),
             )
         )
     return out

@@ -20,7 +20,12 @@ MAX_PROMPT, MAX_GEN = 200, 120
 SIZES = (1, 1, 2, 3, 5, 8, 20)  # budgets in requests that fit alone: mostly tight
 
 CONFIGS = {
-    "scls-keep": SchedulerConfig(policy="scls", slice_len=16, max_gen_len=MAX_GEN, aging_s=2.0),
+    "scls-keep": SchedulerConfig(
+        policy="scls", slice_len=16, max_gen_len=MAX_GEN, kv_mode="keep", aging_s=2.0
+    ),
+    "scls-auto": SchedulerConfig(
+        policy="scls", slice_len=16, max_gen_len=MAX_GEN, kv_mode="auto", aging_s=2.0
+    ),
     "scls-recompute": SchedulerConfig(
         policy="scls", slice_len=16, max_gen_len=MAX_GEN, kv_mode="recompute", aging_s=2.0
     ),
@@ -69,7 +74,7 @@ def test_every_request_finishes(name: str, seed: int, num_workers: int, num_requ
         make_policy(cfg),
         workers(seed, num_workers),
         requests,
-        keep_kv=cfg.policy == "scls" and cfg.kv_mode == "keep",
+        keep_kv=cfg.policy == "scls" and cfg.kv_mode != "recompute",
         preempt=cfg.ils_admission == "optimistic" and cfg.policy == "ils",
     )
     driver.run(max_time_s=3600.0)
@@ -79,7 +84,9 @@ def test_every_request_finishes(name: str, seed: int, num_workers: int, num_requ
 def starvation_case(aging_s: float) -> tuple[float, float]:
     """One long request waits while short ones keep arriving for 30 s on one worker; returns
     when the long one finished and when the last short one did."""
-    cfg = SchedulerConfig(policy="scls", slice_len=16, max_gen_len=64, aging_s=aging_s)
+    cfg = SchedulerConfig(
+        policy="scls", slice_len=16, max_gen_len=64, aging_s=aging_s, kv_mode="keep"
+    )
     long = SimRequest("long", prompt_len=900, max_tokens=64, true_len=64, arrived_at=0.0)
     shorts = [
         SimRequest(f"s{i}", prompt_len=8, max_tokens=4, true_len=4, arrived_at=0.01 + 0.05 * i)
