@@ -158,6 +158,9 @@ class BatchRecord(msgspec.Struct, kw_only=True):
     predicted_peak_bytes: int
     measured_peak_bytes: int
     early_return: bool
+    handoff_tokens: int = 0  # of reused_kv_tokens: handed off by another worker
+    handoff_bytes: int = 0
+    restored_tokens: int = 0  # of reused_kv_tokens: restored from the host tier
 
 
 class WorkerStats(msgspec.Struct, kw_only=True):
@@ -177,6 +180,8 @@ class WorkerStats(msgspec.Struct, kw_only=True):
     tokens_per_s: float
     generated_tokens: int
     busy_s: float
+    kv_host_bytes: int = 0  # KV offloaded to host memory (its own budget, below)
+    kv_host_budget_bytes: int = 0
 
 
 class RequestInfo(msgspec.Struct, kw_only=True):
@@ -278,7 +283,11 @@ class Ready(_W, tag="ready"):
     eos_token_ids: list[int]
     mem_total_bytes: int | None
     time_model: TimeModelParams | None
-    peer_addr: str = ""
+    peer_addr: str = ""  # where peers pull this worker's parked KV (its handoff ROUTER)
+    host_kv_budget_bytes: int = 0  # the host tier's budget for offloaded KV
+    copy_bytes_per_s: float = 0.0  # measured host <-> device copy rate (0: not measured)
+    transfer_bytes_per_s: float = 0.0  # measured handoff rate through its peer socket
+    transfer_latency_s: float = 0.0
 
 
 class Heartbeat(_W, tag="hb"):
@@ -287,6 +296,7 @@ class Heartbeat(_W, tag="hb"):
     kv_parked_bytes: int
     mem_used_bytes: int | None
     util_percent: float | None
+    kv_host_bytes: int = 0  # KV offloaded to the host tier
 
 
 class BatchItem(_W, tag="item"):
@@ -303,6 +313,7 @@ class BatchItem(_W, tag="item"):
     seed: int | None
     ignore_eos: bool
     keep_kv: bool  # park the KV cache on the worker if the budget ends before the request
+    kv_source: str = ""  # a peer's address: pull this request's parked KV from there first
 
 
 class RunBatch(_W, tag="run"):
@@ -370,12 +381,19 @@ class BatchDone(_W, tag="done"):
     # decode steps, for online refinement of the time model; bounded per batch.
     prefill_samples: list[tuple[int, int, float]]
     decode_samples: list[tuple[int, int, float]]
+    handoff_tokens: int = 0  # of reused_kv_tokens: handed off by a peer
+    handoff_bytes: int = 0
+    restored_tokens: int = 0  # of reused_kv_tokens: restored from the host tier
+    transfer_samples: list[tuple[int, float]] = []  # (bytes, seconds) of handoffs received
+    copy_samples: list[tuple[int, float]] = []  # (bytes, seconds) of host-to-device restores
 
 
 class KVEvicted(_W, tag="evicted"):
-    """Parked KV the worker freed to make room; these requests must recompute."""
+    """Parked KV the worker moved to make room: freed (these requests must recompute), or with
+    ``offloaded`` moved to its host tier (still reusable there, or by a handoff)."""
 
     request_ids: list[str]
+    offloaded: bool = False
 
 
 class WorkerFailed(_W, tag="failed"):
