@@ -3,12 +3,15 @@ a batch that become its BatchDone message."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from engine import protocol as p
 from engine.worker.model_loader import ModelInfo
 
 MAX_SAMPLES = 64
+T = TypeVar("T")
 
 
 class BoundedSamples:
@@ -41,11 +44,16 @@ class DispatchStats:
     prefill_tokens: int = 0
     pad_tokens: int = 0
     recomputed_tokens: int = 0
-    reused_kv_tokens: int = 0
+    reused_kv_tokens: int = 0  # all of them, whichever tier or peer the KV came from
+    handoff_tokens: int = 0  # of which handed off by a peer
+    handoff_bytes: int = 0
+    restored_tokens: int = 0  # of which restored from the host tier
     generated_tokens: int = 0
     peak_bytes: int = 0
     prefill_samples: BoundedSamples = field(default_factory=BoundedSamples)
     decode_samples: BoundedSamples = field(default_factory=BoundedSamples)
+    transfer_samples: list[tuple[int, float]] = field(default_factory=list)  # (bytes, seconds)
+    copy_samples: list[tuple[int, float]] = field(default_factory=list)  # host-to-device restores
 
     def done(self, now: float) -> p.BatchDone:
         return p.BatchDone(
@@ -61,6 +69,11 @@ class DispatchStats:
             measured_peak_bytes=self.peak_bytes,
             prefill_samples=list(self.prefill_samples.items),
             decode_samples=list(self.decode_samples.items),
+            handoff_tokens=self.handoff_tokens,
+            handoff_bytes=self.handoff_bytes,
+            restored_tokens=self.restored_tokens,
+            transfer_samples=self.transfer_samples[-MAX_SAMPLES:],
+            copy_samples=self.copy_samples[-MAX_SAMPLES:],
         )
 
 
@@ -81,3 +94,24 @@ def check_item(item: p.BatchItem, info: ModelInfo, busy_ids: set[str]) -> str:
     if item.temperature < 0 or not 0 < item.top_p <= 1 or item.top_k < 0:
         return "sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0"
     return ""
+
+
+def too_big(request_id: str, num_tokens: int, info: ModelInfo, kv_budget_bytes: int) -> str:
+    need = num_tokens * info.kv_bytes_per_token
+    return (
+        f"request {request_id} needs {need} bytes of KV cache for {num_tokens} tokens; the "
+        f"worker's KV budget is {kv_budget_bytes} bytes: raise --kv-budget"
+    )
+
+
+def prefill_chunks(rows: list[T], length: Callable[[T], int], max_tokens: int) -> list[list[T]]:
+    """Rows sorted by ``length``, cut so that a forward holds at most ``max_tokens`` padded
+    tokens (a longer row goes alone)."""
+    chunks: list[list[T]] = []
+    for row in sorted(rows, key=length):
+        width = length(row)  # the longest so far: rows are sorted
+        if chunks and (len(chunks[-1]) + 1) * width <= max_tokens:
+            chunks[-1].append(row)
+        else:
+            chunks.append([row])
+    return chunks

@@ -1,8 +1,10 @@
 """The worker's loop logic for every policy: admission, batched decode steps, releases, memory.
 
-No I/O and no threads: the ZeroMQ loop (engine/worker/worker.py) calls ``submit``, ``abort``
-and ``drop_kv`` between steps and ``step()`` while ``has_work()``; each StepResult holds the
-protocol messages to send, in order: generated tokens, releases, evictions, finished batches.
+No I/O and no threads: the ZeroMQ loop (engine/worker/worker.py) calls ``submit``, ``abort``,
+``drop_kv`` and ``receive_kv`` between steps and ``step()`` while ``has_work()`` (waiting
+``wait_s()`` for commands while a batch awaits handed-off KV); each StepResult holds the
+protocol messages to send, in order: generated tokens, releases, KV moved to the host tier,
+KV evicted, finished batches.
 
 Semantics (the contract the broker plans against):
 
@@ -11,7 +13,8 @@ Semantics (the contract the broker plans against):
   waiting; then all its items start together (SLS, SCLS).
 - Row invariant: a row's cache covers ``token_ids[:-1]``; every step feeds each row's last token
   and samples one new token. A new row is prefilled with ``token_ids[:-1]`` unless KV parked
-  here covers exactly that (then it is reused).
+  here (device or host tier) covers exactly that (then it is reused). A sequential batch whose
+  items name a peer (``kv_source``) starts once their handed-off KV arrived or failed.
 - A row leaves with "eos" (sampled an EOS id and not ``ignore_eos``; the EOS token is reported
   in Generated), "length" (``max_new_tokens`` reached, or the context reached the model's
   maximum), "budget" (``max_steps`` of this dispatch used; with ``keep_kv`` its KV is parked and
@@ -19,13 +22,15 @@ Semantics (the contract the broker plans against):
 - Memory guard, always on: before a batch starts, parked KV of other requests is evicted (oldest
   first) until the batch's whole growth fits; before every step, if the live cache after the
   step plus parked KV would exceed the budget, parked KV is evicted, then the newest admitted
-  rows are preempted. Evicted request ids are reported in StepResult.evicted.
+  rows are preempted. Evicted KV goes to the host tier where it fits and pays
+  (StepResult.offloaded), else it is gone (StepResult.evicted: those requests recompute).
 - BatchDone per dispatch when its last request left. Counters (tokens): ``prefill_tokens`` all
   prefilled positions of real tokens; ``pad_tokens`` padded positions of prefill forwards plus,
   at every decode step, each row's padded (masked) cache columns; ``recomputed_tokens`` prefilled
   tokens that the request had generated before (``max(0, num_generated - 1)`` per prefilled row:
   its last token is fed by the decode step, not prefilled); ``reused_kv_tokens`` tokens covered
-  by reused parked KV; ``invalid_tokens`` is always 0 (finished rows leave at once).
+  by reused parked KV (``handoff_tokens`` of them handed off by a peer, ``restored_tokens``
+  restored from the host tier); ``invalid_tokens`` is always 0 (finished rows leave at once).
   ``measured_peak_bytes``: max over its steps of live cache bytes (allocated buffers) + parked.
 """
 
@@ -38,7 +43,8 @@ from dataclasses import dataclass, field
 
 from engine import protocol as p
 from engine.worker.batch_cache import BatchCache, merge
-from engine.worker.dispatch import DispatchStats, check_item
+from engine.worker.dispatch import DispatchStats, check_item, prefill_chunks, too_big
+from engine.worker.kv_reuse import KVArrived, KVFetchFailed, KVIntake
 from engine.worker.kv_store import KVStore
 from engine.worker.runner import Runner, SamplingParams
 
@@ -50,6 +56,7 @@ class StepResult:
     generated: p.Generated | None = None  # one new token per row that stepped
     released: list[p.Released] = field(default_factory=list)
     done: list[p.BatchDone] = field(default_factory=list)
+    offloaded: list[str] = field(default_factory=list)  # parked KV moved to the host tier
     evicted: list[str] = field(default_factory=list)  # parked KV freed: these must recompute
 
 
@@ -77,13 +84,15 @@ class Executor:
         kv_budget_bytes: int,
         max_prefill_tokens: int = 4096,
         clock: Callable[[], float] = time.perf_counter,
+        store: KVStore | None = None,
     ) -> None:
         self.runner = runner
         self.info = runner.info
         self.kv_budget_bytes = kv_budget_bytes
         self.max_prefill_tokens = max_prefill_tokens  # padded tokens per prefill forward
         self._clock = clock
-        self._store = KVStore()
+        self._store = store if store is not None else KVStore()
+        self._intake = KVIntake(self._store, runner.device, clock=clock)
         self._rows: list[_Row] = []
         self._cache: BatchCache | None = None  # rows of self._rows, in order
         self._joining: list[p.RunBatch] = []
@@ -112,6 +121,7 @@ class Executor:
         elif run.join:
             self._joining.append(run)
         else:
+            self._intake.expect(run)
             self._queued.append(run)
 
     def abort(self, request_ids: Iterable[str]) -> None:
@@ -128,6 +138,7 @@ class Executor:
         leaving = {i: ("aborted", "") for i, r in enumerate(self._rows) if r.request_id in ids}
         if leaving:
             self._leave(leaving)
+        self._intake.cancel(ids)
         for request_id in ids:
             self._store.drop(request_id)
 
@@ -135,6 +146,13 @@ class Executor:
         """Free parked KV of these requests (no message)."""
         for request_id in request_ids:
             self._store.drop(request_id)
+
+    def receive_kv(self, msg: KVArrived | KVFetchFailed) -> None:
+        """A handoff this worker awaited arrived (parked, for its batch) or failed (recompute)."""
+        if isinstance(msg, KVArrived):
+            self._intake.arrived(msg)
+        else:
+            self._intake.failed(msg)
 
     def fail_all(self, message: str) -> StepResult:
         """Release every running and queued request with "error" (after an internal failure)
@@ -153,8 +171,19 @@ class Executor:
     def has_work(self) -> bool:
         """True while rows run, dispatches wait, or messages wait for the next step()."""
         out = self._out
-        pending = out.generated or out.released or out.done or out.evicted
+        pending = out.generated or out.released or out.done or out.evicted or out.offloaded
         return bool(self._rows or self._joining or self._queued or pending)
+
+    def wait_s(self) -> float | None:
+        """None: no work; 0: step() makes progress now; else the seconds the next batch may
+        still wait for handed-off KV (a command, e.g. its arrival, ends the wait earlier)."""
+        if not self.has_work():
+            return None
+        out = self._out
+        pending = out.generated or out.released or out.done or out.evicted or out.offloaded
+        if self._rows or self._joining or pending or not self._queued:
+            return 0.0
+        return self._intake.blocking_s(self._queued[0])
 
     @property
     def num_running(self) -> int:
@@ -163,6 +192,10 @@ class Executor:
     @property
     def kv_parked_bytes(self) -> int:
         return self._store.parked_bytes
+
+    @property
+    def kv_host_bytes(self) -> int:
+        return self._store.host_bytes
 
     @property
     def kv_used_bytes(self) -> int:
@@ -191,6 +224,8 @@ class Executor:
         if self._joining:
             runs, self._joining = self._joining, []
         elif not self._rows and self._queued:
+            if self._intake.blocking_s(self._queued[0]) > 0:
+                return  # its handed-off KV is on the way
             runs = [self._queued.popleft()]
         else:
             return
@@ -214,9 +249,7 @@ class Executor:
         params = SamplingParams(item.temperature, item.top_p, item.top_k, item.seed)
         row = _Row(item, batch_id, list(item.token_ids), params, self._seq)
         self._seq += 1
-        entry = self._store.take(item.request_id)  # a stale entry is dropped here
-        if entry is not None and entry.token_ids == tuple(item.token_ids[:-1]):
-            row.kv = BatchCache.from_row(entry.layers)
+        row.kv = self._intake.reuse(item, self._stats[batch_id])  # drops a stale entry
         return row
 
     def _steps_left(self, row: _Row) -> int:
@@ -225,9 +258,12 @@ class Executor:
         return max(1, min(left, self.info.max_context_len - len(row.token_ids)))
 
     def _evict(self, num_bytes: int) -> bool:
-        evicted = self._store.evict_for(num_bytes) if num_bytes > 0 else []
-        self._out.evicted += evicted
-        return bool(evicted)
+        if num_bytes <= 0:
+            return False
+        moved = self._store.evict_for(num_bytes)
+        self._out.offloaded += moved.offloaded
+        self._out.evicted += moved.dropped
+        return bool(moved)
 
     def _make_room(self, cands: list[_Row], sequential: bool) -> list[_Row]:
         """Evict parked KV so the new rows fit (a sequential batch: its whole growth); reject
@@ -256,11 +292,7 @@ class Executor:
         return 0 if self._cache is None else self._cache.num_cols + 1
 
     def _too_big(self, row: _Row) -> str:
-        need = len(row.token_ids) * self.info.kv_bytes_per_token
-        return (
-            f"request {row.request_id} needs {need} bytes of KV cache for {len(row.token_ids)} "
-            f"tokens; the worker's KV budget is {self.kv_budget_bytes} bytes: raise --kv-budget"
-        )
+        return too_big(row.request_id, len(row.token_ids), self.info, self.kv_budget_bytes)
 
     def _spare_cols(self, num_rows: int, num_cols: int, max_left: int) -> int:
         """Spare capacity for a cache of ``num_cols`` columns: up to the runner's growth step,
@@ -274,7 +306,10 @@ class Executor:
         """Prefill the candidates without reusable KV, then merge everything into one cache."""
         parts = [self._cache] if self._cache is not None else []
         rows = list(self._rows)
-        for chunk in self._prefill_chunks([r for r in cands if r.kv is None]):
+        pending = [r for r in cands if r.kv is None]
+        for chunk in prefill_chunks(
+            pending, lambda r: len(r.token_ids) - 1, self.max_prefill_tokens
+        ):
             started_at = self._clock()
             part = self.runner.prefill([r.token_ids[:-1] for r in chunk])
             self.runner.synchronize()
@@ -290,7 +325,6 @@ class Executor:
             rows += chunk
         for row in cands:
             if row.kv is not None:
-                self._stats[row.batch_id].reused_kv_tokens += row.kv.num_cols
                 parts.append(row.kv)
                 row.kv = None
                 rows.append(row)
@@ -299,18 +333,6 @@ class Executor:
         self._cache = merge(self.runner.layout, parts, spare)
         self._rows = rows
         self._update_live()
-
-    def _prefill_chunks(self, rows: list[_Row]) -> list[list[_Row]]:
-        """Rows sorted by length, cut so that a forward holds at most max_prefill_tokens padded
-        tokens (a longer row goes alone)."""
-        chunks: list[list[_Row]] = []
-        for row in sorted(rows, key=lambda r: len(r.token_ids)):
-            width = len(row.token_ids) - 1  # the longest so far: rows are sorted
-            if chunks and (len(chunks[-1]) + 1) * width <= self.max_prefill_tokens:
-                chunks[-1].append(row)
-            else:
-                chunks.append([row])
-        return chunks
 
     def _guard(self) -> None:
         """Before a step: evict parked KV, then preempt the newest rows, until the step fits."""

@@ -1,92 +1,210 @@
-"""Parked KV caches of requests between slices (keep mode), with exact byte accounting.
+"""Parked KV caches of requests between slices, in two tiers with exact byte accounting: on the
+device (counted against the KV budget) and offloaded to host memory (its own budget; pinned on a
+GPU). A request whose KV is in neither tier is gone and must be recomputed.
 
-An entry holds one request's per-layer (k, v) tensors trimmed to its real length (no padding)
-and the token ids they cover, so a later dispatch can check that the KV still matches its
-context. Eviction frees the oldest entries first. (A host-memory tier will live here too.)
+Thread-safe: the compute thread parks, takes and evicts; the handoff thread takes entries that a
+peer pulls. Device entries are evicted oldest first; host entries least recently used first.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
+Tier = Literal["device", "host"]
+Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v), each [1, H, len, D]
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)
 class ParkedKV:
     token_ids: tuple[int, ...]  # the tokens this KV covers (a context's token_ids[:-1])
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v), each [1, H, len, D]
+    layers: Layers  # on the device (tier "device") or in host memory (tier "host")
     nbytes: int
+    tier: Tier = "device"
+    peer: str = ""  # the peer address it was handed off from ("": computed here)
+    transfer: tuple[int, float] | None = None  # (bytes, seconds) of that handoff
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
 
-class KVStore:
-    """Parked KV per request id, oldest first."""
+@dataclass(slots=True)
+class Evicted:
+    """What ``evict_for`` did: moved to the host tier, or freed (those must recompute)."""
 
-    def __init__(self) -> None:
-        self._entries: OrderedDict[str, ParkedKV] = OrderedDict()
-        self._parked_bytes = 0
+    offloaded: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.offloaded or self.dropped)
+
+
+def layers_nbytes(layers: Layers) -> int:
+    return sum(k.nbytes + v.nbytes for k, v in layers)
+
+
+def to_host(layers: Layers, pin: bool) -> Layers:
+    """Host copies of device tensors (pinned if asked); CPU tensors are returned as they are:
+    on a CPU worker the host tier is a separate budget, not a separate memory."""
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type == "cpu":
+            return t
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+        return out.copy_(t)
+
+    return [(one(k), one(v)) for k, v in layers]
+
+
+def to_device(layers: Layers, device: torch.device) -> Layers:
+    return [(k.to(device), v.to(device)) for k, v in layers]
+
+
+class KVStore:
+    """Parked KV per request id in two tiers. ``offload_pays(num_tokens, nbytes)`` says whether
+    moving an evicted entry to the host (and back later) beats recomputing it."""
+
+    def __init__(
+        self,
+        host_budget_bytes: int = 0,
+        pin_memory: bool = False,
+        offload_pays: Callable[[int, int], bool] = lambda num_tokens, nbytes: True,
+    ) -> None:
+        self.host_budget_bytes = host_budget_bytes
+        self.pin_memory = pin_memory
+        self.offload_pays = offload_pays
+        self._device: OrderedDict[str, ParkedKV] = OrderedDict()  # oldest parked first
+        self._host: OrderedDict[str, ParkedKV] = OrderedDict()  # least recently used first
+        self._device_bytes = 0
+        self._host_bytes = 0
+        self._lock = threading.RLock()
+
+    # -- accounting ----------------------------------------------------------------------------
 
     @property
     def parked_bytes(self) -> int:
-        """Sum of the parked tensors' nbytes."""
-        return self._parked_bytes
+        """Bytes of the device tier (they count against the KV budget)."""
+        return self._device_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the host tier (they count against ``host_budget_bytes``)."""
+        return self._host_bytes
 
     def __contains__(self, request_id: str) -> bool:
-        return request_id in self._entries
+        with self._lock:
+            return request_id in self._device or request_id in self._host
 
     def __len__(self) -> int:
-        return len(self._entries)
+        with self._lock:
+            return len(self._device) + len(self._host)
+
+    def tier_of(self, request_id: str) -> Tier | None:
+        with self._lock:
+            if request_id in self._device:
+                return "device"
+            return "host" if request_id in self._host else None
+
+    def request_ids(self, tier: Tier = "device") -> list[str]:
+        """Request ids of one tier, in eviction order."""
+        with self._lock:
+            return list(self._device if tier == "device" else self._host)
+
+    # -- park, take, drop ----------------------------------------------------------------------
 
     def park(
         self,
         request_id: str,
         token_ids: list[int] | tuple[int, ...],
-        layers: list[tuple[torch.Tensor, torch.Tensor]],
+        layers: Layers,
+        peer: str = "",
+        transfer: tuple[int, float] | None = None,
     ) -> int:
-        """Keep ``layers`` (covering ``token_ids``) for ``request_id``, replacing any older
-        entry; returns the bytes parked."""
-        self.drop(request_id)
+        """Keep ``layers`` (covering ``token_ids``) on the device for ``request_id``, replacing
+        any older entry; returns the bytes parked."""
         lengths = {t.shape[-2] for kv in layers for t in kv}
         if lengths != {len(token_ids)}:
             raise ValueError(f"KV of {request_id} covers {lengths} tokens, not {len(token_ids)}")
-        nbytes = sum(k.nbytes + v.nbytes for k, v in layers)
-        self._entries[request_id] = ParkedKV(tuple(token_ids), layers, nbytes)
-        self._parked_bytes += nbytes
-        return nbytes
+        entry = ParkedKV(tuple(token_ids), layers, layers_nbytes(layers), "device", peer, transfer)
+        with self._lock:
+            self._pop(request_id)
+            self._device[request_id] = entry
+            self._device_bytes += entry.nbytes
+        return entry.nbytes
 
     def take(self, request_id: str) -> ParkedKV | None:
-        """Remove and return the entry of ``request_id`` (None if none is parked)."""
-        entry = self._entries.pop(request_id, None)
-        if entry is not None:
-            self._parked_bytes -= entry.nbytes
-        return entry
+        """Remove and return the entry of ``request_id`` from either tier (None if none)."""
+        with self._lock:
+            return self._pop(request_id)
 
     def drop(self, request_id: str) -> bool:
         """Free the entry of ``request_id``; True if there was one."""
         return self.take(request_id) is not None
 
+    def _pop(self, request_id: str) -> ParkedKV | None:
+        entry = self._device.pop(request_id, None)
+        if entry is not None:
+            self._device_bytes -= entry.nbytes
+            return entry
+        entry = self._host.pop(request_id, None)
+        if entry is not None:
+            self._host_bytes -= entry.nbytes
+        return entry
+
+    # -- tiers ---------------------------------------------------------------------------------
+
+    def offload(self, request_id: str) -> Evicted:
+        """Move one device entry to the host tier, evicting least recently used host entries
+        to make room; an entry the host cannot take is dropped. Returns what happened."""
+        with self._lock:
+            entry = self._device.get(request_id)
+            if entry is None:
+                return Evicted()
+            return self._offload(request_id, entry)
+
+    def _offload(self, request_id: str, entry: ParkedKV) -> Evicted:
+        out = Evicted()
+        del self._device[request_id]
+        self._device_bytes -= entry.nbytes
+        if entry.nbytes > self.host_budget_bytes or not self.offload_pays(
+            entry.num_tokens, entry.nbytes
+        ):
+            out.dropped.append(request_id)
+            return out
+        while self._host_bytes + entry.nbytes > self.host_budget_bytes:
+            lru_id, lru = self._host.popitem(last=False)
+            self._host_bytes -= lru.nbytes
+            out.dropped.append(lru_id)
+        entry.layers = to_host(entry.layers, self.pin_memory)
+        entry.tier = "host"
+        self._host[request_id] = entry
+        self._host_bytes += entry.nbytes
+        out.offloaded.append(request_id)
+        return out
+
     def evict_for(
         self, bytes_needed: int, protect: set[str] | frozenset[str] = frozenset()
-    ) -> list[str]:
-        """Free entries, oldest first and never those in ``protect``, until at least
-        ``bytes_needed`` bytes were freed or nothing evictable is left; returns the evicted ids."""
-        evicted: list[str] = []
+    ) -> Evicted:
+        """Free device bytes, oldest entries first and never those in ``protect``, until at least
+        ``bytes_needed`` were freed or no device entry is left: each goes to the host tier when
+        it fits there and offloading pays, else it is dropped (gone: recompute)."""
+        out = Evicted()
         freed = 0
-        for request_id in list(self._entries):
-            if freed >= bytes_needed:
-                break
-            if request_id in protect:
-                continue
-            freed += self._entries[request_id].nbytes
-            self.drop(request_id)
-            evicted.append(request_id)
-        return evicted
-
-    def request_ids(self) -> list[str]:
-        """Parked request ids, oldest first."""
-        return list(self._entries)
+        with self._lock:
+            for request_id in list(self._device):
+                if freed >= bytes_needed:
+                    break
+                if request_id in protect:
+                    continue
+                entry = self._device[request_id]
+                freed += entry.nbytes
+                one = self._offload(request_id, entry)
+                out.offloaded += one.offloaded
+                out.dropped += one.dropped
+        return out

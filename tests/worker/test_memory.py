@@ -121,10 +121,10 @@ def test_kv_store_accounting_and_eviction():
     assert store.parked_bytes == 10 * token_bytes
     store.park("a", list(range(4)), kv(4))  # replaces, and becomes the newest
     assert store.request_ids() == ["b", "c", "a"] and store.parked_bytes == 11 * token_bytes
-    assert store.evict_for(1, protect={"b"}) == ["c"]
-    assert store.evict_for(6 * token_bytes) == ["b", "a"]
+    assert store.evict_for(1, protect={"b"}).dropped == ["c"]  # no host tier: dropped
+    assert store.evict_for(6 * token_bytes).dropped == ["b", "a"]
     assert store.parked_bytes == 0 and len(store) == 0
-    assert store.evict_for(1) == []
+    assert not store.evict_for(1)
 
 
 def test_kv_store_take_and_drop():
