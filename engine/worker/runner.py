@@ -9,6 +9,7 @@ result (exactly so in float32 on this machine: see tests/worker/test_runner.py).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,9 @@ def token_seed(seed: int, index: int) -> int:
 class Runner:
     """Runs prefill and decode forward passes of one model and samples tokens."""
 
-    def __init__(self, loaded: LoadedModel, kv_growth_cols: int = 32) -> None:
+    def __init__(
+        self, loaded: LoadedModel, kv_growth_cols: int = 32, slowdown: float = 1.0
+    ) -> None:
         self.model = loaded.model
         self.info: ModelInfo = loaded.info
         self.device = loaded.device
@@ -55,6 +58,9 @@ class Runner:
             device=loaded.device,
         )
         self.kv_growth_cols = kv_growth_cols  # spare columns added when a cache grows
+        # Benchmarks only: every forward pass takes this many times as long (the rest asleep,
+        # so the CPU goes to others), to emulate a slower device beside faster ones.
+        self.slowdown = slowdown
         self._unseeded = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
 
     def synchronize(self) -> None:
@@ -120,6 +126,7 @@ class Runner:
     def run_model(self, ids, positions, mask, cache: BatchCache) -> torch.Tensor:
         """Forward ``ids`` [B, Q] at ``positions`` [B, Q] with a 4D bool mask [B, 1, Q, K]
         (True: attend); appends Q columns to ``cache``; returns last-position logits [B, V]."""
+        started_at = time.perf_counter()
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -129,7 +136,11 @@ class Runner:
             logits_to_keep=1,
         )
         cache.advance(ids.shape[1])
-        return out.logits[:, -1, :].float()
+        logits = out.logits[:, -1, :].float()
+        if self.slowdown > 1:
+            self.synchronize()
+            time.sleep((self.slowdown - 1) * (time.perf_counter() - started_at))
+        return logits
 
     # -- sampling ------------------------------------------------------------------------------
 
