@@ -1,4 +1,4 @@
-"""The one launcher: serve | broker | worker | generate | tui | demo | profile."""
+"""The one launcher: serve | broker | worker | generate | tui | demo | profile | bench | keys."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
                 argv += ["--kv-budget", str(args.kv_budget)]
             if args.no_profile:
                 argv.append("--no-profile")
-            procs.append(spawn(argv))
+            procs.append(spawn(argv + _serve_worker_curve_args(cfg.curve_dir)))
         addrs = server.addresses
         print(
             f'engine: clients connect to {addrs["clients"]}  (run.py generate "..." --connect {addrs["clients"]})',
@@ -63,6 +63,48 @@ def _serve(args: argparse.Namespace) -> int:
         asyncio.run(serve_broker(cfg, on_ready=start_workers))
     finally:
         stop_all(procs)
+    return 0
+
+
+def _serve_worker_curve_args(curve_dir: str | None) -> list[str]:
+    """`serve --curve DIR`: its workers use DIR/workers/serve-worker (created once)."""
+    if curve_dir is None:
+        return []
+    from pathlib import Path
+
+    from engine.curve import create_key_pair
+
+    secret = Path(curve_dir) / "workers" / "serve-worker.key_secret"
+    if not secret.exists():
+        create_key_pair(secret.parent, "serve-worker")
+    return ["--curve-key", str(secret), "--broker-key", str(Path(curve_dir) / "broker.key")]
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from engine.curve import CurveError, create_key_pair
+
+    root = Path(args.dir)
+    wanted = [(root, "broker")] if not (root / "broker.key_secret").exists() else []
+    clients, workers = args.client or [], args.worker or []
+    if not clients and not workers:
+        clients, workers = ["client"], ["worker"]
+    wanted += [(root / "clients", n) for n in clients] + [(root / "workers", n) for n in workers]
+    try:
+        for folder, name in wanted:
+            public, secret = create_key_pair(folder, name)
+            print(f"created {public} (public) and {secret} (private, mode 0600)")
+    except CurveError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"broker:  run.py broker --curve {root}\n"
+        f"worker:  run.py worker --curve-key {root}/workers/NAME.key_secret --broker-key {root}/broker.key\n"
+        f"client:  run.py generate ... --curve-key {root}/clients/NAME.key_secret --broker-key {root}/broker.key\n"
+        "Move each private *.key_secret file to the host that uses it; the broker needs only the "
+        "public *.key files in clients/ and workers/."
+    )
     return 0
 
 
@@ -107,8 +149,13 @@ def _generate(args: argparse.Namespace) -> int:
         if args.chat
         else {"prompt": args.prompt}
     )
+    curve = None
+    if args.curve_key:
+        from engine.curve import ClientKeys
+
+        curve = ClientKeys.load(args.curve_key, args.broker_key or "")
     try:
-        with Client(args.connect) as client:
+        with Client(args.connect, curve=curve) as client:
             if args.stream:
                 stream = client.stream(**prompt, **params)
                 for delta in stream:
@@ -180,18 +227,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cli_args.add_scheduler_flags(p)
     cli_args.add_worker_flags(p)
+    cli_args.add_broker_flags(p)
 
     p = command("broker", _broker, "run the broker alone (workers join with `worker --connect`)")
     p.add_argument("--bind", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--port", type=int, default=5555, help="client port (0: any free ports)")
     p.add_argument("--model", default="embedded", help="model whose tokenizer the broker uses")
     cli_args.add_scheduler_flags(p)
+    cli_args.add_broker_flags(p)
 
     p = command("worker", _worker, "run one model worker that joins a broker")
     p.add_argument("--connect", default="tcp://127.0.0.1:5556", help="the broker's worker address")
     p.add_argument("--device", default="cpu", help='"cpu" or "cuda:N"')
     p.add_argument("--worker-id", default=None)
+    p.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="on SIGTERM: seconds to finish its work"
+    )
     cli_args.add_worker_flags(p)
+    cli_args.add_curve_client_flags(p)
 
     p = command("generate", _generate, "send one prompt and print the answer")
     p.add_argument("prompt")
@@ -211,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="send the prompt as is, without the chat template",
     )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds")
+    cli_args.add_curve_client_flags(p)
 
     p = command("tui", _tui, "the live dashboard")
     p.add_argument("--connect", default="tcp://127.0.0.1:5557", help="the broker's stats address")
@@ -226,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("profile", _profile, "profile this device and fit the time model (cached)")
     p.add_argument("--device", default="cpu")
     cli_args.add_worker_flags(p)
+
+    p = command("keys", _keys, "create CURVE key pairs for a broker started with --curve")
+    p.add_argument("dir", help="key directory (the broker's --curve DIR)")
+    p.add_argument("--client", action="append", help="create clients/NAME.key* (repeatable)")
+    p.add_argument("--worker", action="append", help="create workers/NAME.key* (repeatable)")
 
     p = command("bench", _bench, "benchmark policies (and transformers peers) on a workload")
     add_bench_parser(p)

@@ -52,6 +52,54 @@ def add_scheduler_flags(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-size", type=int, default=256)
 
 
+def add_broker_flags(ap: argparse.ArgumentParser) -> None:
+    """Reliability and security of a broker: queue bound, grace, drain, CURVE."""
+    g = ap.add_argument_group("reliability and security")
+    g.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=4096,
+        help="accepted, unfinished requests beyond which a Submit is refused 'overloaded' (0: no limit)",
+    )
+    g.add_argument(
+        "--max-queued-tokens",
+        type=int,
+        default=0,
+        help="prompt plus max_tokens of accepted, unfinished requests beyond which a Submit is "
+        "refused 'overloaded' (0: no limit)",
+    )
+    g.add_argument(
+        "--client-grace",
+        type=float,
+        default=5.0,
+        help="seconds a closed client connection's requests run on, so that it can resume them",
+    )
+    g.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM: seconds to finish accepted requests before stopping",
+    )
+    g.add_argument(
+        "--curve",
+        metavar="DIR",
+        default=None,
+        help="encrypt and authenticate with CurveZMQ: DIR/broker.key_secret, allowed keys in "
+        "DIR/clients and DIR/workers (create them with `run.py keys DIR`)",
+    )
+
+
+def add_curve_client_flags(ap: argparse.ArgumentParser) -> None:
+    """A peer of a CURVE broker: its own key pair and the broker's public key."""
+    g = ap.add_argument_group("CURVE (with a broker started with --curve)")
+    g.add_argument(
+        "--curve-key", metavar="FILE", default=None, help="this peer's *.key_secret file"
+    )
+    g.add_argument(
+        "--broker-key", metavar="FILE", default=None, help="the broker's broker.key file"
+    )
+
+
 def add_worker_flags(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("worker")
     g.add_argument(
@@ -90,12 +138,19 @@ def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
 
 
 def broker_config(args: argparse.Namespace, host: str, port: int) -> BrokerConfig:
+    """Port 0: any free ports (printed once bound)."""
+    ports = ["*"] * 3 if port == 0 else [port, port + 1, port + 2]
     return BrokerConfig(
-        client_addr=f"tcp://{host}:{port}",
-        worker_addr=f"tcp://{host}:{port + 1}",
-        stats_addr=f"tcp://{host}:{port + 2}",
+        client_addr=f"tcp://{host}:{ports[0]}",
+        worker_addr=f"tcp://{host}:{ports[1]}",
+        stats_addr=f"tcp://{host}:{ports[2]}",
         model=args.model,
         scheduler=scheduler_config(args),
+        max_queued_requests=getattr(args, "max_queued_requests", 4096) or None,
+        max_queued_tokens=getattr(args, "max_queued_tokens", 0) or None,
+        client_grace_s=getattr(args, "client_grace", 5.0),
+        drain_timeout_s=getattr(args, "drain_timeout", 30.0),
+        curve_dir=getattr(args, "curve", None),
     )
 
 
@@ -111,4 +166,7 @@ def worker_config(
         num_threads=threads,
         profile=not args.no_profile,
         worker_id=getattr(args, "worker_id", None),
+        drain_timeout_s=getattr(args, "drain_timeout", 30.0),
+        curve_secret_key=getattr(args, "curve_key", None),
+        curve_server_key=getattr(args, "broker_key", None),
     )

@@ -50,6 +50,24 @@ class BrokerConfig:
     """Seconds between published stats snapshots."""
     worker_timeout_s: float = 3.0
     """A worker silent for this long is declared lost and its requests are requeued."""
+    heartbeat_interval_s: float = 0.5
+    """Seconds between the broker's Pings to each worker."""
+    hang_factor: float = 4.0
+    """A worker with dispatched batches whose progress counter stands still for
+    worker_timeout_s + hang_factor x (predicted seconds of its longest batch) is declared hung."""
+    client_grace_s: float = 5.0
+    """Seconds a closed client connection's requests keep running, so that a client that
+    reconnects can resume them by resubmitting; then they are cancelled."""
+    max_queued_requests: int | None = 4096
+    """Accepted, unfinished requests beyond which a Submit is refused "overloaded" (None: no limit)."""
+    max_queued_tokens: int | None = None
+    """Prompt plus max_tokens of accepted, unfinished requests beyond which a Submit is refused
+    "overloaded" (None: no limit)."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM: seconds to finish accepted requests before stopping the rest."""
+    curve_dir: str | None = None
+    """CURVE keys (see engine/curve.py): DIR/broker.key_secret, allow-lists DIR/clients/*.key
+    and DIR/workers/*.key. None: no encryption (loopback by default)."""
     scheduler: SchedulerConfig = SchedulerConfig()
 
 
@@ -71,5 +89,13 @@ class WorkerConfig:
     worker_id: str | None = None
     """Stable name; None: host-pid-device."""
     heartbeat_interval_s: float = 0.5
+    broker_timeout_s: float = 3.0
+    """No word from the broker for this long: reset and announce this worker again."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM: seconds to finish what this worker holds before leaving anyway."""
+    curve_secret_key: str | None = None
+    """This worker's CURVE key pair file (``*.key_secret``); None: plain ZMTP."""
+    curve_server_key: str | None = None
+    """The broker's public key file (``broker.key``), with curve_secret_key."""
     profile: bool = True
     """Profile the device at start (cached per model, device and dtype) to fit the time model."""

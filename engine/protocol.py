@@ -11,10 +11,12 @@ from typing import Literal
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+#: Version of the internal broker <-> worker messages (2: sessions, Ping, Reset, Draining).
+PROTOCOL_VERSION = 2
 #: Client frames larger than this make libzmq drop the connection before any decoding
-#: (``zmq.MAXMSGSIZE``); the client library refuses to send them.
-MAX_CLIENT_FRAME_BYTES = 8 * 1024 * 1024
+#: (``zmq.MAXMSGSIZE``); the client library refuses to send them. With the socket's receive
+#: queue limit it bounds the memory one connection can hold in the broker.
+MAX_CLIENT_FRAME_BYTES = 1024 * 1024
 
 
 class ProtocolError(ValueError):
@@ -50,6 +52,7 @@ class Submit(msgspec.Struct, tag="submit", tag_field="type", kw_only=True, omit_
     stop: list[str] = []
     ignore_eos: bool = False
     stream: bool = False
+    deadline_s: float | None = None  # the broker ends it with "deadline_exceeded" after this
 
 
 class Cancel(msgspec.Struct, tag="cancel", tag_field="type", kw_only=True):
@@ -69,6 +72,7 @@ ClientRequest = Submit | Cancel | GetStats
 class Accepted(msgspec.Struct, tag="accepted", tag_field="type", kw_only=True):
     request_id: str
     prompt_tokens: int
+    resumed: bool = False  # a resubmission (same id and parameters) joined the request in flight
 
 
 class Delta(msgspec.Struct, tag="delta", tag_field="type", kw_only=True):
@@ -111,6 +115,7 @@ class Error(msgspec.Struct, tag="error", tag_field="type", kw_only=True):
     code: str
     message: str
     request_id: str | None = None
+    retry_after_s: float | None = None  # "overloaded": when a retry is likely to be accepted
 
 
 ERROR_CODES = (
@@ -119,6 +124,9 @@ ERROR_CODES = (
     "prompt_too_long",  # prompt plus max_tokens exceeds the model's context
     "duplicate_request_id",  # a live request already has this id
     "unknown_request",  # cancel of an id the broker does not know
+    "overloaded",  # the broker's queue is full: retry after retry_after_s
+    "deadline_exceeded",  # the request did not finish within its deadline_s
+    "shutting_down",  # the broker is draining: it accepts nothing new, or stopped the request
     "internal",  # the engine failed this request (a worker could not run it); not the client's fault
 )
 
@@ -222,6 +230,8 @@ class StatsSnapshot(msgspec.Struct, tag="stats", tag_field="type", kw_only=True)
     requests: list[RequestInfo]  # most recent first, bounded
     events: list[LogEvent]  # most recent last, bounded
     batches: list[BatchRecord]  # most recent last, bounded
+    num_rejected: int = 0  # submissions refused as "overloaded" since start
+    draining: bool = False  # the broker is shutting down: it accepts no new request
 
 
 ClientReply = Accepted | Delta | Finished | Error | StatsSnapshot
@@ -243,6 +253,12 @@ def _decode(decoder: msgspec.msgpack.Decoder, frame: bytes):
         raise ProtocolError("invalid_request", f"invalid message: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ProtocolError("malformed", f"frame is not valid msgpack: {exc}") from None
+    except UnicodeDecodeError as exc:  # msgspec raises it for a str that is not UTF-8
+        raise ProtocolError("malformed", f"a string is not valid UTF-8: {exc.reason}") from None
+    except RecursionError:  # msgspec skips an unknown field's value recursively
+        raise ProtocolError(
+            "malformed", "the frame nests arrays or maps too deeply: flatten the message"
+        ) from None
 
 
 def decode_client_request(frame: bytes) -> ClientRequest:
@@ -288,6 +304,7 @@ class Ready(_W, tag="ready"):
     copy_bytes_per_s: float = 0.0  # measured host <-> device copy rate (0: not measured)
     transfer_bytes_per_s: float = 0.0  # measured handoff rate through its peer socket
     transfer_latency_s: float = 0.0
+    session: int = 0  # bumped at every reset: commands of older sessions are dropped
 
 
 class Heartbeat(_W, tag="hb"):
@@ -297,6 +314,7 @@ class Heartbeat(_W, tag="hb"):
     mem_used_bytes: int | None
     util_percent: float | None
     kv_host_bytes: int = 0  # KV offloaded to the host tier
+    session: int = 0
 
 
 class BatchItem(_W, tag="item"):
@@ -326,6 +344,7 @@ class RunBatch(_W, tag="run"):
     predicted_s: float
     predicted_peak_bytes: int
     max_steps: int  # the batch's step budget (max over items)
+    session: int = 0  # the worker session it was planned for; a worker drops other sessions'
 
 
 class Abort(_W, tag="abort"):
@@ -342,6 +361,22 @@ class DropKV(_W, tag="drop_kv"):
 
 class Shutdown(_W, tag="shutdown"):
     pass
+
+
+class Ping(_W, tag="ping"):
+    """The broker's heartbeat (every heartbeat interval): a worker that hears nothing for its
+    timeout resets itself and announces itself again with Ready. ``draining``: the broker saw
+    this worker's Draining, so every RunBatch it will ever get has been sent before this Ping."""
+
+    draining: bool = False
+
+
+class Reset(_W, tag="reset"):
+    """The broker forgot this worker (lost, hung, or frames from a stranger): if ``session`` is
+    the worker's current one, drop every request and parked KV, then send Ready, session + 1."""
+
+    session: int
+    reason: str
 
 
 class Generated(_W, tag="gen"):
@@ -403,8 +438,17 @@ class WorkerFailed(_W, tag="failed"):
     message: str
 
 
-ToWorker = RunBatch | Abort | DropKV | Shutdown
-FromWorker = Ready | Heartbeat | Generated | Released | BatchDone | KVEvicted | WorkerFailed
+class Draining(_W, tag="draining"):
+    """The worker is shutting down: dispatch nothing more to it. It finishes what it holds and
+    exits after the next Ping, or at ``deadline_s`` disconnects (the broker requeues the rest)."""
+
+    deadline_s: float
+
+
+ToWorker = RunBatch | Abort | DropKV | Shutdown | Ping | Reset
+FromWorker = (
+    Ready | Heartbeat | Generated | Released | BatchDone | KVEvicted | WorkerFailed | Draining
+)
 
 _to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)
 _from_worker_decoder = msgspec.msgpack.Decoder(FromWorker)

@@ -9,9 +9,12 @@ import logging
 from dataclasses import dataclass
 
 from engine import protocol as p
+from engine.broker import admission, intake
+from engine.broker.expiry import Expiry
 from engine.broker.requests import Request, RequestState
+from engine.broker.resume import FinishedCache, FinishedEntry, fingerprint
 from engine.broker.text import Decode
-from engine.broker.validation import Limits, SubmitError, validate_submit
+from engine.broker.validation import Limits, SubmitError
 from engine.broker.workers import BatchState, WorkerState
 from engine.config import SchedulerConfig
 from engine.cost_model import CostModel
@@ -26,20 +29,27 @@ _FINISH_REASONS: dict[str, p.FinishReason] = {"eos": "stop", "length": "length"}
 class ToClient:
     client_id: bytes
     msg: p.Accepted | p.Delta | p.Finished | p.Error
+    droppable: bool = False  # not part of a live request's replies (see broker/outbox.py)
 
 
 @dataclass(frozen=True, slots=True)
 class ToWorker:
     worker_id: str
     identity: bytes
-    msg: p.RunBatch | p.Abort | p.DropKV | p.Shutdown
+    msg: p.RunBatch | p.Abort | p.DropKV | p.Shutdown | p.Ping | p.Reset
 
 
 class BrokerCore:
     """Owns every request's state; applies the policy's plans and checks them."""
 
     def __init__(
-        self, cfg: SchedulerConfig, policy: Policy, decode: Decode, limits: Limits
+        self,
+        cfg: SchedulerConfig,
+        policy: Policy,
+        decode: Decode,
+        limits: Limits,
+        queue_limits: admission.QueueLimits | None = None,
+        client_grace_s: float = 5.0,
     ) -> None:
         self.cfg = cfg
         self.policy = policy
@@ -54,46 +64,42 @@ class BrokerCore:
         self.events: collections.deque[tuple[float, str, str]] = collections.deque(maxlen=200)
         self.num_finished = 0
         self.num_failed = 0
+        self.queue_limits = queue_limits or admission.QueueLimits()
+        self.num_queued_tokens = 0  # prompt plus max_tokens of every live request
+        self.num_rejected = 0  # "overloaded" refusals
+        self.draining = False  # shutting down: accept nothing new
+        self.expiry = Expiry(client_grace_s)
+        self.finished_cache = FinishedCache()
         self._batch_ids = itertools.count(1)
         self._auto_ids = itertools.count(1)
 
     # -- clients ---------------------------------------------------------------------------
 
-    def submit(self, client_id: bytes, msg: p.Submit, prompt_ids: list[int], now: float) -> None:
+    def submit(
+        self, client_id: bytes, msg: p.Submit, prompt_ids: list[int], now: float, owner: bytes = b""
+    ) -> None:
+        """Accept (or refuse) a request. ``owner``: the client's CURVE key (b"" without CURVE);
+        a resubmission from another connection with the same owner resumes the request."""
         request_id = msg.request_id or f"req-{next(self._auto_ids)}"
+        fp = fingerprint(msg, prompt_ids)
+        if intake.resume(self, client_id, request_id, fp, owner, msg.stream):
+            return
         try:
-            validate_submit(msg, prompt_ids, self.limits)
-            self._check_fits_a_worker(len(prompt_ids) + msg.max_tokens)
-            if request_id in self.requests:
-                raise SubmitError(
-                    "duplicate_request_id",
-                    f"request id {request_id!r} is already in flight: choose another id",
-                )
+            intake.check(self, request_id, msg, prompt_ids)
         except SubmitError as exc:
-            self.outbox.append(
-                ToClient(
-                    client_id, p.Error(code=exc.code, message=exc.message, request_id=request_id)
-                )
-            )
+            self.outbox.append(ToClient(client_id, exc.error(request_id), droppable=True))
             return
         req = Request.create(request_id, client_id, msg, prompt_ids, self.decode, now)
+        req.owner, req.fingerprint = owner, fp
+        req.deadline_at = None if msg.deadline_s is None else now + msg.deadline_s
         self.requests[request_id] = req
         self.waiting[request_id] = req
+        self.num_queued_tokens += req.queued_tokens
+        self.expiry.watch(req)
+        self.finished_cache.discard(request_id)
         self.outbox.append(
             ToClient(client_id, p.Accepted(request_id=request_id, prompt_tokens=len(prompt_ids)))
         )
-
-    def _check_fits_a_worker(self, num_tokens: int) -> None:
-        """A request whose KV cannot fit even alone on the largest worker could never run."""
-        if not self.workers:
-            return  # checked by the policy once workers join; it waits meanwhile
-        largest = max(w.cost.memory.max_request_tokens() for w in self.workers.values())
-        if num_tokens > largest:
-            raise SubmitError(
-                "prompt_too_long",
-                f"request rejected: prompt plus max_tokens is {num_tokens:,} tokens, but the largest "
-                f"worker's KV budget holds {largest:,}: shorten it or raise the workers' --kv-budget",
-            )
 
     def cancel(self, client_id: bytes, request_id: str, now: float) -> None:
         req = self.requests.get(request_id)
@@ -107,15 +113,46 @@ class BrokerCore:
             return
         self._finish(req, "cancelled", now, RequestState.CANCELLED)
 
-    def drop_client(self, client_id: bytes, now: float) -> None:
-        for req in [r for r in self.requests.values() if r.client_id == client_id]:
-            self._finish(req, "cancelled", now, RequestState.CANCELLED, notify=False)
+    def client_gone(self, client_id: bytes, now: float) -> None:
+        """The client's connection closed: its requests run on for the grace period (it may
+        reconnect and resume them), then expire() cancels them."""
+        for req in self.requests.values():
+            if req.client_id == client_id:
+                self.expiry.orphan(req.request_id, now)
+
+    def expire(self, now: float) -> None:
+        """End requests past their deadline, and those whose client left and did not return."""
+        for req, why in self.expiry.due(now, self.requests):
+            if req.request_id not in self.requests:
+                continue
+            if why == "abandoned":
+                self._finish(req, "cancelled", now, RequestState.CANCELLED, notify=False)
+                continue
+            message = (
+                f"request {req.request_id!r} did not finish within its deadline_s "
+                f"({len(req.generated)} of {req.params.max_tokens} tokens generated): it was "
+                "stopped. Pass a larger deadline_s or a smaller max_tokens"
+            )
+            self.end_with_error(req, "deadline_exceeded", message, now)
+
+    def end_with_error(self, req: Request, code: str, message: str, now: float) -> None:
+        """Stop a live request wherever it is and answer it with an Error."""
+        if req.state is RequestState.RUNNING and req.worker_id in self.workers:
+            self._send(self.workers[req.worker_id], p.Abort(request_ids=[req.request_id]))
+        self._fail(req, code, message, now)
+
+    def stop_all(self, code: str, message: str, now: float) -> None:
+        """End every live request with an Error (the broker stops)."""
+        for req in list(self.requests.values()):
+            self.end_with_error(req, code, message, now)
 
     # -- workers ---------------------------------------------------------------------------
 
     def add_worker(self, identity: bytes, ready: p.Ready, now: float) -> None:
         if ready.worker_id in self.workers:
-            self.remove_worker(ready.worker_id, now, reason="reconnected")
+            self.remove_worker(
+                ready.worker_id, now, reason=f"announced again (session {ready.session})"
+            )
         cost = CostModel.from_ready(
             ready.time_model, ready.kv_bytes_per_token, ready.kv_budget_bytes
         )
@@ -126,6 +163,7 @@ class BrokerCore:
             cost=cost,
             joined_at=now,
             last_seen_at=now,
+            session=ready.session,
         )
         self.limits = self.limits.with_worker(ready)
         self.log(
@@ -135,12 +173,15 @@ class BrokerCore:
             f"KV budget {ready.kv_budget_bytes / 2**20:.0f} MiB)",
         )
 
-    def remove_worker(self, worker_id: str, now: float, reason: str) -> None:
+    def remove_worker(self, worker_id: str, now: float, reason: str, reset: bool = False) -> None:
         """Forget a worker; everything it was running goes back to the pool with the tokens
-        already generated (the request continues from there on another worker)."""
+        already generated (the request continues from there on another worker). ``reset``: it
+        may still be alive, so tell it to drop everything and announce itself again."""
         worker = self.workers.pop(worker_id, None)
         if worker is None:
             return
+        if reset:
+            self._send(worker, p.Reset(session=worker.session, reason=reason))
         num_requeued = 0
         for req in self.requests.values():
             if req.kv_worker_id == worker_id:
@@ -160,9 +201,19 @@ class BrokerCore:
 
     def on_heartbeat(self, worker: WorkerState, msg: p.Heartbeat, now: float) -> None:
         worker.heartbeat = msg
-        worker.progress = msg.progress
+        if msg.progress != worker.progress:
+            worker.progress, worker.progress_at = msg.progress, now
+
+    def on_draining(self, worker: WorkerState, msg: p.Draining, now: float) -> None:
+        worker.draining = True
+        self.log(
+            now,
+            "info",
+            f"worker {worker.worker_id} is draining (leaves within {msg.deadline_s:.0f} s)",
+        )
 
     def on_generated(self, worker: WorkerState, msg: p.Generated, now: float) -> None:
+        worker.progress_at = now
         num_tokens = 0
         for request_id, token_ids in msg.tokens:
             req = self.requests.get(request_id)
@@ -245,8 +296,10 @@ class BrokerCore:
     def schedule(self, now: float) -> list[Dispatch]:
         if not self.waiting or not self.workers:
             return []
+        views = [self._worker_view(w) for w in self.workers.values() if not w.draining]
+        if not views:
+            return []
         waiting = [self._waiting_view(r) for r in self.waiting.values()]
-        views = [self._worker_view(w) for w in self.workers.values()]
         plan = self.policy.schedule(waiting, views, now)
         applied = []
         seen: set[str] = set()
@@ -260,8 +313,8 @@ class BrokerCore:
         """The broker checks every plan: known worker, waiting requests, none twice, memory."""
         worker = self.workers.get(d.worker_id)
         problems = []
-        if worker is None:
-            problems.append(f"unknown worker {d.worker_id}")
+        if worker is None or worker.draining:
+            problems.append(f"unknown or draining worker {d.worker_id}")
         elif not d.join and d.predicted_peak_bytes > worker.kv_budget_bytes:
             problems.append(
                 f"predicted peak {d.predicted_peak_bytes} B above budget {worker.kv_budget_bytes} B"
@@ -308,6 +361,7 @@ class BrokerCore:
                 predicted_s=d.predicted_s,
                 predicted_peak_bytes=d.predicted_peak_bytes,
                 max_steps=d.max_steps,
+                session=worker.session,
             ),
         )
 
@@ -389,8 +443,12 @@ class BrokerCore:
             self.outbox.append(
                 ToClient(req.client_id, p.Delta(request_id=req.request_id, text=tail, token_ids=[]))
             )
+        finished = req.finished_message(reason)
         if notify:
-            self.outbox.append(ToClient(req.client_id, req.finished_message(reason)))
+            self.outbox.append(ToClient(req.client_id, finished))
+        if state is RequestState.FINISHED:  # a resubmission is answered from here
+            entry = FinishedEntry(req.fingerprint, req.owner, len(req.prompt_ids), finished)
+            self.finished_cache.add(entry)
         self._forget(req)
         self.num_finished += state is RequestState.FINISHED
 
@@ -405,8 +463,10 @@ class BrokerCore:
         self.num_failed += 1
 
     def _forget(self, req: Request) -> None:
-        self.requests.pop(req.request_id, None)
+        if self.requests.pop(req.request_id, None) is not None:
+            self.num_queued_tokens -= req.queued_tokens
         self.waiting.pop(req.request_id, None)
+        self.expiry.adopt(req.request_id)
         if req.worker_id in self.workers:
             batch = self.workers[req.worker_id].batches.get(req.batch_id)
             if batch is not None:
@@ -420,7 +480,7 @@ class BrokerCore:
             self._send(worker, p.DropKV(request_ids=[req.request_id]))
         req.kv_worker_id = None
 
-    def _send(self, worker: WorkerState, msg: p.RunBatch | p.Abort | p.DropKV | p.Shutdown) -> None:
+    def _send(self, worker: WorkerState, msg: p.RunBatch | p.Abort | p.DropKV | p.Reset) -> None:
         self.outbox.append(ToWorker(worker.worker_id, worker.identity, msg))
 
     def log(self, now: float, level: str, message: str) -> None:

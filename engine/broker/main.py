@@ -1,4 +1,5 @@
-"""Starts a broker: tokenizer, policy, core and ZeroMQ server, until SIGINT or SIGTERM."""
+"""Starts a broker: tokenizer, policy, core and ZeroMQ server. The first SIGINT or SIGTERM
+drains (no new requests; accepted ones finish within drain_timeout_s), a second one stops."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import signal
 from collections.abc import Callable
 
+from engine.broker.admission import QueueLimits
 from engine.broker.core import BrokerCore
 from engine.broker.server import BrokerServer
 from engine.broker.validation import Limits
@@ -24,7 +26,9 @@ def build_server(cfg: BrokerConfig, codec: TextCodec | None = None) -> BrokerSer
         max_gen_len=cfg.scheduler.max_gen_len,
         vocab_size=codec.vocab_size,
     )
-    core = BrokerCore(cfg.scheduler, make_policy(cfg.scheduler), codec.decode, limits)
+    queue_limits = QueueLimits(cfg.max_queued_requests, cfg.max_queued_tokens)
+    policy = make_policy(cfg.scheduler)
+    core = BrokerCore(cfg.scheduler, policy, codec.decode, limits, queue_limits, cfg.client_grace_s)
     return BrokerServer(cfg, core, codec)
 
 
@@ -32,18 +36,26 @@ async def serve_broker(
     cfg: BrokerConfig,
     on_ready: Callable[[BrokerServer], None] | None = None,
     stop: asyncio.Event | None = None,
+    drain: asyncio.Event | None = None,
 ) -> None:
-    """Run until ``stop`` is set or the process gets SIGINT/SIGTERM."""
-    stop = stop or asyncio.Event()
+    """Run until ``stop`` is set, or a drain (``drain`` set, or a first SIGINT/SIGTERM) ends."""
+    stop, drain = stop or asyncio.Event(), drain or asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if drain.is_set():
+            log.warning("second signal: stopping now")
+            stop.set()
+        drain.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
-        except (RuntimeError, ValueError):  # not the main thread: the caller owns ``stop``
+            loop.add_signal_handler(sig, on_signal)
+        except (RuntimeError, ValueError):  # not the main thread: the caller owns the events
             pass
     codec = await asyncio.to_thread(TextCodec.load, cfg.model)
     server = build_server(cfg, codec)
-    task = asyncio.create_task(server.run(stop))
+    task = asyncio.create_task(server.run(stop, drain))
     await server.ready.wait()
     if on_ready is not None:
         on_ready(server)

@@ -51,6 +51,9 @@ class Request:
     first_token_at: float | None = None
     finished_at: float | None = None
     waiting_since: float = 0.0
+    owner: bytes = b""  # the client's CURVE public key (b"" without CURVE): who may resume it
+    fingerprint: bytes = b""  # see broker/resume.py: what a resubmission must repeat
+    deadline_at: float | None = None
 
     @classmethod
     def create(
@@ -84,6 +87,11 @@ class Request:
     @property
     def context_len(self) -> int:
         return len(self.prompt_ids) + len(self.generated)
+
+    @property
+    def queued_tokens(self) -> int:
+        """What it counts against --max-queued-tokens: prompt plus max_tokens."""
+        return len(self.prompt_ids) + self.params.max_tokens
 
     @property
     def max_new_tokens(self) -> int:

@@ -27,7 +27,7 @@ def worker_stats(core: BrokerCore, worker: WorkerState, now: float) -> p.WorkerS
     return p.WorkerStats(
         worker_id=worker.worker_id,
         device=worker.ready.device,
-        state="busy" if worker.batches else "idle",
+        state="draining" if worker.draining else "busy" if worker.batches else "idle",
         queued=[b.info() for b in queued],
         running=[b.info() for b in started],
         num_running_requests=len(running_ids),
@@ -77,4 +77,6 @@ def snapshot(core: BrokerCore, now: float, started_at: float) -> p.StatsSnapshot
             -50:
         ],
         batches=list(core.batch_records)[-64:],
+        num_rejected=core.num_rejected,
+        draining=core.draining,
     )

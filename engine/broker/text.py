@@ -42,6 +42,11 @@ class TextStream:
             return self._take(len(self.text))
         return self._take(len(self.text) - self._held_back())
 
+    @property
+    def emitted(self) -> str:
+        """The text handed out so far (what a resumed stream's catch-up Delta carries)."""
+        return self.text[: self._emitted_len]
+
     def finish(self) -> str:
         """The request ended: emit everything not yet emitted."""
         return self._take(len(self.text))

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import msgspec
+
 from engine import protocol as p
 
 
 class SubmitError(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
+
+    def error(self, request_id: str | None) -> p.Error:
+        return p.Error(
+            code=self.code,
+            message=self.message,
+            request_id=request_id,
+            retry_after_s=self.retry_after_s,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,8 +35,9 @@ class Limits:
         return replace(self, max_context_len=min(self.max_context_len, ready.max_context_len))
 
 
-def check_prompt_fields(msg: p.Submit) -> None:
-    """Exactly one prompt form; checked before tokenization."""
+def check_prompt_fields(msg: p.Submit, max_prompt_chars: int | None = None) -> None:
+    """Exactly one prompt form, and (given ``max_prompt_chars``) no text so long that no model
+    context could hold it: checked before tokenization, which would cost the broker's time."""
     given = [
         name for name in ("prompt", "prompt_ids", "messages") if getattr(msg, name) is not None
     ]
@@ -34,6 +46,33 @@ def check_prompt_fields(msg: p.Submit) -> None:
             "invalid_request",
             f"give exactly one of prompt, prompt_ids or messages (got {', '.join(given) or 'none'})",
         )
+    if max_prompt_chars is None:
+        return
+    num_chars = len(msg.prompt or "") + sum(
+        len(m.content) + len(m.role) for m in msg.messages or ()
+    )
+    if num_chars > max_prompt_chars:
+        raise SubmitError(
+            "prompt_too_long",
+            f"request rejected: the prompt has {num_chars:,} characters, more than the model's "
+            f"context could hold ({max_prompt_chars:,}): shorten it",
+        )
+
+
+class _Peek(msgspec.Struct):
+    request_id: str | None = None
+
+
+_peek_decoder = msgspec.msgpack.Decoder(_Peek)
+
+
+def peek_request_id(frame: bytes) -> str | None:
+    """Best effort: the request id of a frame that failed validation, so the client can match
+    the error. Decodes only that field (others are skipped, never built)."""
+    try:
+        return _peek_decoder.decode(frame).request_id
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None  # not a map, or no string request_id: the reply carries none
 
 
 def validate_submit(msg: p.Submit, prompt_ids: list[int], limits: Limits) -> None:
@@ -55,6 +94,10 @@ def validate_submit(msg: p.Submit, prompt_ids: list[int], limits: Limits) -> Non
         raise SubmitError(bad, f"top_p must be in (0, 1]; got {msg.top_p}")
     if msg.top_k < 0:
         raise SubmitError(bad, f"top_k must be >= 0 (0 disables it); got {msg.top_k}")
+    if msg.deadline_s is not None and not 0.0 < msg.deadline_s < float("inf"):
+        raise SubmitError(
+            bad, f"deadline_s must be a positive number of seconds; got {msg.deadline_s}"
+        )
     if msg.seed is not None and not 0 <= msg.seed < 2**63:
         raise SubmitError(bad, f"seed must be in [0, 2**63); got {msg.seed}")
     if any(not 0 <= t < limits.vocab_size for t in prompt_ids):

@@ -48,6 +48,9 @@ class WorkerState:
     busy_until: float = 0.0
     parked: dict[str, int] = field(default_factory=dict)  # request id -> parked KV bytes
     progress: int = 0
+    progress_at: float = 0.0  # when progress last moved, or its first batch was dispatched
+    session: int = 0  # from its Ready: RunBatch carries it, Reset names it
+    draining: bool = False  # it sent Draining: nothing more is dispatched to it
     heartbeat: p.Heartbeat | None = None
     generated_tokens: int = 0
     busy_s: float = 0.0
@@ -64,6 +67,8 @@ class WorkerState:
         return [b for b in self.batches.values() if b.step == 0 and not b.dispatch.join]
 
     def add_batch(self, batch: BatchState, now: float) -> None:
+        if not self.batches:  # idle until now: the hang clock starts with this batch
+            self.progress_at = now
         self.batches[batch.batch_id] = batch
         if batch.dispatch.join:
             self.busy_until = max(self.busy_until, now + batch.dispatch.predicted_s)
@@ -77,6 +82,24 @@ class WorkerState:
         remaining = sum(b.dispatch.predicted_s for b in self.batches.values())
         self.busy_until = now + remaining
         return batch
+
+    def lost_reason(self, now: float, timeout_s: float, hang_factor: float) -> str | None:
+        """Why this worker must be declared lost now, or None. Silent: no frame for
+        ``timeout_s``. Hung: batches dispatched, yet its decode progress counter stood still for
+        ``timeout_s`` plus ``hang_factor`` times the predicted seconds of its longest batch (so
+        a long legitimate prefill, which the cost model predicts, is not taken for a hang)."""
+        if now - self.last_seen_at > timeout_s:
+            return f"silent for {now - self.last_seen_at:.1f} s"
+        if not self.batches:
+            return None
+        longest_s = max(b.dispatch.predicted_s for b in self.batches.values())
+        allowed_s = timeout_s + hang_factor * longest_s
+        if now - self.progress_at > allowed_s:
+            return (
+                f"hung: no decode progress for {now - self.progress_at:.1f} s with "
+                f"{len(self.batches)} batch(es) dispatched (allowed {allowed_s:.1f} s)"
+            )
+        return None
 
     def tokens_per_s(self, now: float, window_s: float = 5.0) -> float:
         while self.token_times and self.token_times[0][0] < now - window_s:

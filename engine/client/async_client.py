@@ -22,6 +22,7 @@ from engine.client.errors import (
 from engine.client.inflight import Inflight, check_timeout
 from engine.client.streams import AsyncStream
 from engine.client.types import ChatInput, GenerateResult, build_submit
+from engine.curve import ClientKeys
 from engine.protocol import (
     Accepted,
     Cancel,
@@ -54,13 +55,16 @@ class AsyncClient:
         timeout_s: float | None = None,
         connect_timeout_s: float = 5.0,
         context: zmq.asyncio.Context | None = None,
+        curve: ClientKeys | None = None,
     ) -> None:
         self.addr = addr
         self.timeout_s = check_timeout("timeout_s", timeout_s)
         self.connect_timeout_s = check_timeout(
             "connect_timeout_s", connect_timeout_s, none_ok=False
         )
-        self._conn = Connection(addr, send_timeout_s=self.connect_timeout_s, context=context)
+        self._conn = Connection(
+            addr, send_timeout_s=self.connect_timeout_s, context=context, curve=curve
+        )
         self._inflight: dict[str, Inflight] = {}
         self._stats_waiters: deque[asyncio.Future[StatsSnapshot]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -236,6 +240,10 @@ class AsyncClient:
         if isinstance(item, BaseException):
             raise item
         if isinstance(item, Error):
+            if item.code == "deadline_exceeded":  # the broker enforced the same limit
+                raise RequestTimeout(
+                    inflight.request_id, inflight.timeout_s or 0.0, inflight.num_tokens
+                )
             raise RequestRejected.from_error(item)
         return item
 

@@ -11,6 +11,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from engine.client.errors import Disconnected
+from engine.curve import ClientKeys
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,12 @@ class Connection:
     """
 
     def __init__(
-        self, addr: str, *, send_timeout_s: float, context: zmq.asyncio.Context | None = None
+        self,
+        addr: str,
+        *,
+        send_timeout_s: float,
+        context: zmq.asyncio.Context | None = None,
+        curve: ClientKeys | None = None,
     ) -> None:
         self.addr = addr
         self.send_timeout_s = send_timeout_s
@@ -42,6 +48,8 @@ class Connection:
         self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
         self._monitor = self._sock.get_monitor_socket(_MONITOR_EVENTS)
         self._monitor.linger = 0
+        if curve is not None:  # a broker started with --curve (docs/PROTOCOL.md, section 12)
+            curve.apply(self._sock)
         try:
             self._sock.connect(addr)
         except zmq.ZMQError as exc:

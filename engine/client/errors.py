@@ -21,12 +21,19 @@ class RequestRejected(EngineError):
     not tell which request the error was about.
     """
 
-    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        request_id: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         where = f"request {request_id!r}" if request_id is not None else "request"
         super().__init__(f"{where} rejected ({code}): {message}")
         self.code = code
         self.message = message
         self.request_id = request_id
+        self.retry_after_s = retry_after_s  # with "overloaded": the broker's estimate
 
     @property
     def retryable(self) -> bool:
@@ -35,7 +42,7 @@ class RequestRejected(EngineError):
 
     @classmethod
     def from_error(cls, error: Error) -> RequestRejected:
-        return cls(error.code, error.message, error.request_id)
+        return cls(error.code, error.message, error.request_id, error.retry_after_s)
 
 
 class InvalidRequest(RequestRejected, ValueError):

@@ -19,6 +19,7 @@ from engine.client.connection import DEFAULT_ADDR
 from engine.client.errors import ClientClosed
 from engine.client.streams import AsyncStream
 from engine.client.types import ChatInput, GenerateResult, TokenDelta
+from engine.curve import ClientKeys
 from engine.protocol import StatsSnapshot
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,10 @@ async def _cancel_other_tasks() -> None:
     await asyncio.get_running_loop().shutdown_asyncgens()
 
 
-async def _make_client(addr: str, timeout_s: float | None, connect_timeout_s: float) -> AsyncClient:
-    return AsyncClient(addr, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+async def _make_client(
+    addr: str, timeout_s: float | None, connect_timeout_s: float, curve: ClientKeys | None
+) -> AsyncClient:
+    return AsyncClient(addr, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, curve=curve)
 
 
 def _shutdown(runner: _LoopThread, aclient: AsyncClient) -> None:
@@ -169,11 +172,12 @@ class Client:
         *,
         timeout_s: float | None = None,
         connect_timeout_s: float = 5.0,
+        curve: ClientKeys | None = None,
     ) -> None:
         self.addr = addr
         runner = _LoopThread()
         try:
-            aclient = runner.call(_make_client(addr, timeout_s, connect_timeout_s))
+            aclient = runner.call(_make_client(addr, timeout_s, connect_timeout_s, curve))
         except BaseException:
             runner.stop()
             raise

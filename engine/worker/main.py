@@ -7,6 +7,7 @@ import os
 import platform
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -74,7 +75,9 @@ def time_model(
     return model
 
 
-def build(cfg: WorkerConfig) -> tuple[Executor, p.Ready]:
+def build(cfg: WorkerConfig) -> tuple[Callable[[], Executor], p.Ready]:
+    """Load the model and profile it; returns a factory of fresh executors over the loaded model
+    (one at start, one at every reset) and the worker's Ready."""
     num_threads = set_threads(cfg)
     loaded = load_model(cfg.model, cfg.device, cfg.dtype)
     runner = Runner(loaded)
@@ -99,15 +102,18 @@ def build(cfg: WorkerConfig) -> tuple[Executor, p.Ready]:
         mem_total_bytes=probe(loaded.device)[1],
         time_model=params,
     )
-    return Executor(runner, budget), ready
+    return lambda: Executor(runner, budget), ready
 
 
 def run_worker(cfg: WorkerConfig) -> int:
-    executor, ready = build(cfg)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    device = executor.runner.device
+    make_executor, ready = build(cfg)
+    stop, abort = threading.Event(), threading.Event()
+
+    def on_signal(*_: object) -> None:  # the first drains, a second one leaves at once
+        (abort if stop.is_set() else stop).set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     log.info(
         "worker %s ready on %s: KV budget %.0f MiB; connecting to %s",
         ready.worker_id,
@@ -115,8 +121,8 @@ def run_worker(cfg: WorkerConfig) -> int:
         ready.kv_budget_bytes / 2**20,
         cfg.connect,
     )
-    loop = WorkerLoop(cfg, executor, ready, lambda: probe(device))
-    loop.serve(stop)
+    loop = WorkerLoop(cfg, make_executor, ready, lambda: probe(loop.executor.runner.device))
+    loop.serve(stop, abort)
     return 1 if loop.compute.failed else 0
 
 
