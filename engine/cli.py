@@ -42,6 +42,8 @@ def _serve(args: argparse.Namespace) -> int:
             ]
             if args.kv_budget:
                 argv += ["--kv-budget", str(args.kv_budget)]
+            if args.host_kv_budget is not None:
+                argv += ["--host-kv-budget", str(args.host_kv_budget)]
             if args.no_profile:
                 argv.append("--no-profile")
             procs.append(spawn(argv + _serve_worker_curve_args(cfg.curve_dir)))

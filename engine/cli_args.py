@@ -41,9 +41,10 @@ def add_scheduler_flags(ap: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--kv-mode",
-        choices=["keep", "recompute"],
-        default="keep",
-        help="between slices: keep the KV cache on its worker, or re-prefill",
+        choices=["auto", "keep", "recompute"],
+        default="auto",
+        help="between slices: auto (the cheapest of keeping, offloading, handing off to another "
+        "worker or recomputing each KV cache), keep (on its worker), or recompute (re-prefill)",
     )
     g.add_argument("--ils-admission", choices=["reserve", "optimistic"], default="reserve")
     g.add_argument(
@@ -120,6 +121,18 @@ def add_worker_flags(ap: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip the start-up time profile (the time model then uses defaults)",
     )
+    g.add_argument(
+        "--host-kv-budget",
+        type=parse_bytes,
+        default=None,
+        help="host memory for KV caches offloaded between slices, e.g. 4GiB (default 2GiB; 0: none)",
+    )
+    g.add_argument(
+        "--peer-bind",
+        default="tcp://127.0.0.1:*",
+        help="where this worker serves KV caches to other workers (port * picks a free one)",
+    )
+    g.add_argument("--slowdown", type=float, default=1.0, help=argparse.SUPPRESS)  # benchmarks
 
 
 def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
@@ -165,6 +178,9 @@ def worker_config(
         kv_budget_bytes=args.kv_budget,
         num_threads=threads,
         profile=not args.no_profile,
+        host_kv_budget_bytes=getattr(args, "host_kv_budget", None),
+        peer_bind=getattr(args, "peer_bind", None) or "tcp://127.0.0.1:*",
+        slowdown=getattr(args, "slowdown", 1.0),
         worker_id=getattr(args, "worker_id", None),
         drain_timeout_s=getattr(args, "drain_timeout", 30.0),
         curve_secret_key=getattr(args, "curve_key", None),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 PolicyName = Literal["scls", "ils", "sls"]
-KVMode = Literal["recompute", "keep"]
+KVMode = Literal["auto", "recompute", "keep"]
 ILSAdmission = Literal["reserve", "optimistic"]
 
 DEFAULT_KV_BUDGET_BYTES = 2 * 1024**3
@@ -24,8 +24,10 @@ class SchedulerConfig:
     max_gen_len: int = 1024
     """Maximal generation length L in tokens: requests asking for more are rejected; SLS and
     reserve-ILS size batches for it."""
-    kv_mode: KVMode = "keep"
-    """Between slices: keep the KV cache parked on its worker, or re-prefill (recompute)."""
+    kv_mode: KVMode = "auto"
+    """Between slices: "auto" brings each request's KV cache wherever its next slice is cheapest
+    (kept, restored from host memory, handed off to another worker, or recomputed: see
+    docs/SCHEDULING.md); "keep" parks it on its worker only; "recompute" re-prefills it."""
     ils_admission: ILSAdmission = "reserve"
     """ILS: reserve L tokens per request at admission, or admit on current usage and preempt."""
     max_concurrency: int | None = None
@@ -99,3 +101,11 @@ class WorkerConfig:
     """The broker's public key file (``broker.key``), with curve_secret_key."""
     profile: bool = True
     """Profile the device at start (cached per model, device and dtype) to fit the time model."""
+    host_kv_budget_bytes: int | None = None
+    """Host memory for KV caches offloaded between slices (pinned on a GPU; on a CPU a pool of
+    its own, so that kv_budget_bytes keeps modelling device memory). None: 2 GiB; 0: none."""
+    peer_bind: str = "tcp://127.0.0.1:*"
+    """Where this worker serves its parked KV to peers (announced to the broker in Ready);
+    loopback unless told otherwise, e.g. tcp://0.0.0.0:* for workers on several hosts."""
+    slowdown: float = 1.0
+    """Benchmarks only: every forward pass takes this many times as long (a slower device)."""

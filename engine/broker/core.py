@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from engine import protocol as p
 from engine.broker import admission, intake
 from engine.broker.expiry import Expiry
+from engine.broker.kv_ledger import KVLedger
 from engine.broker.requests import Request, RequestState
 from engine.broker.resume import FinishedCache, FinishedEntry, fingerprint
 from engine.broker.text import Decode
@@ -18,6 +19,7 @@ from engine.broker.validation import Limits, SubmitError
 from engine.broker.workers import BatchState, WorkerState
 from engine.config import SchedulerConfig
 from engine.cost_model import CostModel
+from engine.kv_cost import KVMoveModel
 from engine.scheduler.base import Dispatch, Policy, RunningRequest, WaitingRequest, WorkerView
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ class BrokerCore:
         self.finished_cache = FinishedCache()
         self._batch_ids = itertools.count(1)
         self._auto_ids = itertools.count(1)
+        self.kv = KVLedger()  # parked KV's tiers and the handoffs in flight
 
     # -- clients ---------------------------------------------------------------------------
 
@@ -153,8 +156,11 @@ class BrokerCore:
             self.remove_worker(
                 ready.worker_id, now, reason=f"announced again (session {ready.session})"
             )
+        moves = KVMoveModel.measured(
+            ready.copy_bytes_per_s, ready.transfer_bytes_per_s, ready.transfer_latency_s
+        )
         cost = CostModel.from_ready(
-            ready.time_model, ready.kv_bytes_per_token, ready.kv_budget_bytes
+            ready.time_model, ready.kv_bytes_per_token, ready.kv_budget_bytes, moves
         )
         self.workers[ready.worker_id] = WorkerState(
             worker_id=ready.worker_id,
@@ -239,6 +245,7 @@ class BrokerCore:
             if msg.kv_kept:  # the request ended meanwhile (stop string, cancel): free its KV
                 self._send(worker, p.DropKV(request_ids=[msg.request_id]))
             return
+        self.kv.settle(self, req.request_id)  # a handoff into this batch is over
         if msg.reason in _FINISH_REASONS:
             self._finish(req, _FINISH_REASONS[msg.reason], now, RequestState.FINISHED)
         elif msg.reason in ("budget", "preempted"):
@@ -246,12 +253,19 @@ class BrokerCore:
             if msg.kv_kept:
                 req.kv_worker_id = worker.worker_id
                 worker.parked[req.request_id] = req.context_len * worker.ready.kv_bytes_per_token
+                self.kv.moved([req.request_id], offloaded=False)
         elif msg.reason == "error":
             self._fail(req, "internal", f"the worker could not run it: {msg.message}", now)
 
-    def on_kv_evicted(self, worker: WorkerState, request_ids: list[str]) -> None:
+    def on_kv_evicted(
+        self, worker: WorkerState, request_ids: list[str], offloaded: bool = False
+    ) -> None:
+        """Parked KV left the worker's device: to its host tier (``offloaded``), or gone."""
+        self.kv.moved(request_ids, offloaded)
         for request_id in request_ids:
             worker.parked.pop(request_id, None)
+            if offloaded:
+                continue
             req = self.requests.get(request_id)
             if req is not None and req.kv_worker_id == worker.worker_id:
                 req.kv_worker_id = None
@@ -259,6 +273,7 @@ class BrokerCore:
     def on_batch_done(self, worker: WorkerState, msg: p.BatchDone, now: float) -> None:
         batch = worker.finish_batch(msg.batch_id, msg.measured_s, now)
         worker.cost.time.observe(msg.prefill_samples, msg.decode_samples)
+        worker.cost.kv.observe(msg.transfer_samples, msg.copy_samples)
         if batch is None:
             return
         d = batch.dispatch
@@ -282,6 +297,9 @@ class BrokerCore:
                 predicted_peak_bytes=d.predicted_peak_bytes,
                 measured_peak_bytes=msg.measured_peak_bytes,
                 early_return=msg.steps < d.max_steps,
+                handoff_tokens=msg.handoff_tokens,
+                handoff_bytes=msg.handoff_bytes,
+                restored_tokens=msg.restored_tokens,
             )
         )
 
@@ -323,6 +341,8 @@ class BrokerCore:
             problems.append("empty dispatch")
         if any(rid not in self.waiting or rid in seen for rid in d.request_ids):
             problems.append("a request is not waiting or is planned twice")
+        if not set(d.handoff_ids) <= set(d.request_ids):
+            problems.append("a handoff for a request that is not in the batch")
         if problems:
             log.error(
                 "policy %s produced an invalid dispatch (%s); dropped",
@@ -336,12 +356,11 @@ class BrokerCore:
     def _apply(self, d: Dispatch, now: float) -> None:
         worker = self.workers[d.worker_id]
         batch_id = next(self._batch_ids)
-        keep_kv = self.cfg.kv_mode == "keep"
+        keep_kv = self.cfg.kv_mode != "recompute"
         items = []
         for request_id in d.request_ids:
             req = self.waiting.pop(request_id)
-            if req.kv_worker_id is not None and req.kv_worker_id != d.worker_id:
-                self._drop_parked(req)
+            kv_source = self.kv.kv_source(self, req, d)  # pull from its holder, or free it there
             req.state = RequestState.RUNNING
             req.worker_id, req.batch_id = d.worker_id, batch_id
             req.num_slices += 1
@@ -350,6 +369,7 @@ class BrokerCore:
                 req.first_dispatched_at = now
             worker.parked.pop(request_id, None)
             items.append(req.batch_item(min(d.max_steps, req.max_new_tokens), keep_kv))
+            items[-1].kv_source = kv_source
         batch = BatchState(batch_id, d.worker_id, d, set(d.request_ids), now, len(d.request_ids))
         worker.add_batch(batch, now)
         self._send(
@@ -374,6 +394,7 @@ class BrokerCore:
             max_new_tokens=req.max_new_tokens,
             arrived_at=req.arrived_at,
             kv_worker_id=req.kv_worker_id,
+            kv_on_host=req.request_id in self.kv.on_host,
         )
 
     def _worker_view(self, worker: WorkerState) -> WorkerView:
@@ -466,6 +487,7 @@ class BrokerCore:
         if self.requests.pop(req.request_id, None) is not None:
             self.num_queued_tokens -= req.queued_tokens
         self.waiting.pop(req.request_id, None)
+        self.kv.forget(self, req.request_id)
         self.expiry.adopt(req.request_id)
         if req.worker_id in self.workers:
             batch = self.workers[req.worker_id].batches.get(req.batch_id)
@@ -474,11 +496,7 @@ class BrokerCore:
         self.done.append(req)
 
     def _drop_parked(self, req: Request) -> None:
-        worker = self.workers.get(req.kv_worker_id) if req.kv_worker_id else None
-        if worker is not None:
-            worker.parked.pop(req.request_id, None)
-            self._send(worker, p.DropKV(request_ids=[req.request_id]))
-        req.kv_worker_id = None
+        self.kv.drop(self, req)
 
     def _send(self, worker: WorkerState, msg: p.RunBatch | p.Abort | p.DropKV | p.Reset) -> None:
         self.outbox.append(ToWorker(worker.worker_id, worker.identity, msg))

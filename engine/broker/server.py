@@ -225,7 +225,7 @@ class BrokerServer:
         elif isinstance(msg, p.Heartbeat):
             self.core.on_heartbeat(worker, msg, now)
         elif isinstance(msg, p.KVEvicted):
-            self.core.on_kv_evicted(worker, msg.request_ids)
+            self.core.on_kv_evicted(worker, msg.request_ids, msg.offloaded)
         elif isinstance(msg, p.WorkerFailed):
             self.core.on_worker_failed(worker, msg, now)
         elif isinstance(msg, p.Draining):

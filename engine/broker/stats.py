@@ -41,6 +41,8 @@ def worker_stats(core: BrokerCore, worker: WorkerState, now: float) -> p.WorkerS
         tokens_per_s=worker.tokens_per_s(now),
         generated_tokens=worker.generated_tokens,
         busy_s=worker.busy_s,
+        kv_host_bytes=hb.kv_host_bytes if hb else 0,
+        kv_host_budget_bytes=worker.ready.host_kv_budget_bytes,
     )
 
 

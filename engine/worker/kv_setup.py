@@ -25,7 +25,7 @@ DEFAULT_HOST_KV_BUDGET_BYTES = 2 * 1024**3
 
 
 def host_kv_budget_bytes(cfg: WorkerConfig) -> int:
-    budget = getattr(cfg, "host_kv_budget_bytes", None)
+    budget = cfg.host_kv_budget_bytes
     return DEFAULT_HOST_KV_BUDGET_BYTES if budget is None else budget
 
 
@@ -61,7 +61,7 @@ def attach_handoffs(
     shape = kv_wire.KVShape(
         info.num_layers, info.num_kv_heads, info.head_dim, layout.dtype, executor.kv_budget_bytes
     )
-    bind = getattr(cfg, "peer_bind", None) or DEFAULT_PEER_BIND
+    bind = cfg.peer_bind or DEFAULT_PEER_BIND
     thread = HandoffThread(
         ctx, lambda: compute.executor.kv_store, shape, compute.commands.put, bind=bind
     )

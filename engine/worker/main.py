@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import torch
 
 from engine import protocol as p
@@ -17,6 +18,7 @@ from engine.config import DEFAULT_KV_BUDGET_BYTES, WorkerConfig
 from engine.cost_model import CostModelError, TimeModel
 from engine.models import models_cache_root
 from engine.worker.executor import Executor
+from engine.worker.kv_setup import kv_store_factory
 from engine.worker.memory_probe import probe
 from engine.worker.model_loader import LoadedModel, load_model
 from engine.worker.runner import Runner
@@ -80,7 +82,7 @@ def build(cfg: WorkerConfig) -> tuple[Callable[[], Executor], p.Ready]:
     (one at start, one at every reset) and the worker's Ready."""
     num_threads = set_threads(cfg)
     loaded = load_model(cfg.model, cfg.device, cfg.dtype)
-    runner = Runner(loaded)
+    runner = Runner(loaded, slowdown=cfg.slowdown)
     budget = kv_budget_bytes(cfg, loaded.device)
     params = None
     if cfg.profile:
@@ -102,7 +104,9 @@ def build(cfg: WorkerConfig) -> tuple[Callable[[], Executor], p.Ready]:
         mem_total_bytes=probe(loaded.device)[1],
         time_model=params,
     )
-    return lambda: Executor(runner, budget), ready
+    make_store, kv_fields = kv_store_factory(cfg, loaded.device, params)
+    ready = msgspec.structs.replace(ready, **kv_fields)
+    return lambda: Executor(runner, budget, store=make_store()), ready
 
 
 def run_worker(cfg: WorkerConfig) -> int:

@@ -25,6 +25,8 @@ from engine import links
 from engine import protocol as p
 from engine.config import WorkerConfig
 from engine.curve import ClientKeys
+from engine.worker.kv_reuse import KVArrived, KVFetchFailed
+from engine.worker.kv_setup import attach_handoffs
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ class ComputeThread(threading.Thread):
         out.connect(_OUT_ADDR)
         try:
             while not self.stopping.is_set():
-                self._apply_commands(out, block=not self.executor.has_work())
+                wait_s = self.executor.wait_s()  # > 0: a batch awaits handed-off KV
+                self._apply_commands(out, block=wait_s != 0, timeout_s=min(wait_s or 0.05, 0.05))
                 if self.executor.has_work():
                     self._step(out)
                 elif self._finishing:
@@ -67,9 +70,9 @@ class ComputeThread(threading.Thread):
         finally:
             out.close(linger=0)
 
-    def _apply_commands(self, out: zmq.Socket, block: bool) -> None:
+    def _apply_commands(self, out: zmq.Socket, block: bool, timeout_s: float = 0.05) -> None:
         try:
-            cmd = self.commands.get(timeout=0.05) if block else self.commands.get_nowait()
+            cmd = self.commands.get(timeout=timeout_s) if block else self.commands.get_nowait()
         except queue.Empty:
             return
         while True:
@@ -84,6 +87,8 @@ class ComputeThread(threading.Thread):
                 self.executor.abort(cmd.request_ids)
             elif isinstance(cmd, p.DropKV):
                 self.executor.drop_kv(cmd.request_ids)
+            elif isinstance(cmd, KVArrived | KVFetchFailed):  # from the handoff thread
+                self.executor.receive_kv(cmd)
             try:
                 cmd = self.commands.get_nowait()
             except queue.Empty:
@@ -95,6 +100,8 @@ class ComputeThread(threading.Thread):
             out.send(p.encode(result.generated))
         for msg in result.released:
             out.send(p.encode(msg))
+        if result.offloaded:
+            out.send(p.encode(p.KVEvicted(request_ids=list(result.offloaded), offloaded=True)))
         if result.evicted:
             out.send(p.encode(p.KVEvicted(request_ids=list(result.evicted))))
         for msg in result.done:
@@ -129,6 +136,7 @@ class WorkerLoop:
             ClientKeys.load(cfg.curve_secret_key, cfg.curve_server_key or "").apply(self.broker)
         self.broker.connect(cfg.connect)
         self.compute = ComputeThread(self.ctx, make_executor)
+        self.handoffs, self.ready = attach_handoffs(self.ctx, self.compute, ready, cfg)
 
     @property
     def executor(self):
@@ -138,6 +146,7 @@ class WorkerLoop:
         """Serve until Shutdown, ``abort``, or, once ``stop`` is set, the end of a drain."""
         stop, abort = stop or threading.Event(), abort or threading.Event()
         self.compute.start()
+        self.handoffs.start()
         self.broker.send(p.encode(self.ready))
         poller = zmq.Poller()
         poller.register(self.broker, zmq.POLLIN)
@@ -161,7 +170,9 @@ class WorkerLoop:
             self._forward_outputs()
         finally:
             self.compute.stopping.set()
+            self.handoffs.stop()
             self.compute.join(timeout=5.0)
+            self.handoffs.join(timeout=2.0)
             # Let the last messages (releases, a WorkerFailed) reach the broker, briefly.
             self.ctx.destroy(linger=0 if abort.is_set() else 1000)
 
@@ -214,6 +225,8 @@ class WorkerLoop:
                 )
             else:
                 self.compute.commands.put(msg)
+                if isinstance(msg, p.RunBatch):
+                    self.handoffs.fetch_for(msg)  # after the batch: its arrivals follow it
 
     def _reset(self, reason: str) -> None:
         """Swap in a fresh executor (in the compute thread, between steps); Ready follows."""
@@ -259,6 +272,7 @@ class WorkerLoop:
                     progress=executor.progress,
                     kv_used_bytes=executor.kv_used_bytes,
                     kv_parked_bytes=executor.kv_parked_bytes,
+                    kv_host_bytes=executor.kv_host_bytes,
                     mem_used_bytes=mem_used,
                     util_percent=util,
                     session=self.session,
