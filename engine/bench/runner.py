@@ -29,6 +29,7 @@ POLICY_VARIANTS = {
     "scls": {},
     "scls:keep": {"kv_mode": "keep"},
     "scls:recompute": {"kv_mode": "recompute"},
+    "scls:auto": {"kv_mode": "auto"},
 }
 
 
