@@ -260,10 +260,14 @@ def summarize(
     run: RunResult, goodput_ms: Mapping[str, float], slice_len: int | None
 ) -> dict[str, Any]:
     """Every metric of one run; a peer's own counters (run.extra["metrics"]) override the
-    engine-side ones it has no source for."""
+    engine-side ones it has no source for. ``output_tokens_per_cpu_s``: output tokens per CPU
+    second of the workers (peers: of the benchmark process), a figure that a shared machine's
+    other load disturbs far less than wall-clock throughput."""
     out = request_metrics(run.requests, run.duration_s, goodput_ms)
     out.update(engine_metrics(run, slice_len))
     out.update(run.extra.get("metrics", {}))
+    cpu_s = out.get("cpu_s")
+    out["output_tokens_per_cpu_s"] = out["total_output_tokens"] / cpu_s if cpu_s else None
     return out
 
 

@@ -176,7 +176,7 @@ def run_hf_generate(
     t0 = time.monotonic()
     generate(list(items[:1]), None, 2)  # warm-up, not timed
     counters = {"pad_tokens": 0, "invalid_tokens": 0, "num_batches": 0}
-    t0 = time.monotonic()
+    t0, cpu_before = time.monotonic(), time.process_time()
     progress.start()
     while not feed.all_taken and time.monotonic() - t0 < settings.max_duration_s:
         now_s = time.monotonic() - t0
@@ -214,7 +214,11 @@ def run_hf_generate(
     extra = {
         "batch_size": batch_size,
         "num_threads": settings.num_threads,
-        "metrics": {**counters, "kv_budget_bytes": settings.kv_budget_bytes},
+        "metrics": {
+            **counters,
+            "kv_budget_bytes": settings.kv_budget_bytes,
+            "cpu_s": time.process_time() - cpu_before,
+        },
     }
     return records, duration_s, extra
 
@@ -254,10 +258,11 @@ def run_hf_generate_batch(
         timeout=10,
     ) as manager:
         _warm_up(manager, items[0])
-        t0 = time.monotonic()
+        t0, cpu_before = time.monotonic(), time.process_time()
         progress.start()
         _serve(manager, items, records, feed, t0, settings.max_duration_s, progress)
         progress.finish()
+        cpu_s = time.process_time() - cpu_before
     duration_s = max((r.finished_s for r in records if r.finished_s is not None), default=0.0)
     extra = {
         "num_blocks": num_blocks,
@@ -265,7 +270,7 @@ def run_hf_generate_batch(
         "max_batch_tokens": settings.max_batch_tokens,
         "num_threads": settings.num_threads,
         "attn_implementation": str(getattr(model.config, "_attn_implementation", "")),
-        "metrics": {"kv_budget_bytes": num_blocks * settings.page_size * kv_bytes},
+        "metrics": {"kv_budget_bytes": num_blocks * settings.page_size * kv_bytes, "cpu_s": cpu_s},
     }
     return records, duration_s, extra
 

@@ -32,6 +32,8 @@ SERVING_COLUMNS = (
     ("p50_e2el_ms", "p50 e2e ms", "{:.0f}"),
     ("p99_e2el_ms", "p99 e2e ms", "{:.0f}"),
     ("max_stall_ms", "max stall ms", "{:.0f}"),
+    ("output_tokens_per_cpu_s", "out tok/CPU s", "{:.1f}"),
+    ("loadavg_1m", "load avg", "{:.1f}"),
 )
 ENGINE_COLUMNS = (
     ("load_imbalance", "imbalance", "{:.1%}"),
@@ -53,6 +55,7 @@ RATIO_KEYS = (
     "mean_ttft_ms",
     "mean_tpot_ms",
     "p99_e2el_ms",
+    "output_tokens_per_cpu_s",
 )
 
 NOTES = [
@@ -66,6 +69,9 @@ NOTES = [
     "oom_count = worker_failures (batches a worker failed) + workers_lost + error_requests + "
     "preemptions (dispatches beyond one per slice, inferred from each finished request's slice "
     "count: the broker publishes no preemption counter).",
+    "output_tokens_per_cpu_s: output tokens per CPU second (user + system) of the worker "
+    "processes during the load (peers: of the benchmark process); loadavg_1m: the machine's "
+    "1-minute load average around the run (2 cores: above 2, other work competed).",
     "Peak KV: measured_peak_bytes and predicted_peak_bytes of the engine's batch records; "
     "peak_kv_used_bytes from the workers' heartbeats.",
 ]

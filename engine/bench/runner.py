@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -121,12 +122,14 @@ def run_policy(
     started = time.monotonic()
     progress = Progress(f"{spec} #{repeat + 1}", len(items))
     with LocalEngine(cfg, settings.num_workers, worker_args(settings)) as engine:
+        cpu_before, load_before = workers_cpu_s(engine.procs), os.getloadavg()[0]
         outcome = asyncio.run(
             run_load(
                 engine.client_addr, engine.stats_addr, items, send_times, concurrency,
                 settings.max_duration_s, tag=f"{spec.replace(':', '-')}-{repeat}", progress=progress,
             )
         )  # fmt: skip
+        cpu_s = workers_cpu_s(engine.procs) - cpu_before
     return RunResult(
         name=spec,
         kind="policy",
@@ -141,7 +144,22 @@ def run_policy(
         events=outcome.events,
         workers_start=outcome.workers_start,
         workers_end=outcome.workers_end,
+        extra={"metrics": {"cpu_s": cpu_s, "loadavg_1m": (load_before + os.getloadavg()[0]) / 2}},
     )
+
+
+def workers_cpu_s(procs: Sequence[Any]) -> float:
+    """User + system CPU seconds used so far by these worker processes (0 for one that ended)."""
+    import psutil
+
+    total = 0.0
+    for proc in procs:
+        try:
+            times = psutil.Process(proc.pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def peer_settings(settings: BenchSettings) -> PeerSettings:
@@ -170,7 +188,9 @@ def run_peer_entry(
     started = time.monotonic()
     peer = peer_settings(settings)
     progress = Progress(f"{name} #{repeat + 1}", len(items))
+    load_before = os.getloadavg()[0]
     records, duration_s, extra = run_peer(name, peer, items, send_times, concurrency, progress)
+    extra.setdefault("metrics", {})["loadavg_1m"] = (load_before + os.getloadavg()[0]) / 2
     return RunResult(
         name=name,
         kind="peer",

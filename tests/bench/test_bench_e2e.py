@@ -38,6 +38,7 @@ def test_bench_end_to_end(tiny_model_dir, tmp_path):
             assert rec["submitted_s"] <= rec["first_token_s"] <= rec["finished_s"]
     scls = doc["summary"]["scls"]
     assert scls["num_batches"] >= 2 and scls["oom_count"] == 0
+    assert scls["cpu_s"] > 0 and scls["output_tokens_per_cpu_s"] > 0
     assert scls["mean_slices_per_request"] > 1  # outputs up to 24 tokens in slices of 8
     assert set(scls["per_worker"]) and scls["peak_measured_bytes"] <= scls["kv_budget_bytes"]
     assert doc["runs"]["scls"][0]["timeline"], "no stats snapshot was recorded"

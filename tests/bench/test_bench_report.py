@@ -30,7 +30,7 @@ def _run(name, kind, repeat, speed):
         ]  # fmt: skip
         run.workers_end = {w: {"busy_s": 2.0, "generated_tokens": 6.0} for w in ("w0", "w1")}
     else:
-        run.extra = {"metrics": {"pad_tokens": 5, "kv_budget_bytes": 8192}}
+        run.extra = {"metrics": {"pad_tokens": 5, "kv_budget_bytes": 8192, "cpu_s": 2.0}}
     return run
 
 
@@ -59,6 +59,8 @@ def test_document_structure(tmp_path):
     assert scls["request_throughput"] == 4 * doc["summary"]["sls"]["request_throughput"]
     assert doc["ratios"]["scls"]["request_throughput"] == 4.0
     assert doc["summary"]["hf_generate"]["pad_tokens"] == 5  # the peer's own counter
+    assert doc["summary"]["hf_generate"]["output_tokens_per_cpu_s"] == 6.0  # 12 tokens / 2 s
+    assert scls["output_tokens_per_cpu_s"] is None  # no CPU time recorded
     first = doc["runs"]["scls"][0]
     assert first["requests"][0]["chunk_times_s"] == [0.25, 0.5, 0.75]
     assert first["summary"]["completed"] == 4
