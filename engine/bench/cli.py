@@ -62,6 +62,12 @@ def add_bench_parser(p: argparse.ArgumentParser) -> None:
         help="hf_generate_batch tokens per forward (its default, 8192, sizes attention masks "
         "for the whole cache and exhausts a CPU's memory)",
     )  # fmt: skip
+    p.add_argument(
+        "--lengths", choices=["known", "hidden"], default="known",
+        help="known: max_tokens = the output length (as vLLM's benchmark; ILS reserve then "
+        "reserves exactly); hidden: max_tokens = --max-gen-len and the client cancels at the "
+        "output length, so no scheduler knows lengths in advance",
+    )  # fmt: skip
     p.add_argument("--stats-interval", type=float, default=0.25, help="seconds between snapshots")
     p.add_argument("--no-plots", action="store_true")
     cli_args.add_scheduler_flags(p)
@@ -123,11 +129,16 @@ def prepare(args: argparse.Namespace, max_gen_len: int) -> tuple[Any, Any, list,
         args.workload, args.num_requests, args.seed, args.trace_offset, tokenize
     )
     max_output = min(args.max_output_len or max_gen_len, max_gen_len)
+    hidden = args.lengths == "hidden"
+    max_prompt = args.max_prompt_len
+    if hidden:  # the engine checks prompt + max_tokens against the context
+        room = max_context_len - 1 - max_gen_len
+        max_prompt = room if max_prompt is None else min(max_prompt, room)
     scaling = LengthScaling(
         prompt_divisor=args.prompt_divisor,
         output_divisor=args.output_divisor,
         min_output_len=args.min_output_len,
-        max_prompt_len=args.max_prompt_len,
+        max_prompt_len=max_prompt,
         max_output_len=max_output,
         max_total_len=max_context_len - 1,
     )
@@ -135,8 +146,9 @@ def prepare(args: argparse.Namespace, max_gen_len: int) -> tuple[Any, Any, list,
     arrival = parse_arrival(args.arrival) if args.arrival else default_arrival(workload)
     times = send_times(arrival, workload, args.seed)
     maker = PromptMaker(tokenizer, args.seed)
+    max_tokens = max_gen_len if hidden else None
     items = [
-        LoadItem(r.index, maker.make(r.index, r.prompt_len, r.prompt_ids), r.output_len)
+        LoadItem(r.index, maker.make(r.index, r.prompt_len, r.prompt_ids), r.output_len, max_tokens)
         for r in workload.requests
     ]
     return workload, arrival, items, times
@@ -162,6 +174,7 @@ def run_bench(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     command = "run.py " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
     workload_doc = {
+        "lengths": args.lengths,
         "name": workload.name,
         "kind": workload.kind,
         "description": workload.description,

@@ -21,9 +21,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class LoadItem:
+    """One request to send. ``max_tokens`` None: ask for exactly ``output_len`` tokens (the
+    engine knows the length, as in vLLM's benchmark). Larger: ask for ``max_tokens`` and stop
+    listening (which cancels the request on the engine) once ``output_len`` tokens arrived, so
+    that the scheduler does not know the length, as in production."""
+
     index: int
     prompt_ids: list[int]
     output_len: int
+    max_tokens: int | None = None
+
+    @property
+    def hidden_length(self) -> bool:
+        return self.max_tokens is not None and self.max_tokens > self.output_len
 
 
 @dataclass(slots=True)
@@ -56,6 +66,7 @@ class StatsRecorder:
         self.timeline: list[TimelineSample] = []
         self.batches: dict[int, dict[str, Any]] = {}
         self.events: dict[tuple[float, str], dict[str, Any]] = {}
+        self.slices: dict[str, int] = {}  # request id -> most slices seen in a snapshot
         self._sub = AsyncStatsSubscriber(stats_addr, latest_only=False)
         self._task: asyncio.Task[None] | None = None
 
@@ -93,6 +104,8 @@ class StatsRecorder:
         for record in snap.batches:
             if record.batch_id > self.after_batch_id:
                 self.batches.setdefault(record.batch_id, _struct_dict(record))
+        for info in snap.requests:
+            self.slices[info.request_id] = max(self.slices.get(info.request_id, 0), info.num_slices)
         for event in snap.events:
             key = (round(event.at_s, 6), event.message)
             self.events.setdefault(
@@ -119,7 +132,7 @@ async def _one(
     rec.submitted_s = time.monotonic() - t0
     stream = client.stream(
         prompt_ids=item.prompt_ids,
-        max_tokens=item.output_len,
+        max_tokens=item.max_tokens or item.output_len,
         ignore_eos=True,
         temperature=0.0,
         request_id=f"{tag}-{item.index}",
@@ -129,7 +142,13 @@ async def _one(
     try:
         async with stream:
             async for delta in stream:
-                rec.add_chunk(time.monotonic() - t0, len(delta.token_ids))
+                at_s, num = time.monotonic() - t0, len(delta.token_ids)
+                used = min(num, item.output_len - rec.num_output_tokens)
+                rec.add_chunk(at_s, used)
+                rec.excess_tokens += num - used
+                if item.hidden_length and rec.num_output_tokens >= item.output_len:
+                    rec.finish_reason, rec.finished_s = "length", at_s
+                    return  # leaving the stream cancels the rest on the engine
     except EngineError as exc:
         rec.finish_reason, rec.error = "error", str(exc)
         rec.finished_s = time.monotonic() - t0
@@ -245,6 +264,9 @@ async def run_load(
         if end is not None:
             recorder.add(end, time.monotonic() - t0)
         await recorder.stop()
+    for rec in records:  # a request left early (hidden length) has no Finished to tell
+        if rec.num_slices == 0:
+            rec.num_slices = recorder.slices.get(rec.request_id, 0)
     return LoadOutcome(
         records=records,
         duration_s=duration_s,

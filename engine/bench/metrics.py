@@ -193,7 +193,7 @@ def failure_counts(run: RunResult, slice_len: int | None) -> dict[str, int]:
     preemptions = sum(
         max(0, r.num_slices - expected_dispatches(run.name, r.output_len, slice_len))
         for r in run.requests
-        if r.success
+        if r.success and r.num_slices > 0
     )
     counts = {
         "worker_failures": sum("failed batch" in m for m in messages),
@@ -225,6 +225,15 @@ def memory_metrics(run: RunResult) -> dict[str, Any]:
     }
 
 
+def _excess_tokens(run: RunResult, workers: Mapping[str, Mapping[str, float]]) -> int | None:
+    """Tokens the workers generated beyond what the benchmark counted (with hidden lengths the
+    cancel at the target length lands a step or two late); None without worker totals."""
+    if not workers:
+        return None
+    generated = sum(w["generated_tokens"] for w in workers.values())
+    return int(generated - sum(r.num_output_tokens for r in run.requests))
+
+
 def engine_metrics(run: RunResult, slice_len: int | None) -> dict[str, Any]:
     """Per-worker load and imbalance, token waste, slices, early returns, failures, memory."""
     workers = per_worker(run)
@@ -232,7 +241,7 @@ def engine_metrics(run: RunResult, slice_len: int | None) -> dict[str, Any]:
     token_imbalance, _ = imbalance([w["generated_tokens"] for w in workers.values()])
     batches = run.batches
     done = [r for r in run.requests if r.success]
-    slices = [r.num_slices for r in done]
+    slices = [r.num_slices for r in done if r.num_slices > 0]
     out: dict[str, Any] = {
         "per_worker": workers,
         "load_imbalance": busy_imbalance,
@@ -249,6 +258,7 @@ def engine_metrics(run: RunResult, slice_len: int | None) -> dict[str, Any]:
             sum(bool(b["early_return"]) for b in batches) / len(batches) if batches else None
         ),
         "mean_slices_per_request": float(np.mean(slices)) if slices else None,
+        "excess_tokens": _excess_tokens(run, workers),
         "max_slices_per_request": max(slices, default=None),
     }
     out.update(failure_counts(run, slice_len))

@@ -11,6 +11,9 @@ as the engine's workers have together.
   ``generate_batch`` wraps (``continuous_batching_context_manager``), because ``generate_batch``
   takes one ``max_new_tokens`` for all requests and no arrival times: each request is added at
   its arrival with its own ``max_new_tokens``, EOS disabled (``eos_token_id=-1``), streamed.
+  With hidden lengths it asks for ``max_tokens`` and is cancelled once its length arrived, as
+  the engine's requests are. (``hf_generate`` needs no such mode: a static batch always runs to
+  its longest request, which is what EOS at each request's length would do.)
 """
 
 from __future__ import annotations
@@ -293,7 +296,8 @@ def _warm_up(manager, item: LoadItem) -> None:
 def _serve(
     manager, items, records, feed: _Feed, t0: float, max_duration_s: float, progress
 ) -> None:
-    """Add requests as they arrive, stamp every streamed output, until all end or time is up."""
+    """Add requests as they arrive, stamp every streamed output, until all end or time is up.
+    A request with a hidden length asks for ``max_tokens`` and is cancelled at its length."""
     live: set[int] = set()
     while (not feed.all_taken or live) and time.monotonic() - t0 < max_duration_s:
         now_s = time.monotonic() - t0
@@ -302,7 +306,7 @@ def _serve(
             records[i].submitted_s = now_s
             manager.add_request(
                 list(items[i].prompt_ids), request_id=f"peer-{i}", streaming=True,
-                max_new_tokens=items[i].output_len, eos_token_id=-1,
+                max_new_tokens=items[i].max_tokens or items[i].output_len, eos_token_id=-1,
             )  # fmt: skip
             live.add(i)
         next_at = feed.next_at()
@@ -314,13 +318,22 @@ def _serve(
         if result is None or not result.request_id.startswith("peer-"):
             continue
         i = int(result.request_id.removeprefix("peer-"))
+        if i not in live:  # cancelled at its length; outputs already in flight are dropped
+            continue
         rec, at_s = records[i], time.monotonic() - t0
-        rec.add_chunk(at_s, len(result.generated_tokens) - rec.num_output_tokens)
-        if result.is_finished():
+        num_new = len(result.generated_tokens) - rec.num_output_tokens - rec.excess_tokens
+        used = min(num_new, items[i].output_len - rec.num_output_tokens)
+        rec.add_chunk(at_s, used)
+        rec.excess_tokens += num_new - used
+        reached = items[i].hidden_length and rec.num_output_tokens >= items[i].output_len
+        if reached:
+            manager.cancel_request(result.request_id)
+        if reached or result.is_finished():
             live.discard(i)
             rec.finished_s, rec.num_slices = at_s, 1
-            rec.finish_reason = "length" if result.error is None else "error"
-            rec.error = result.error
+            failed = not reached and result.error is not None
+            rec.finish_reason = "error" if failed else "length"
+            rec.error = result.error if failed else None
             feed.on_finish(at_s)
             progress.advance(rec.success)
     for i in live:  # out of time

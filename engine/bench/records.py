@@ -31,7 +31,8 @@ class RequestRecord:
     chunk_tokens: list[int] = field(default_factory=list)
     num_output_tokens: int = 0
     finish_reason: str = "not_sent"  # stop | length | cancelled | error | timeout | not_sent
-    num_slices: int = 0  # dispatches the engine made for it (peers: 1)
+    num_slices: int = 0  # dispatches the engine made for it (peers: 1; 0: unknown)
+    excess_tokens: int = 0  # tokens received beyond output_len (hidden lengths), not counted
     error: str | None = None
 
     @property

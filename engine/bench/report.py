@@ -43,6 +43,7 @@ ENGINE_COLUMNS = (
     ("pad_tokens", "pad tok", "{:.0f}"),
     ("invalid_tokens", "invalid tok", "{:.0f}"),
     ("recomputed_tokens", "recomputed tok", "{:.0f}"),
+    ("excess_tokens", "excess tok", "{:.0f}"),
     ("oom_count", "OOM", "{:.0f}"),
     ("peak_measured_bytes", "peak KV MiB", "mib"),
     ("peak_predicted_bytes", "predicted MiB", "mib"),
@@ -72,6 +73,10 @@ NOTES = [
     "output_tokens_per_cpu_s: output tokens per CPU second (user + system) of the worker "
     "processes during the load (peers: of the benchmark process); loadavg_1m: the machine's "
     "1-minute load average around the run (2 cores: above 2, other work competed).",
+    "lengths known: max_tokens is each request's output length (as vLLM's benchmark), so a "
+    "policy that reserves max_tokens (ILS reserve) knows lengths exactly; hidden: max_tokens is "
+    "max_gen_len and the client cancels at the output length; excess_tokens counts what the "
+    "workers generated past it before the cancel landed.",
     "Peak KV: measured_peak_bytes and predicted_peak_bytes of the engine's batch records; "
     "peak_kv_used_bytes from the workers' heartbeats.",
 ]
@@ -184,7 +189,8 @@ def _workload_lines(workload: Mapping[str, Any], arrival: Mapping[str, Any]) -> 
     prompt, output = desc.get("prompt_len", {}), desc.get("output_len", {})
     lines = [
         f"- workload: `{workload.get('name')}`, {desc.get('num_requests', '?')} requests, "
-        f"arrival {json.dumps(dict(arrival))}",
+        f"arrival {json.dumps(dict(arrival))}, lengths {workload.get('lengths', 'known')} to "
+        "the engine",
         f"- prompt tokens after scaling: mean {prompt.get('mean', 0):.0f}, p50 "
         f"{prompt.get('p50', 0):.0f}, p99 {prompt.get('p99', 0):.0f}, max {prompt.get('max', 0):.0f}; "
         f"output tokens: mean {output.get('mean', 0):.0f}, p50 {output.get('p50', 0):.0f}, "

@@ -44,3 +44,27 @@ def test_bench_end_to_end(tiny_model_dir, tmp_path):
     assert doc["runs"]["scls"][0]["timeline"], "no stats snapshot was recorded"
     assert (out / "results.md").read_text().startswith("# Benchmark results")
     assert {p.name for p in out.glob("*.png")} >= {"throughput.png", "latency_cdf.png"}
+
+
+@pytest.mark.timeout(90)
+def test_bench_hidden_lengths(tiny_model_dir, tmp_path):
+    """max_tokens = max_gen_len and the client cancels at each length: counts still match."""
+    out = tmp_path / "hidden"
+    code = bench_main([
+        "--model", str(tiny_model_dir), "--no-profile", "--threads", "1", "--workers", "2",
+        "--kv-budget", "4MiB", "--policies", "ils", "--peers", "hf_generate_batch",
+        "--workload", "synthetic:prompt=uniform:8:24,output=uniform:4:24", "--num-requests", "6",
+        "--max-gen-len", "64", "--lengths", "hidden", "--arrival", "closed:3", "--no-plots",
+        "--out", str(out), "--max-duration", "60",
+    ])  # fmt: skip
+    assert code == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["workload"]["lengths"] == "hidden"
+    for name in ("ils", "hf_generate_batch"):
+        assert doc["summary"][name]["completed"] == 6, name
+        for rec in doc["runs"][name][0]["requests"]:
+            assert (
+                rec["finish_reason"] == "length" and rec["num_output_tokens"] == rec["output_len"]
+            )
+    ils = doc["summary"]["ils"]
+    assert ils["excess_tokens"] >= 0 and ils["mean_slices_per_request"] >= 1

@@ -126,6 +126,15 @@ def test_engine_metrics(records):
     assert m["num_batches_over_budget"] == 1 and m["num_batches_over_prediction"] == 1
 
 
+def test_unknown_slices_and_excess_tokens(records):
+    records[0].num_slices = 0  # left early (hidden length): no Finished told its slices
+    run = RunResult("ils", "policy", 0, {}, records, 4.0, 5.0)
+    run.workers_end = {"w0": {"busy_s": 1.0, "generated_tokens": 10.0}}
+    m = metrics.engine_metrics(run, slice_len=None)
+    assert m["mean_slices_per_request"] == 1.0 and m["preemptions"] == 0
+    assert m["excess_tokens"] == 10 - (4 + 2 + 1)
+
+
 def test_expected_dispatches():
     assert metrics.expected_dispatches("scls", 64, 32) == 2
     assert metrics.expected_dispatches("scls:recompute", 65, 32) == 3
