@@ -225,13 +225,15 @@ def memory_metrics(run: RunResult) -> dict[str, Any]:
     }
 
 
-def _excess_tokens(run: RunResult, workers: Mapping[str, Mapping[str, float]]) -> int | None:
+def _excess_tokens(run: RunResult) -> int | None:
     """Tokens the workers generated beyond what the benchmark counted (with hidden lengths the
-    cancel at the target length lands a step or two late); None without worker totals."""
-    if not workers:
+    cancel at the target length lands a step or two late), from the batch records (the
+    broker's per-worker totals drop tokens of cancelled requests); None when records are
+    missing."""
+    if not run.batches or run.num_batches_missed:
         return None
-    generated = sum(w["generated_tokens"] for w in workers.values())
-    return int(generated - sum(r.num_output_tokens for r in run.requests))
+    generated = sum(int(b.get("generated_tokens", 0)) for b in run.batches)
+    return generated - sum(r.num_output_tokens for r in run.requests)
 
 
 def engine_metrics(run: RunResult, slice_len: int | None) -> dict[str, Any]:
@@ -258,7 +260,7 @@ def engine_metrics(run: RunResult, slice_len: int | None) -> dict[str, Any]:
             sum(bool(b["early_return"]) for b in batches) / len(batches) if batches else None
         ),
         "mean_slices_per_request": float(np.mean(slices)) if slices else None,
-        "excess_tokens": _excess_tokens(run, workers),
+        "excess_tokens": _excess_tokens(run),
         "max_slices_per_request": max(slices, default=None),
     }
     out.update(failure_counts(run, slice_len))

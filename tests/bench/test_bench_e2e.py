@@ -67,4 +67,5 @@ def test_bench_hidden_lengths(tiny_model_dir, tmp_path):
                 rec["finish_reason"] == "length" and rec["num_output_tokens"] == rec["output_len"]
             )
     ils = doc["summary"]["ils"]
-    assert ils["excess_tokens"] >= 0 and ils["mean_slices_per_request"] >= 1
+    assert ils["excess_tokens"] >= 0  # generated past the length before the cancel landed
+    assert ils["mean_slices_per_request"] >= 1

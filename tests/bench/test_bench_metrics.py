@@ -129,10 +129,12 @@ def test_engine_metrics(records):
 def test_unknown_slices_and_excess_tokens(records):
     records[0].num_slices = 0  # left early (hidden length): no Finished told its slices
     run = RunResult("ils", "policy", 0, {}, records, 4.0, 5.0)
-    run.workers_end = {"w0": {"busy_s": 1.0, "generated_tokens": 10.0}}
+    run.batches = [_batch(1, 0, 0, False, 1, 1) | {"generated_tokens": 10}]
     m = metrics.engine_metrics(run, slice_len=None)
     assert m["mean_slices_per_request"] == 1.0 and m["preemptions"] == 0
     assert m["excess_tokens"] == 10 - (4 + 2 + 1)
+    run.num_batches_missed = 1
+    assert metrics.engine_metrics(run, slice_len=None)["excess_tokens"] is None
 
 
 def test_expected_dispatches():
