@@ -241,6 +241,7 @@ async def run_load(
                 prompt_len=len(it.prompt_ids),
                 output_len=it.output_len,
                 scheduled_s=None if send_times is None else float(send_times[i]),
+                hidden_length=it.hidden_length,
             )
             for i, it in enumerate(items)
         ]

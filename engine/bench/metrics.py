@@ -146,11 +146,15 @@ def imbalance(values: Sequence[float]) -> tuple[float | None, float | None]:
     return float(arr.max()) / mean - 1.0, float(arr.std()) / mean
 
 
-def expected_dispatches(policy: str, output_len: int, slice_len: int | None) -> int:
+def expected_dispatches(
+    policy: str, output_len: int, slice_len: int | None, hidden_length: bool = False
+) -> int:
     """Dispatches a request needs when nothing preempts it: one per slice under SCLS, one
-    under SLS and ILS (and for peers)."""
+    under SLS and ILS (and for peers). With a hidden length, a request whose length is a whole
+    number of slices may be dispatched once more before the client's cancel lands."""
     if policy.startswith("scls") and slice_len:
-        return max(1, math.ceil(output_len / slice_len))
+        boundary = hidden_length and output_len % slice_len == 0
+        return max(1, math.ceil(output_len / slice_len)) + boundary
     return 1
 
 
@@ -191,7 +195,10 @@ def failure_counts(run: RunResult, slice_len: int | None) -> dict[str, int]:
     from each finished request's slice count: the broker publishes no preemption counter)."""
     messages = [str(e.get("message", "")) for e in run.events]
     preemptions = sum(
-        max(0, r.num_slices - expected_dispatches(run.name, r.output_len, slice_len))
+        max(
+            0,
+            r.num_slices - expected_dispatches(run.name, r.output_len, slice_len, r.hidden_length),
+        )
         for r in run.requests
         if r.success and r.num_slices > 0
     )

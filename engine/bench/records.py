@@ -33,6 +33,7 @@ class RequestRecord:
     finish_reason: str = "not_sent"  # stop | length | cancelled | error | timeout | not_sent
     num_slices: int = 0  # dispatches the engine made for it (peers: 1; 0: unknown)
     excess_tokens: int = 0  # tokens received beyond output_len (hidden lengths), not counted
+    hidden_length: bool = False  # max_tokens exceeded output_len: the client cancelled at it
     error: str | None = None
 
     @property

@@ -140,6 +140,8 @@ def test_unknown_slices_and_excess_tokens(records):
 def test_expected_dispatches():
     assert metrics.expected_dispatches("scls", 64, 32) == 2
     assert metrics.expected_dispatches("scls:recompute", 65, 32) == 3
+    assert metrics.expected_dispatches("scls", 64, 32, hidden_length=True) == 3
+    assert metrics.expected_dispatches("scls", 65, 32, hidden_length=True) == 3
     assert metrics.expected_dispatches("ils", 500, 32) == 1
     assert metrics.expected_dispatches("hf_generate", 500, 32) == 1
 
