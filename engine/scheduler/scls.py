@@ -6,6 +6,7 @@ is recomputed, kept on its worker, or (auto) brought wherever the cost model say
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
@@ -302,7 +303,9 @@ class SCLSPolicy:
     ) -> list[Dispatch]:
         """All ready workers share one DP over the requests they hold plus the oldest others;
         each batch then goes where it completes soonest, counting, per row, the cheapest of
-        its kept KV, a restore, a handoff from its holder, or a recompute."""
+        its kept KV, a restore, a handoff from its holder, or a recompute. Busy workers are
+        places too: a batch that would end sooner there waits for them, so that a slow ready
+        worker takes its share, not everything (see _place)."""
         self._set_holders(pool, workers)
         everyone = np.arange(len(pool.holders))
         ready_codes = np.asarray([pool.code_of[w.worker_id] for w in ready], dtype=np.int64)
@@ -315,17 +318,50 @@ class SCLSPolicy:
         if cands is None:
             return []
         cands = self._with_move_costs(pool, cands, ready, ready_codes)
+        ranked = self._ranked(pool, cands, self._partition(cands, ready[0], memories))
+        ready_ids = {w.worker_id for w in ready}
+        busy = [w for w in workers if w.worker_id not in ready_ids]
+        best = self._place(pool, cands, ranked, ready, [], now)
+        if busy:  # a part may wait for a busy worker that would end it sooner
+            shared = self._place(pool, cands, ranked, ready, busy, now)
+            if shared is not None and best is not None and shared[0] < best[0]:
+                best = shared
+        return [] if best is None else [self._dispatch(pool, *p) for p in best[1]]
+
+    def _place(
+        self,
+        pool: _Pool,
+        cands: _Candidates,
+        ranked: list[Span],
+        ready: list[WorkerView],
+        busy: list[WorkerView],
+        now: float,
+    ) -> tuple[float, list[tuple[WorkerView, _Candidates, Span, _Costed]]] | None:
+        """The best batches for the ready workers, halved until there is one per worker
+        (ready and busy ones), placed by the min-max rule on completion: the latest completion,
+        and what to dispatch now (the batches placed on ready workers; the others wait in the
+        pool). The batch holding the oldest request never waits (its busy places count as
+        never); None when it would have to, or when no ready worker gets anything."""
+        targets = ready + busy
         time = ready[0].cost.time
-        spans = self._partition(cands, ready[0], memories)
-        chosen = split_to_fill(
-            cands.rows, self._ranked(pool, cands, spans)[: len(ready)], len(ready), time
-        )
-        costed = [[self._costed(pool, cands, s, w, now) for w in ready] for s in chosen]
-        placement = assign_min_max([[c.completion for c in row] for row in costed])
-        return [
-            self._dispatch(pool, ready[w], cands, s, costed[b][w])
-            for b, (s, w) in enumerate(zip(chosen, placement, strict=True))
+        chosen = split_to_fill(cands.rows, ranked[: len(ready)], len(targets), time)
+        oldest = int(np.argmin(pool.arrived[cands.indices]))
+        first = next((b for b, s in enumerate(chosen) if s.start <= oldest < s.end), None)
+        costed = [[self._costed(pool, cands, s, w, now) for w in targets] for s in chosen]
+        completion = [
+            [c.completion if w < len(ready) or b != first else math.inf for w, c in enumerate(row)]
+            for b, row in enumerate(costed)
         ]
+        placement = assign_min_max(completion)
+        if first is not None and placement[first] >= len(ready):
+            return None
+        now_placed = [
+            (ready[w], cands, s, costed[b][w])
+            for b, (s, w) in enumerate(zip(chosen, placement, strict=True))
+            if w < len(ready)
+        ]
+        latest = max(completion[b][w] for b, w in enumerate(placement))
+        return (latest, now_placed) if now_placed else None
 
     def _row_costs(
         self, pool: _Pool, members: IntArray, worker: WorkerView, target: IntArray
@@ -367,4 +403,7 @@ class SCLSPolicy:
         )
         predicted_s = float(slice_s) + float(move_s.sum())
         ids = tuple(pool.requests[i].request_id for i in members[handoff].tolist())
-        return _Costed(max(worker.busy_until, now) + predicted_s, predicted_s, ids)
+        completion = max(worker.busy_until, now) + predicted_s
+        if not worker.cost.memory.fits(span.num_rows, span.padded_len, span.steps):
+            completion = math.inf  # a busy worker with a smaller budget
+        return _Costed(completion, predicted_s, ids)

@@ -71,7 +71,7 @@ def worker(worker_id: str, busy: bool = False, slow: float = 1.0, **kv) -> Worke
     time = TimeModel([c * slow for c in base.prefill], [c * slow for c in base.decode])
     running = (RunningRequest("x", 10, 5, 15),) if busy else ()
     cost = CostModel(time, MemoryModel(KVB, 200_000_000), KVMoveModel(**kv))
-    return WorkerView(worker_id, cost, NOW + 5.0 if busy else NOW - 1, 0, running, 0)
+    return WorkerView(worker_id, cost, NOW + 1000.0 if busy else NOW - 1, 0, running, 0)
 
 
 def parked(n: int, holder: str | None, context_len: int = 500, on_host: bool = False):
@@ -130,3 +130,16 @@ def test_restores_and_handoffs_are_priced_into_the_prediction() -> None:
         parked(4, "a"), [worker("a", busy=True), worker("b", transfer_latency_s=0.5)], NOW
     )[0]
     assert moved.predicted_s == pytest.approx(local.predicted_s + 4 * 0.5 + nbytes / 1e9)
+
+
+def test_a_slow_ready_worker_takes_its_share_not_everything() -> None:
+    """The fast worker is busy for a second more; the slow one is idle. The slow one gets part
+    of the work now, the rest waits for the fast one (plain SCLS gave the slow one all)."""
+    waiting = parked(16, "slow")
+    workers = [worker("slow", slow=3.0), worker("fast", busy=True)]
+    workers[1] = WorkerView("fast", workers[1].cost, NOW + 1.0, 0, workers[1].running, 0)
+    [d] = auto().schedule(waiting, workers, NOW)
+    assert d.worker_id == "slow" and 0 < len(d.request_ids) < 16
+    oldest = WaitingRequest("old", 500, 460, 40, 200, NOW - 100.0, "slow")
+    plan = auto().schedule([*waiting, oldest], workers, NOW)
+    assert any("old" in d.request_ids for d in plan)  # the oldest request never waits
