@@ -116,8 +116,8 @@ class ClientKeys:
 
 class Authenticator(threading.Thread):
     """The broker's ZAP handler: a thread answering libzmq's authentication requests for the
-    sockets made CURVE servers with ``serve_on``. Allow-lists are re-read (at most once a second)
-    when an unknown key shows up, so adding a key file needs no restart."""
+    sockets made CURVE servers with ``serve_on``. Allow-lists are re-read when an unknown key
+    shows up and a list's directory changed since, so adding a key file needs no restart."""
 
     def __init__(self, ctx: zmq.Context, key_dir: str | os.PathLike[str]) -> None:
         super().__init__(name="zap", daemon=True)
@@ -128,9 +128,9 @@ class Authenticator(threading.Thread):
         self._sock.linger = 0
         self._sock.bind(ZAP_ADDR)  # before any CURVE socket binds
         self._allowed: dict[str, set[bytes]] = {}
-        self._loaded_at = 0.0
+        self._loaded_stamp: tuple[int, ...] = ()
         self._logged: dict[tuple[str, bytes], float] = {}
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
         self.num_refused = 0
         self._reload()
 
@@ -141,8 +141,13 @@ class Authenticator(threading.Thread):
         sock.curve_secretkey = self.secret
         sock.zap_domain = domain.encode()
 
+    def _stamp(self) -> tuple[int, ...]:
+        """Modification times of the allow-list directories (a new key file changes them)."""
+        folders = (self.key_dir / "clients", self.key_dir / "workers")
+        return tuple(f.stat().st_mtime_ns if f.is_dir() else 0 for f in folders)
+
     def _reload(self) -> None:
-        self._loaded_at = time.monotonic()
+        self._loaded_stamp = self._stamp()
         for kind in ("clients", "workers"):
             folder = self.key_dir / kind
             keys = zmq.auth.load_certificates(folder) if folder.is_dir() else {}
@@ -152,14 +157,14 @@ class Authenticator(threading.Thread):
         kinds = DOMAINS.get(domain, ())
         if any(public_z85 in self._allowed[k] for k in kinds):
             return True
-        if time.monotonic() - self._loaded_at >= 1.0:
+        if self._stamp() != self._loaded_stamp:
             self._reload()
             return any(public_z85 in self._allowed[k] for k in kinds)
         return False
 
     def run(self) -> None:
         try:
-            while not self._stop.is_set():
+            while not self._stopping.is_set():
                 if self._sock.poll(100):
                     self._answer(self._sock.recv_multipart())
         except zmq.ZMQError as exc:
@@ -198,6 +203,6 @@ class Authenticator(threading.Thread):
         )  # fmt: skip
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
         if self.is_alive():
             self.join(timeout=2.0)

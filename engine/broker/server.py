@@ -55,6 +55,7 @@ class BrokerServer:
         self._to_workers = zmq.Socket.shadow(self.workers.underlying)
         self._reset_sent: dict[bytes, float] = {}
         self.num_bad_frames = 0
+        self._snapshot_cache: tuple[float, p.StatsSnapshot] | None = None
         self.started_at = time.monotonic()
         self.draining_since: float | None = None
         self.ready = asyncio.Event()
@@ -284,7 +285,10 @@ class BrokerServer:
                 self.outbox.send(item.client_id, item.msg, item.droppable)
 
     def _snapshot(self, now: float) -> p.StatsSnapshot:
-        return snapshot(self.core, now, self.started_at)
+        """One snapshot per tick however many GetStats came in it (a flood costs one)."""
+        if self._snapshot_cache is None or self._snapshot_cache[0] != now:
+            self._snapshot_cache = (now, snapshot(self.core, now, self.started_at))
+        return self._snapshot_cache[1]
 
     def _drained(self, now: float) -> bool:
         """Draining: True once every accepted request ended, or at the drain deadline."""

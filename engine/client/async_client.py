@@ -95,6 +95,7 @@ class AsyncClient:
             prompt, prompt_ids=prompt_ids, messages=messages, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             ignore_eos=ignore_eos, request_id=request_id, stream=False,
+            deadline_s=self._deadline_s(timeout_s),
         )  # fmt: skip
         inflight = await self._start(submit.request_id, frame, timeout_s)
         try:
@@ -135,6 +136,7 @@ class AsyncClient:
             prompt, prompt_ids=prompt_ids, messages=messages, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             ignore_eos=ignore_eos, request_id=request_id, stream=True,
+            deadline_s=self._deadline_s(timeout_s),
         )  # fmt: skip
         if self._closed:
             raise ClientClosed()
@@ -196,6 +198,11 @@ class AsyncClient:
         await self.close()
 
     # -- request life cycle (also used by AsyncStream) --------------------------------------
+
+    def _deadline_s(self, timeout_s: float | None) -> float | None:
+        """The request's limit, sent as Submit.deadline_s: the broker then stops it on time even
+        if this client's Cancel never arrives (docs/PROTOCOL.md, section 8)."""
+        return check_timeout("timeout_s", timeout_s) or self.timeout_s
 
     async def _start(self, request_id: str, frame: bytes, timeout_s: float | None) -> Inflight:
         """Register and send a Submit; return once the broker has accepted it."""

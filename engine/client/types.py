@@ -82,6 +82,7 @@ def build_submit(
     ignore_eos: bool = False,
     request_id: str | None = None,
     stream: bool = False,
+    deadline_s: float | None = None,
 ) -> tuple[Submit, bytes]:
     """Check the arguments of a request and encode it; raises InvalidRequest (a ValueError and
     a RequestRejected with code "invalid_request") saying what to pass.
@@ -112,6 +113,7 @@ def build_submit(
         stop=_check_stop(stop),
         ignore_eos=_check_bool("ignore_eos", ignore_eos),
         stream=stream,
+        deadline_s=deadline_s,
     )
     return msg, _encode_checked(msg)
 

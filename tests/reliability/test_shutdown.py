@@ -1,0 +1,119 @@
+"""Graceful shutdown of `run.py serve` (a real process tree): SIGTERM to a worker drains it
+mid-load; SIGTERM to serve stops new work, finishes accepted work, exits 0 and leaves no child
+behind; SIGKILL to serve leaves no orphan either."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import zmq
+from rel_helpers import RawClient, children_of, wait_for
+
+from engine.client import Client
+from engine.supervisor import RUN_PY
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@contextmanager
+def serve(model_dir, log_path, num_workers: int = 2) -> Iterator[tuple[subprocess.Popen, str]]:
+    cmd = [sys.executable, "-m", "engine.cli", "--log-level", "INFO", "serve", "--port", "0"]
+    cmd += ["--workers", str(num_workers), "--model", str(model_dir), "--threads", "1"]
+    cmd += ["--no-profile", "--kv-budget", "64MiB", "--slice-len", "8", "--max-gen-len", "512"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=RUN_PY.parent
+        )
+    try:
+        line = proc.stdout.readline()  # "engine: clients connect to ADDR  (...)"
+        assert "clients connect to" in line, line
+        addr = line.split("clients connect to ")[1].split()[0]
+        with Client(addr, timeout_s=60) as client:
+            wait_for(lambda: client.stats().num_workers == num_workers, 60, "workers", step_s=0.1)
+        yield proc, addr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, exited but not yet reaped by init, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sigterm_drains_workers_and_broker_and_leaves_no_child(tiny_model_dir, tmp_path):
+    with serve(tiny_model_dir, tmp_path / "serve.log") as (proc, addr), zmq.Context() as ctx:
+        children = children_of(proc.pid)
+        assert len(children) >= 2
+        client = RawClient(ctx, addr)
+        ids = [f"d-{i}" for i in range(40)]
+        for request_id in ids:
+            client.submit(
+                request_id,
+                prompt_ids=list(range(9, 30)),
+                max_tokens=500,
+                ignore_eos=True,
+                stream=True,
+            )
+        wait_for(
+            lambda: (client.pump(5), sum(len(client.records[i].tokens) for i in ids) > 200)[1],
+            60,
+            "progress",
+        )
+        os.kill(min(children), signal.SIGTERM)  # this worker drains: finishes its slice, leaves
+        with Client(addr, timeout_s=10) as observer:
+            wait_for(
+                lambda: (client.pump(1), observer.stats().num_workers == 1)[1],
+                30,
+                "the drained worker to leave",
+            )
+        os.kill(proc.pid, signal.SIGTERM)  # the broker drains: accepted work finishes
+        late = []
+        while not late or not client.records[late[-1]].ended:  # until one is refused
+            late.append(f"late-{len(late)}")
+            client.submit(late[-1], prompt_ids=[1, 2], max_tokens=2, ignore_eos=True)
+            client.pump(20)
+        client.wait([*ids, *late], timeout_s=60)
+        assert proc.wait(timeout=30) == 0
+        client.close()
+    refused = [i for i in late if client.records[i].errors]
+    assert [client.records[i].errors[0]["code"] for i in refused] == ["shutting_down"] * len(
+        refused
+    )
+    assert refused, "the draining broker accepted everything"
+    for request_id in [*ids, *(i for i in late if i not in refused)]:
+        rec = client.records[request_id]
+        assert not rec.errors and len(rec.finished) == 1, request_id
+    for request_id in ids:  # streamed: every token once, in order
+        assert (
+            client.records[request_id].tokens == client.records[request_id].finished[0]["token_ids"]
+        )
+        assert len(client.records[request_id].tokens) == 500
+    wait_for(lambda: not any(alive(pid) for pid in children), 15, "no child left", step_s=0.05)
+
+
+def test_sigkill_of_serve_leaves_no_orphan(tiny_model_dir, tmp_path):
+    with serve(tiny_model_dir, tmp_path / "serve.log", num_workers=2) as (proc, _addr):
+        children = children_of(proc.pid)
+        assert len(children) >= 2
+        proc.kill()
+        killed_at = time.monotonic()
+        wait_for(
+            lambda: not any(alive(pid) for pid in children), 15, "the workers to exit", step_s=0.05
+        )
+    print(
+        f"\nFIGURES shutdown: workers of a SIGKILLed serve gone after {time.monotonic() - killed_at:.1f} s"
+    )
