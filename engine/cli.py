@@ -183,7 +183,12 @@ def _generate(args: argparse.Namespace) -> int:
 def _tui(args: argparse.Namespace) -> int:
     from tui.app import run_dashboard
 
-    run_dashboard(args.connect)
+    curve = None
+    if args.curve_key:
+        from engine.curve import ClientKeys
+
+        curve = ClientKeys.load(args.curve_key, args.broker_key or "")
+    run_dashboard(args.connect, curve)
     return 0
 
 
@@ -270,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("tui", _tui, "the live dashboard")
     p.add_argument("--connect", default="tcp://127.0.0.1:5557", help="the broker's stats address")
+    cli_args.add_curve_client_flags(p)
 
     p = command("demo", _demo, "start the engine, send a scripted load and show it live")
     p.add_argument("--workers", type=int, default=2)

@@ -183,13 +183,13 @@ class DashboardApp(App[None]):
             self.push_screen(HelpScreen())
 
 
-def run_dashboard(connect: str = DEFAULT_STATS_ADDR) -> None:
+def run_dashboard(connect: str = DEFAULT_STATS_ADDR, curve=None) -> None:
     """Show the dashboard of the broker publishing stats at ``connect`` until the user quits.
 
     Needs a terminal (the CLI checks). Raises SystemExit with the app's return code when the
     stats source cannot be opened (the reason is printed when the app closes).
     """
-    app = DashboardApp(SubscriberSource(connect), address=connect)
+    app = DashboardApp(SubscriberSource(connect, curve), address=connect)
     app.run()
     if app.return_code:
         raise SystemExit(app.return_code)

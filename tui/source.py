@@ -33,13 +33,14 @@ class SubscriberSource:
     running event loop (asyncio ZeroMQ sockets belong to the loop that uses them).
     """
 
-    def __init__(self, addr: str) -> None:
+    def __init__(self, addr: str, curve=None) -> None:
         self.addr = addr
+        self.curve = curve  # engine.curve.ClientKeys for a broker started with --curve
         self._subscriber = None
 
     async def recv(self, timeout_s: float) -> StatsSnapshot | None:
         if self._subscriber is None:
-            self._subscriber = _open_subscriber(self.addr)
+            self._subscriber = _open_subscriber(self.addr, self.curve)
         return await self._subscriber.recv(timeout_s)
 
     def close(self) -> None:
@@ -48,7 +49,7 @@ class SubscriberSource:
             subscriber.close()
 
 
-def _open_subscriber(addr: str):
+def _open_subscriber(addr: str, curve=None):
     try:
         client = importlib.import_module("engine.client")
         subscriber_cls = client.AsyncStatsSubscriber
@@ -57,4 +58,4 @@ def _open_subscriber(addr: str):
             f"cannot subscribe to {addr}: engine.client.AsyncStatsSubscriber is not available "
             f"({exc}); reinstall the package with `make install`"
         ) from exc
-    return subscriber_cls(addr)
+    return subscriber_cls(addr, curve=curve) if curve is not None else subscriber_cls(addr)

@@ -9,6 +9,7 @@ import zmq
 import zmq.asyncio
 
 from engine.client.inflight import check_timeout
+from engine.curve import ClientKeys
 from engine.protocol import ProtocolError, StatsSnapshot, decode_client_reply
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class AsyncStatsSubscriber:
         *,
         latest_only: bool = True,
         context: zmq.asyncio.Context | None = None,
+        curve: ClientKeys | None = None,
     ) -> None:
         self.addr = addr
         self._own_context = context is None
@@ -39,6 +41,8 @@ class AsyncStatsSubscriber:
         if latest_only:
             self._sock.setsockopt(zmq.CONFLATE, 1)
         self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        if curve is not None:  # a broker started with --curve (docs/PROTOCOL.md, section 12)
+            curve.apply(self._sock)
         try:
             self._sock.connect(addr)
         except zmq.ZMQError as exc:

@@ -64,8 +64,9 @@ class Chaos:
             worker = self.core.workers.get(self.victim_id)
             batches = list(worker.batches.values()) if worker else []
             running = [b for b in batches if 2 <= b.step < b.dispatch.max_steps - 1]
-            if running:
-                self.num_held = sum(len(b.request_ids) for b in batches)
+            num_held = sum(len(b.request_ids) for b in batches)
+            if running and num_held >= 10:  # mid-slice, holding a good part of the load
+                self.num_held = num_held
                 kill(self.eng, worker_proc(self.eng, self.victim_id))
                 self.killed_at = time.monotonic()
         elif self.detected_s is None and self.victim_id not in self.core.workers:

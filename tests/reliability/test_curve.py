@@ -4,6 +4,7 @@ every refusal; a key file added to the allow-list works without a restart."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import stat
@@ -14,7 +15,7 @@ import pytest
 import zmq
 from rel_helpers import engine, wait_for
 
-from engine.client import Client, Disconnected
+from engine.client import AsyncStatsSubscriber, Client, Disconnected
 from engine.curve import ClientKeys
 from engine.supervisor import RUN_PY
 
@@ -47,6 +48,9 @@ def test_curve_serves_known_keys_and_refuses_unknown_ones(tiny_model_dir, tmp_pa
         with Client(eng.client_addr, timeout_s=60, curve=alice) as client:
             served = client.generate(prompt_ids=[5, 6, 7], max_tokens=6, ignore_eos=True)
         assert len(served.token_ids) == 6
+
+        assert asyncio.run(_snapshot(eng.stats_addr, alice, 10.0)) is not None  # the stats too
+        assert asyncio.run(_snapshot(eng.stats_addr, None, 1.0)) is None
 
         for keys_used in (mallory, None):  # an unknown key, and no CURVE at all
             with Client(eng.client_addr, connect_timeout_s=1.5, curve=keys_used) as client:
@@ -83,3 +87,11 @@ def test_curve_serves_known_keys_and_refuses_unknown_ones(tiny_model_dir, tmp_pa
                 == 3
             )
         assert eng.server.auth.num_refused >= 2
+
+
+async def _snapshot(addr: str, curve: ClientKeys | None, timeout_s: float):
+    subscriber = AsyncStatsSubscriber(addr, curve=curve)
+    try:
+        return await subscriber.recv(timeout_s)
+    finally:
+        subscriber.close()
