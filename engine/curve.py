@@ -116,8 +116,8 @@ class ClientKeys:
 
 class Authenticator(threading.Thread):
     """The broker's ZAP handler: a thread answering libzmq's authentication requests for the
-    sockets made CURVE servers with ``serve_on``. Allow-lists are re-read when an unknown key
-    shows up and a list's directory changed since, so adding a key file needs no restart."""
+    sockets made CURVE servers with ``serve_on``. Allow-lists are re-read when their directory
+    changed, so adding or removing a key file needs no restart."""
 
     def __init__(self, ctx: zmq.Context, key_dir: str | os.PathLike[str]) -> None:
         super().__init__(name="zap", daemon=True)
@@ -154,13 +154,11 @@ class Authenticator(threading.Thread):
             self._allowed[kind] = set(keys)
 
     def allows(self, domain: str, public_z85: bytes) -> bool:
-        kinds = DOMAINS.get(domain, ())
-        if any(public_z85 in self._allowed[k] for k in kinds):
-            return True
+        """Checked at every handshake; the lists are re-read when a directory changed, so a key
+        file added or removed takes effect at the next connection (existing ones stay)."""
         if self._stamp() != self._loaded_stamp:
             self._reload()
-            return any(public_z85 in self._allowed[k] for k in kinds)
-        return False
+        return any(public_z85 in self._allowed[k] for k in DOMAINS.get(domain, ()))
 
     def run(self) -> None:
         try:

@@ -1,6 +1,7 @@
 """CURVE: `run.py keys` writes key pairs (private files mode 0600); a broker started with
 --curve serves known client and worker keys, refuses unknown ones and plain peers, and logs
-every refusal; a key file added to the allow-list works without a restart."""
+every refusal; a key file added to (or removed from) the allow-list takes effect without a
+restart."""
 
 from __future__ import annotations
 
@@ -86,7 +87,11 @@ def test_curve_serves_known_keys_and_refuses_unknown_ones(tiny_model_dir, tmp_pa
                 len(client.generate(prompt_ids=[5, 6], max_tokens=3, ignore_eos=True).token_ids)
                 == 3
             )
-        assert eng.server.auth.num_refused >= 2
+        (allowed / "clients" / "mallory.key").unlink()  # revoked for new connections
+        with Client(eng.client_addr, connect_timeout_s=1.5, curve=mallory) as client:
+            with pytest.raises(Disconnected):
+                client.generate(prompt_ids=[5, 6], max_tokens=2)
+        assert eng.server.auth.num_refused >= 3
 
 
 async def _snapshot(addr: str, curve: ClientKeys | None, timeout_s: float):
