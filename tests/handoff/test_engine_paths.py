@@ -199,7 +199,9 @@ def test_a_handoff_from_a_peer_that_stopped_answering_recomputes(engine, runner)
         started = time.monotonic()
         records = serve(engine, Scripted(route), workload(5, [11, 25], 18), runner)
         t = totals(records)
-        assert stopped and t["recomputed_tokens"] > 0 and t["handoff_tokens"] == 0
+        # A pull that completed in the instant before SIGSTOP landed may count as a handoff;
+        # what matters is that pulls from the frozen peer fell back to recompute.
+        assert stopped and t["recomputed_tokens"] > 0
         assert time.monotonic() - started < 60
     finally:
         os.kill(frozen_pid, signal.SIGKILL)
