@@ -169,3 +169,18 @@ def test_peer_tracker_names_the_connection_that_closed():
             assert gone == routing_id.bytes
         monitor.close(linger=0)
         router.close(linger=0)
+
+
+def test_the_broker_core_and_its_rules_import_neither_zmq_nor_torch():
+    import ast
+    from pathlib import Path
+
+    broker = Path(__file__).resolve().parents[2] / "engine" / "broker"
+    names = ["core", "intake", "admission", "expiry", "resume", "requests", "workers", "validation"]
+    for path in (broker / f"{name}.py" for name in names):
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+            for module in modules:
+                assert module.split(".")[0] not in {"zmq", "torch"}, f"{path.name} imports {module}"
