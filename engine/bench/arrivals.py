@@ -13,13 +13,12 @@ SPEC is one of::
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from engine.bench.workloads import Workload, WorkloadError
+from engine.bench.workloads import Workload, WorkloadError, positive_number
 
 KINDS = ("offline", "poisson", "gamma", "trace", "closed")
 
@@ -53,13 +52,7 @@ class ArrivalSpec:
 
 
 def _positive(text: str, what: str, spec: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise WorkloadError(f"arrival {spec!r}: {what} is {text!r}, expected a number") from None
-    if not value > 0 or math.isinf(value):
-        raise WorkloadError(f"arrival {spec!r}: {what} must be a positive number, got {text}")
-    return value
+    return positive_number(text, f"arrival {spec!r}: {what}")
 
 
 def parse_arrival(spec: str) -> ArrivalSpec:

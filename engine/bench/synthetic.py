@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.bench.workloads import TRACE_KINDS, RequestSpec, WorkloadError
+from engine.bench.workloads import TRACE_KINDS, RequestSpec, WorkloadError, positive_number
 
 _EXAMPLE = "prompt=uniform:24:56,output=lognormal:250:0.8"
 
@@ -65,13 +65,7 @@ class LengthDist:
 
 
 def _number(text: str, what: str, dist: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise WorkloadError(f"{what} in {dist!r} is {text!r}, expected a number") from None
-    if not value > 0 or math.isinf(value):
-        raise WorkloadError(f"{what} in {dist!r} must be a positive number, got {text}")
-    return value
+    return positive_number(text, f"{what} in {dist!r}")
 
 
 def parse_dist(text: str, column: str) -> LengthDist:

@@ -7,6 +7,7 @@ in engine/bench/traces.py, the synthetic length distributions in engine/bench/sy
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -36,6 +37,18 @@ ATTRIBUTIONS = {
 
 class WorkloadError(ValueError):
     """A workload spec or file that cannot be used; the message says what to change."""
+
+
+def positive_number(text: str, label: str) -> float:
+    """``text`` as a positive finite number; WorkloadError naming ``label`` (what was being read)
+    otherwise. Shared by the arrival and the synthetic-length parsers."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise WorkloadError(f"{label} is {text!r}, expected a number") from None
+    if not value > 0 or math.isinf(value):
+        raise WorkloadError(f"{label} must be a positive number, got {text}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
