@@ -34,7 +34,7 @@ def parse_bytes(text: str) -> int:
 
 def add_scheduler_flags(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("scheduling")
-    g.add_argument("--policy", choices=["scls", "ils", "sls"], default="scls")
+    g.add_argument("--policy", choices=["scls", "scls:strict", "ils", "sls"], default="scls")
     g.add_argument("--slice-len", type=int, default=64, help="SCLS: decode steps per slice (S)")
     g.add_argument(
         "--max-gen-len", type=int, default=1024, help="maximal generation length L (tokens)"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-PolicyName = Literal["scls", "ils", "sls"]
+PolicyName = Literal["scls", "scls:strict", "ils", "sls"]
 KVMode = Literal["auto", "recompute", "keep"]
 ILSAdmission = Literal["reserve", "optimistic"]
 

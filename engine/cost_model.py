@@ -371,6 +371,7 @@ class MemoryModel:
     kv_bytes_per_token: int
     budget_bytes: int
     slack_tokens: int = 32
+    block_tokens: int = 0  # tokens per KV block of a paged cache; 0: one left-padded cache
 
     def __post_init__(self) -> None:
         if self.kv_bytes_per_token < 1 or self.budget_bytes < 1 or self.slack_tokens < 0:
@@ -410,6 +411,25 @@ class MemoryModel:
         for k, m in enumerate(sorted(remaining_steps, reverse=True), start=1):
             peak = max(peak, k * (cache_len + m + self.slack_tokens))
         return peak * self.kv_bytes_per_token
+
+    def reservations_peak_bytes(self, rows: Sequence[tuple[int, int]]) -> int:
+        """Honest peak of a running set whose rows hold slice reservations, as (context_len,
+        steps left): with block_tokens (a paged cache) each row owns its own blocks, so the peak
+        is the sum of each row's blocks at its reservation's end; with one left-padded cache it
+        is ``running_peak_bytes`` over the widest context."""
+        if not rows:
+            return 0
+        if self.block_tokens:
+            return sum(self.reservation_bytes(c, m) for c, m in rows)
+        return self.running_peak_bytes(max(c for c, _ in rows), [m for _, m in rows])
+
+    def reservation_bytes(self, context_len: int, steps: int) -> int:
+        """Paged cache: the blocks one row holds at the end of ``steps`` more steps (its cache
+        covers ``context_len - 1 + steps`` tokens); padded cache: that row alone."""
+        if not self.block_tokens:
+            return (context_len + steps + self.slack_tokens) * self.kv_bytes_per_token
+        num_blocks = -(-(context_len - 1 + steps) // self.block_tokens)
+        return num_blocks * self.block_tokens * self.kv_bytes_per_token
 
     def join_peak_bytes(
         self,

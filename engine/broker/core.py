@@ -333,7 +333,7 @@ class BrokerCore:
         problems = []
         if worker is None or worker.draining:
             problems.append(f"unknown or draining worker {d.worker_id}")
-        elif not d.join and d.predicted_peak_bytes > worker.kv_budget_bytes:
+        elif d.predicted_peak_bytes > worker.kv_budget_bytes:
             problems.append(
                 f"predicted peak {d.predicted_peak_bytes} B above budget {worker.kv_budget_bytes} B"
             )
@@ -368,7 +368,8 @@ class BrokerCore:
             if req.first_dispatched_at is None:
                 req.first_dispatched_at = now
             worker.parked.pop(request_id, None)
-            items.append(req.batch_item(min(d.max_steps, req.max_new_tokens), keep_kv))
+            req.dispatch_steps = min(d.max_steps, req.max_new_tokens)
+            items.append(req.batch_item(req.dispatch_steps, keep_kv))
             items[-1].kv_source = kv_source
         batch = BatchState(batch_id, d.worker_id, d, set(d.request_ids), now, len(d.request_ids))
         worker.add_batch(batch, now)
@@ -404,8 +405,12 @@ class BrokerCore:
                 req = self.requests.get(rid)
                 if req is not None:
                     reserved = len(req.prompt_ids) + req.params.max_tokens
+                    done = len(req.generated) - req.generated_at_dispatch
+                    slice_left = max(1, min(req.dispatch_steps - done, req.max_new_tokens))
                     running.append(
-                        RunningRequest(rid, req.context_len, req.max_new_tokens, reserved)
+                        RunningRequest(
+                            rid, req.context_len, req.max_new_tokens, reserved, slice_left
+                        )
                     )
         return WorkerView(
             worker_id=worker.worker_id,

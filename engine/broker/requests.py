@@ -47,6 +47,7 @@ class Request:
     kv_worker_id: str | None = None  # where its KV is parked between slices
     num_slices: int = 0
     generated_at_dispatch: int = 0  # len(generated) when its current batch was dispatched
+    dispatch_steps: int = 0  # decode steps its current dispatch allows (its slice)
     first_dispatched_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None

@@ -37,6 +37,12 @@ class RunningRequest:
     context_len: int  # current context length (grows by one per decode step)
     max_new_tokens: int  # tokens it may still generate from now on
     reserved_tokens: int  # KV tokens reserved for it at admission (ILS reserve accounting)
+    slice_steps_left: int = 0  # steps left in its current dispatch (its slice); 0: unknown
+
+    @property
+    def steps_left(self) -> int:
+        """Steps it may still take where it runs: its slice's rest, or all it may generate."""
+        return self.slice_steps_left or self.max_new_tokens
 
 
 @dataclass(frozen=True, slots=True)

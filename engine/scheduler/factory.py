@@ -6,12 +6,14 @@ from collections.abc import Callable
 
 from engine.config import SchedulerConfig
 from engine.scheduler.base import Policy
+from engine.scheduler.continuous import ContinuousSCLSPolicy
 from engine.scheduler.ils import ILSPolicy
 from engine.scheduler.scls import SCLSPolicy
 from engine.scheduler.sls import SLSPolicy
 
 POLICIES: dict[str, Callable[[SchedulerConfig], Policy]] = {
-    "scls": SCLSPolicy.from_config,
+    "scls": ContinuousSCLSPolicy.from_config,
+    "scls:strict": SCLSPolicy.from_config,
     "ils": ILSPolicy.from_config,
     "sls": SLSPolicy.from_config,
 }

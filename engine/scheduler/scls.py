@@ -1,4 +1,4 @@
-"""Slice-level scheduling (SCLS): batches of length-sorted requests formed by dynamic
+"""Strict slice-level scheduling (``scls:strict``, as in the paper): batches of length-sorted requests formed by dynamic
 programming for one slice of at most S steps, assigned to workers by the max-min rule, each
 formed as late as is safe (when its worker is about to go idle). Between slices a request's KV
 is recomputed, kept on its worker, or (auto) brought wherever the cost model says is cheapest.
@@ -72,9 +72,10 @@ class _Costed:
 
 
 class SCLSPolicy:
-    """Slice-level scheduling; see docs/SCHEDULING.md for the algorithm and its costs."""
+    """Paper-faithful slice-level scheduling: a batch per slice, no admission until it ends
+    (``--policy scls:strict``); see docs/SCHEDULING.md for the algorithm and its costs."""
 
-    name = "scls"
+    name = "scls:strict"
 
     def __init__(
         self,

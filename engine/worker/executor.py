@@ -118,11 +118,9 @@ class Executor:
         self._stats[run.batch_id] = DispatchStats(run.batch_id, num_open=len(run.items))
         if not run.items:
             self._out.done.append(self._stats.pop(run.batch_id).done(self._clock()))
-        elif run.join:
-            self._joining.append(run)
         else:
             self._intake.expect(run)
-            self._queued.append(run)
+            (self._joining if run.join else self._queued).append(run)
 
     def abort(self, request_ids: Iterable[str]) -> None:
         """Rows and queued items of these requests leave now ("aborted", reported by the next
@@ -181,9 +179,12 @@ class Executor:
             return None
         out = self._out
         pending = out.generated or out.released or out.done or out.evicted or out.offloaded
-        if self._rows or self._joining or pending or not self._queued:
+        if self._rows or pending:
             return 0.0
-        return self._intake.blocking_s(self._queued[0])
+        waits = [self._intake.blocking_s(run) for run in self._joining]
+        if self._queued and not self._joining:
+            waits.append(self._intake.blocking_s(self._queued[0]))
+        return min(waits, default=0.0)
 
     @property
     def num_running(self) -> int:
@@ -221,8 +222,14 @@ class Executor:
         return out
 
     def _admit(self) -> None:
-        if self._joining:
-            runs, self._joining = self._joining, []
+        if self._joining:  # a join whose handed-off KV is on the way waits; the others join
+            runs = []
+            for run in list(self._joining):
+                if self._intake.blocking_s(run) <= 0:
+                    runs.append(run)
+                    self._joining.remove(run)
+            if not runs:
+                return
         elif not self._rows and self._queued:
             if self._intake.blocking_s(self._queued[0]) > 0:
                 return  # its handed-off KV is on the way

@@ -57,10 +57,8 @@ class KVIntake:
         self._awaited: dict[str, float] = {}  # request id -> give up at (clock seconds)
 
     def expect(self, run: p.RunBatch) -> None:
-        """Items of a sequential batch that name a peer wait for its KV before the batch starts
-        (joins never wait: they recompute when the KV is not here yet)."""
-        if run.join:
-            return
+        """Items that name a peer wait for their KV before they start (a sequential batch as a
+        whole; a join on its own, while the running set steps on)."""
         until = self._clock() + self.wait_s
         for item in run.items:
             if item.kv_source:

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from engine.scheduler.base import Dispatch, Policy, WaitingRequest, WorkerView
+from engine.scheduler.continuous import ContinuousSCLSPolicy
 from engine.scheduler.ils import ILSPolicy
 from engine.scheduler.scls import SCLSPolicy
 from engine.scheduler.sls import SLSPolicy
@@ -73,6 +74,9 @@ def _check_sequential(
 def _check_join(
     policy: Policy, d: Dispatch, worker: WorkerView, members: list[WaitingRequest]
 ) -> None:
+    if isinstance(policy, ContinuousSCLSPolicy):
+        _check_reservations(policy, d, worker, members)
+        return
     assert isinstance(policy, ILSPolicy), f"{policy.name} made a join dispatch"
     mem = worker.cost.memory
     rows = [(r.context_len, r.max_new_tokens) for r in worker.running]
@@ -86,3 +90,23 @@ def _check_join(
         width = max(c for c, _ in rows) + policy.headroom_tokens + mem.slack_tokens
         peak = len(rows) * width * mem.kv_bytes_per_token
     assert peak <= mem.budget_bytes, "admission above the budget"
+
+
+def _check_reservations(
+    policy: ContinuousSCLSPolicy, d: Dispatch, worker: WorkerView, members: list[WaitingRequest]
+) -> None:
+    """Continuous SCLS: each newcomer reserves one slice; with the reservations already held
+    the running set's honest peak (brute force over every step) stays within the budget."""
+    mem = worker.cost.memory
+    steps = [min(policy.slice_len, r.max_new_tokens) for r in members]
+    assert 1 <= d.max_steps <= policy.slice_len
+    assert d.max_steps == max(steps)
+    rows = [(r.context_len, r.steps_left) for r in worker.running]
+    rows += [(r.context_len, m) for r, m in zip(members, steps, strict=True)]
+    assert len(rows) <= policy.max_batch_size, "running set above max_batch_size"
+    if mem.block_tokens:
+        peak = sum(mem.reservation_bytes(c, m) for c, m in rows)
+    else:
+        peak = brute_running_peak(mem, rows)
+    assert d.predicted_peak_bytes == peak
+    assert peak <= mem.budget_bytes, "reservations above the budget"

@@ -62,6 +62,7 @@ class SimWorker:
     step_end_at: float = 0.0
     peak_bytes: int = 0  # the most KV this worker ever held (slack included)
     budgets: dict[str, int] = field(default_factory=dict)  # steps each batch row will run
+    join_steps: dict[str, int] = field(default_factory=dict)  # steps left in each join's dispatch
 
     @property
     def busy(self) -> bool:
@@ -70,7 +71,13 @@ class SimWorker:
     def view(self, now: float) -> WorkerView:
         queued = [r for _, rows in self.queue for r in rows]
         running = tuple(
-            RunningRequest(r.request_id, r.context_len, r.max_new_tokens, 0)
+            RunningRequest(
+                r.request_id,
+                r.context_len,
+                r.max_new_tokens,
+                0,
+                self.join_steps.get(r.request_id, 0),
+            )
             for r in [*self.batch, *queued, *self.joined]
         )
         busy_until = max(self.batch_end_at, now) if self.batch else now
@@ -113,8 +120,9 @@ class SimWorker:
         self.batch = []
         return done, back
 
-    def step(self, preempt: bool) -> tuple[list[SimRequest], list[SimRequest]]:
-        """One decode step of the join rows; optimistic admission may need to preempt."""
+    def step(self, preempt: bool, keep_kv: bool) -> tuple[list[SimRequest], list[SimRequest]]:
+        """One decode step of the join rows; optimistic admission may need to preempt; a row
+        whose dispatch's steps are used goes back (its KV kept here with ``keep_kv``)."""
         back: list[SimRequest] = []
         mem = self.cost.memory
         while preempt and self.joined:
@@ -122,10 +130,18 @@ class SimWorker:
             if len(self.joined) * width * mem.kv_bytes_per_token <= mem.budget_bytes:
                 break
             victim = self.joined.pop()  # the newest
+            self.join_steps.pop(victim.request_id, None)
             victim.num_preempted += 1
             back.append(victim)
         done = [r for r in self.joined if r.advance(1)]
-        self.joined = [r for r in self.joined if r not in done and r.max_new_tokens > 0]
+        for r in self.joined:
+            self.join_steps[r.request_id] -= 1
+            if r not in done and self.join_steps[r.request_id] == 0:
+                r.kv_worker_id = self.worker_id if keep_kv else None
+                back.append(r)
+        self.joined = [r for r in self.joined if r not in done and r not in back]
+        for r in [*done, *back]:
+            self.join_steps.pop(r.request_id, None)
         if self.joined:
             self._note_kv(len(self.joined), max(r.context_len for r in self.joined))
         return done, back
@@ -186,9 +202,16 @@ class Driver:
             worker = by_id[d.worker_id]
             rows = [self.waiting.pop(rid) for rid in d.request_ids]
             if d.join:
-                # Joining rows are prefilled first: the next step ends that much later.
-                prefill_s = worker.cost.time.prefill_s(len(rows), d.padded_len)
+                # Joining rows without KV here are prefilled first (each on its own, as the
+                # worker's length-sorted chunks roughly do): the next step ends that much later.
+                prefill_s = sum(
+                    worker.cost.time.prefill_s(1, r.context_len)
+                    for r in rows
+                    if r.kv_worker_id != d.worker_id and r.request_id not in d.handoff_ids
+                )
                 worker.joined += rows
+                for r in rows:
+                    worker.join_steps[r.request_id] = min(d.max_steps, r.max_new_tokens)
                 if worker.step_end_at <= now:
                     worker.schedule_step(now)
                 worker.step_end_at += prefill_s
@@ -205,7 +228,7 @@ class Driver:
         if w.batch and w.batch_end_at <= now:
             done, back = w.finish_batch(self.keep_kv)
         elif w.joined and w.step_end_at <= now:
-            done, back = w.step(self.preempt)
+            done, back = w.step(self.preempt, self.keep_kv)
             w.schedule_step(now)
         for r in done:
             r.finished_at = now

@@ -32,7 +32,7 @@ def cost_models(draw: st.DrawFn, min_tokens: int = 64) -> CostModel:
 @st.composite
 def configs(draw: st.DrawFn) -> SchedulerConfig:
     return SchedulerConfig(
-        policy=draw(st.sampled_from(["scls", "ils", "sls"])),
+        policy=draw(st.sampled_from(["scls", "scls:strict", "ils", "sls"])),
         slice_len=draw(st.integers(1, 64)),
         max_gen_len=draw(st.integers(1, 300)),
         kv_mode=draw(st.sampled_from(["auto", "keep", "recompute"])),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.config import SchedulerConfig
+from engine.scheduler.continuous import ContinuousSCLSPolicy
 from engine.scheduler.factory import SchedulerConfigError, make_policy
 from engine.scheduler.ils import ILSPolicy
 from engine.scheduler.scls import SCLSPolicy
@@ -12,7 +13,13 @@ from engine.scheduler.sls import SLSPolicy
 
 
 @pytest.mark.parametrize(
-    ("name", "cls"), [("scls", SCLSPolicy), ("ils", ILSPolicy), ("sls", SLSPolicy)]
+    ("name", "cls"),
+    [
+        ("scls", ContinuousSCLSPolicy),
+        ("scls:strict", SCLSPolicy),
+        ("ils", ILSPolicy),
+        ("sls", SLSPolicy),
+    ],
 )
 def test_make_policy_by_name(name: str, cls: type) -> None:
     policy = make_policy(SchedulerConfig(policy=name))  # type: ignore[arg-type]
@@ -23,7 +30,9 @@ def test_make_policy_by_name(name: str, cls: type) -> None:
 def test_settings_reach_the_policy() -> None:
     cfg = SchedulerConfig(slice_len=32, max_batch_size=7, aging_s=3.0, kv_mode="recompute")
     policy = make_policy(cfg)
-    assert isinstance(policy, SCLSPolicy)
+    assert isinstance(policy, ContinuousSCLSPolicy)
+    strict = make_policy(SchedulerConfig(policy="scls:strict", slice_len=32))
+    assert isinstance(strict, SCLSPolicy) and strict.slice_len == 32
     assert (policy.slice_len, policy.max_batch_size, policy.aging_s, policy.kv_mode) == (
         32,
         7,
@@ -38,7 +47,10 @@ def test_settings_reach_the_policy() -> None:
 @pytest.mark.parametrize(
     ("cfg", "message"),
     [
-        (SchedulerConfig(policy="fifo"), "unknown policy 'fifo': choose one of scls, ils, sls"),  # type: ignore[arg-type]
+        (
+            SchedulerConfig(policy="fifo"),
+            "unknown policy 'fifo': choose one of scls, scls:strict, ils, sls",
+        ),  # type: ignore[arg-type]
         (SchedulerConfig(slice_len=0), "slice_len must be >= 1"),
         (SchedulerConfig(max_concurrency=0), "max_concurrency must be >= 1"),
         (SchedulerConfig(aging_s=-1.0), "aging_s must be >= 0"),

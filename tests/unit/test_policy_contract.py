@@ -71,7 +71,7 @@ def test_an_idle_worker_gets_work_when_some_request_can_run(case) -> None:
 @given(rounds())
 def test_scls_slices_never_exceed_s_and_go_only_to_ready_workers(case) -> None:
     cfg, waiting, views = case
-    policy = make_policy(SchedulerConfig(**{**_as_dict(cfg), "policy": "scls"}))
+    policy = make_policy(SchedulerConfig(**{**_as_dict(cfg), "policy": "scls:strict"}))
     assert isinstance(policy, SCLSPolicy)
     by_worker = {w.worker_id: w for w in views}
     for d in policy.schedule(waiting, views, NOW):
@@ -85,7 +85,7 @@ def test_scls_slices_never_exceed_s_and_go_only_to_ready_workers(case) -> None:
 def test_planning_is_pure(case) -> None:
     """Planning twice on the same input gives the same plan (nothing hidden is mutated)."""
     cfg, waiting, views = case
-    for name in ("scls", "ils", "sls"):
+    for name in ("scls", "scls:strict", "ils", "sls"):
         policy = make_policy(SchedulerConfig(**{**_as_dict(cfg), "policy": name}))
         assert policy.schedule(waiting, views, NOW) == policy.schedule(waiting, views, NOW)
 

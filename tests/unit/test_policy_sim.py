@@ -20,14 +20,20 @@ MAX_PROMPT, MAX_GEN = 200, 120
 SIZES = (1, 1, 2, 3, 5, 8, 20)  # budgets in requests that fit alone: mostly tight
 
 CONFIGS = {
-    "scls-keep": SchedulerConfig(
-        policy="scls", slice_len=16, max_gen_len=MAX_GEN, kv_mode="keep", aging_s=2.0
+    **{
+        f"scls-{mode}": SchedulerConfig(
+            policy="scls", slice_len=16, max_gen_len=MAX_GEN, kv_mode=mode, aging_s=2.0
+        )
+        for mode in ("keep", "auto", "recompute")
+    },
+    "strict-keep": SchedulerConfig(
+        policy="scls:strict", slice_len=16, max_gen_len=MAX_GEN, kv_mode="keep", aging_s=2.0
     ),
-    "scls-auto": SchedulerConfig(
-        policy="scls", slice_len=16, max_gen_len=MAX_GEN, kv_mode="auto", aging_s=2.0
+    "strict-auto": SchedulerConfig(
+        policy="scls:strict", slice_len=16, max_gen_len=MAX_GEN, kv_mode="auto", aging_s=2.0
     ),
-    "scls-recompute": SchedulerConfig(
-        policy="scls", slice_len=16, max_gen_len=MAX_GEN, kv_mode="recompute", aging_s=2.0
+    "strict-recompute": SchedulerConfig(
+        policy="scls:strict", slice_len=16, max_gen_len=MAX_GEN, kv_mode="recompute", aging_s=2.0
     ),
     "ils-reserve": SchedulerConfig(policy="ils", max_gen_len=MAX_GEN, max_concurrency=12),
     "ils-optimistic": SchedulerConfig(
@@ -74,18 +80,18 @@ def test_every_request_finishes(name: str, seed: int, num_workers: int, num_requ
         make_policy(cfg),
         workers(seed, num_workers),
         requests,
-        keep_kv=cfg.policy == "scls" and cfg.kv_mode != "recompute",
+        keep_kv=cfg.policy.startswith("scls") and cfg.kv_mode != "recompute",
         preempt=cfg.ils_admission == "optimistic" and cfg.policy == "ils",
     )
     driver.run(max_time_s=3600.0)
     assert all(r.finished_at is not None and r.generated == r.true_len for r in requests)
 
 
-def starvation_case(aging_s: float) -> tuple[float, float]:
+def starvation_case(aging_s: float, policy: str = "scls:strict") -> tuple[float, float]:
     """One long request waits while short ones keep arriving for 30 s on one worker; returns
     when the long one finished and when the last short one did."""
     cfg = SchedulerConfig(
-        policy="scls", slice_len=16, max_gen_len=64, aging_s=aging_s, kv_mode="keep"
+        policy=policy, slice_len=16, max_gen_len=64, aging_s=aging_s, kv_mode="keep"
     )
     long = SimRequest("long", prompt_len=900, max_tokens=64, true_len=64, arrived_at=0.0)
     shorts = [
@@ -105,6 +111,14 @@ def test_aging_stops_a_long_request_from_starving() -> None:
     # Without aging the long request waits until the stream of short ones dries up.
     long_done_at, shorts_done_at = starvation_case(aging_s=1e9)
     assert long_done_at > 25.0
+
+
+@pytest.mark.parametrize("aging_s", [1.0, 1e9])
+def test_continuous_scls_serves_the_oldest_first(aging_s: float) -> None:
+    """Continuous SCLS places requests oldest first: the long one starts at once and its
+    slices are renewed before any younger short one, with or without aging."""
+    long_done_at, shorts_done_at = starvation_case(aging_s, policy="scls")
+    assert long_done_at < 10.0 < shorts_done_at
 
 
 def test_scls_forms_batches_as_late_as_is_safe() -> None:

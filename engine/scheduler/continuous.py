@@ -1,0 +1,207 @@
+"""Continuous slice-level scheduling, the default SCLS: a request holds a reservation for one
+slice (the KV of its context plus S tokens, at most S steps) and joins a worker's running set at
+any decode step when that reservation fits beside the ones already held. At its slice boundary it
+comes back to the pool and is placed again: renewed where it runs, or moved (its KV restored,
+handed off or recomputed) to the worker where its next slice ends sooner. Reservations never
+exceed a worker's budget, so nobody is preempted for memory (zero OOM by construction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from operator import attrgetter
+
+from engine.config import KVMode, SchedulerConfig
+from engine.scheduler.base import Dispatch, WaitingRequest, WorkerView
+
+_ARRIVAL = attrgetter("arrived_at", "request_id")
+
+
+@dataclass(frozen=True, slots=True)
+class _Grant:
+    """A reservation granted this round: the request, its slice's steps, how it gets its KV."""
+
+    request: WaitingRequest
+    steps: int
+    move_s: float  # seconds to bring its KV here (0: kept here; a recompute is its prefill row)
+    prefill: bool  # recomputed here
+    handoff: bool  # pulled from the worker that holds it
+
+
+class _Slot:
+    """One worker while a round is planned: the reservations it holds and those granted now."""
+
+    def __init__(self, view: WorkerView) -> None:
+        self.view = view
+        self.memory = view.cost.memory
+        self.time = view.cost.time
+        # (context_len, steps left in its slice) per reservation held or granted
+        self.rows = [(r.context_len, r.steps_left) for r in view.running]
+        self.peak_bytes = self.memory.reservations_peak_bytes(self.rows)
+        self.sum_context = sum(c for c, _ in self.rows)
+        self.max_context = max((c for c, _ in self.rows), default=0)
+        self.grants: list[_Grant] = []
+
+    @property
+    def worker_id(self) -> str:
+        return self.view.worker_id
+
+    def peak_with(self, context_len: int, steps: int) -> int:
+        """The honest peak if one more reservation joined."""
+        if self.memory.block_tokens:  # rows own their blocks: reservations add up
+            return self.peak_bytes + self.memory.reservation_bytes(context_len, steps)
+        return self.memory.reservations_peak_bytes([*self.rows, (context_len, steps)])
+
+    def step_s(self, context_len: int) -> float:
+        """Predicted decode step of the running set with one more row of ``context_len``."""
+        n = len(self.rows) + 1
+        if self.memory.block_tokens:  # attention reads each row's own context
+            width = (self.sum_context + context_len) / n
+        else:  # every row is as wide as the longest
+            width = max(self.max_context, context_len)
+        return self.time.decode_step_s(n, int(width))
+
+    def grant(self, grant: _Grant, peak_bytes: int) -> None:
+        context_len = grant.request.context_len
+        self.rows.append((context_len, grant.steps))
+        self.peak_bytes = peak_bytes
+        self.sum_context += context_len
+        self.max_context = max(self.max_context, context_len)
+        self.grants.append(grant)
+
+    def dispatch(self) -> Dispatch:
+        max_steps = max(g.steps for g in self.grants)
+        slice_s = self.time.slice_s(
+            len(self.rows),
+            self.max_context,
+            max_steps,
+            prefill_rows=sum(g.prefill for g in self.grants),
+            step_lens=[min(m, max_steps) for _, m in self.rows],
+        )
+        return Dispatch(
+            worker_id=self.worker_id,
+            request_ids=tuple(g.request.request_id for g in self.grants),
+            max_steps=max_steps,
+            join=True,
+            padded_len=max(g.request.context_len for g in self.grants),
+            predicted_s=slice_s + sum(g.move_s for g in self.grants),
+            predicted_peak_bytes=self.peak_bytes,
+            handoff_ids=tuple(g.request.request_id for g in self.grants if g.handoff),
+        )
+
+
+class ContinuousSCLSPolicy:
+    """Oldest first, each request's next slice goes to the worker where it fits and would end
+    soonest (its KV move plus S steps at that worker's predicted step time with it joined). A
+    request that fits nowhere now is overtaken by younger ones until it has aged; an aged one
+    that fits nowhere stops the round (no starvation). See docs/SCHEDULING.md."""
+
+    name = "scls"
+
+    def __init__(
+        self,
+        slice_len: int,
+        max_batch_size: int,
+        aging_s: float,
+        kv_mode: KVMode = "auto",
+        max_misses: int = 64,
+    ) -> None:
+        self.slice_len = slice_len
+        self.max_batch_size = max_batch_size
+        self.aging_s = aging_s
+        self.kv_mode = kv_mode
+        # A round stops after this many requests in a row found no room (bounds planning time
+        # with thousands waiting; the rest are looked at again next round).
+        self.max_misses = max_misses
+
+    @classmethod
+    def from_config(cls, cfg: SchedulerConfig) -> ContinuousSCLSPolicy:
+        return cls(cfg.slice_len, cfg.max_batch_size, cfg.aging_s, cfg.kv_mode)
+
+    def schedule(
+        self, waiting: Sequence[WaitingRequest], workers: Sequence[WorkerView], now: float
+    ) -> list[Dispatch]:
+        if not waiting or not workers:
+            return []
+        slots = {w.worker_id: _Slot(w) for w in workers}
+        aged_before = now - self.aging_s
+        misses = 0
+        for r in sorted(waiting, key=_ARRIVAL):
+            steps = min(self.slice_len, r.max_new_tokens)
+            if self._place(r, steps, slots, aged=r.arrived_at <= aged_before):
+                misses = 0
+                continue
+            if r.arrived_at <= aged_before and self._fits_alone(r, steps, slots):
+                break  # the oldest waits for room; nobody overtakes it
+            misses += 1
+            if misses > self.max_misses or all(self._full(s) for s in slots.values()):
+                break
+        return [s.dispatch() for s in slots.values() if s.grants]
+
+    def _place(self, r: WaitingRequest, steps: int, slots: dict[str, _Slot], aged: bool) -> bool:
+        best: tuple[float, _Slot, _Grant, int] | None = None
+        for slot in slots.values():
+            if len(slot.rows) >= self.max_batch_size:
+                continue
+            if self._waits_for_holder(r, slot, slots, aged):
+                continue
+            peak = slot.peak_with(r.context_len, steps)
+            if peak > slot.memory.budget_bytes:
+                continue
+            grant = self._grant(r, steps, slot, slots)
+            end_s = grant.move_s + steps * slot.step_s(r.context_len)
+            if best is None or end_s < best[0]:
+                best = (end_s, slot, grant, peak)
+        if best is None:
+            return False
+        _, slot, grant, peak = best
+        slot.grant(grant, peak)
+        return True
+
+    def _waits_for_holder(
+        self, r: WaitingRequest, slot: _Slot, slots: dict[str, _Slot], aged: bool
+    ) -> bool:
+        """Keep mode moves no KV between workers: a request whose KV is parked on a live worker
+        goes back there, unless it has aged (then it may recompute anywhere)."""
+        holder = r.kv_worker_id
+        return (
+            self.kv_mode == "keep"
+            and not aged
+            and holder is not None
+            and holder in slots
+            and holder != slot.worker_id
+        )
+
+    def _grant(self, r: WaitingRequest, steps: int, slot: _Slot, slots: dict[str, _Slot]) -> _Grant:
+        """The cheapest way to have ``r``'s KV on ``slot``'s worker: kept, restored from its host
+        tier, handed off from its holder (auto mode), or recomputed (a prefill row)."""
+        cost = slot.view.cost
+        recompute_s = float(cost.time.row_prefill_s(r.context_len))
+        recompute = _Grant(r, steps, recompute_s, prefill=True, handoff=False)
+        holder = r.kv_worker_id
+        if self.kv_mode == "recompute" or holder is None or holder not in slots:
+            return recompute
+        nbytes = (r.context_len - 1) * cost.memory.kv_bytes_per_token
+        if holder == slot.worker_id:
+            move_s = cost.kv.restore_s(nbytes) if r.kv_on_host else 0.0
+            handoff = False
+        elif self.kv_mode == "auto":
+            move_s, handoff = cost.kv.handoff_s(nbytes), True
+        else:
+            return recompute
+        if move_s > recompute_s:
+            return recompute
+        return _Grant(r, steps, move_s, prefill=False, handoff=handoff)
+
+    def _fits_alone(self, r: WaitingRequest, steps: int, slots: dict[str, _Slot]) -> bool:
+        return any(
+            s.memory.reservation_bytes(r.context_len, steps) <= s.memory.budget_bytes
+            for s in slots.values()
+        )
+
+    def _full(self, slot: _Slot) -> bool:
+        """No request of any length could join: no row left, or not one more token of room."""
+        if len(slot.rows) >= self.max_batch_size:
+            return True
+        return slot.peak_with(1, 1) > slot.memory.budget_bytes
