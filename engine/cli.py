@@ -1,4 +1,4 @@
-"""The one launcher: serve | broker | worker | generate | tui | demo | profile | bench | keys."""
+"""The one launcher: serve | broker | worker | generate | tui | demo | profile | bench | keys | http."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
 
 def _serve(args: argparse.Namespace) -> int:
     from engine.broker.main import serve_broker
+    from engine.http.cli import serve_gateway_argv
     from engine.supervisor import spawn, stop_all
 
     cfg = cli_args.broker_config(args, args.bind, args.port)
@@ -46,8 +47,11 @@ def _serve(args: argparse.Namespace) -> int:
                 argv += ["--host-kv-budget", str(args.host_kv_budget)]
             if args.no_profile:
                 argv.append("--no-profile")
-            procs.append(spawn(argv + _serve_worker_curve_args(cfg.curve_dir)))
+            procs.append(spawn(argv + _serve_curve_args(cfg.curve_dir, "workers", "serve-worker")))
         addrs = server.addresses
+        http_curve = _serve_curve_args(cfg.curve_dir, "clients", "serve-http")
+        for http_argv in serve_gateway_argv(args, addrs, http_curve):  # a client, like the tui
+            procs.append(spawn(http_argv))
         print(
             f'engine: clients connect to {addrs["clients"]}  (run.py generate "..." --connect {addrs["clients"]})',
             flush=True,
@@ -68,17 +72,18 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_worker_curve_args(curve_dir: str | None) -> list[str]:
-    """`serve --curve DIR`: its workers use DIR/workers/serve-worker (created once)."""
+def _serve_curve_args(curve_dir: str | None, folder: str, name: str) -> list[str]:
+    """`serve --curve DIR`: its workers use DIR/workers/serve-worker, its HTTP gateway
+    DIR/clients/serve-http (each created once)."""
     if curve_dir is None:
         return []
     from pathlib import Path
 
     from engine.curve import create_key_pair
 
-    secret = Path(curve_dir) / "workers" / "serve-worker.key_secret"
+    secret = Path(curve_dir) / folder / f"{name}.key_secret"
     if not secret.exists():
-        create_key_pair(secret.parent, "serve-worker")
+        create_key_pair(secret.parent, name)
     return ["--curve-key", str(secret), "--broker-key", str(Path(curve_dir) / "broker.key")]
 
 
@@ -204,6 +209,12 @@ def _profile(args: argparse.Namespace) -> int:
     return run_profile(cli_args.worker_config(args, "", args.device, args.threads))
 
 
+def _http(args: argparse.Namespace) -> int:
+    from engine.http.cli import run_http
+
+    return run_http(args)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from engine.bench.cli import run_bench
 
@@ -212,6 +223,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from engine.bench.cli import add_bench_parser
+    from engine.http.cli import add_http_parser, add_serve_flags
 
     ap = argparse.ArgumentParser(prog="run.py", description="SCLS LLM serving engine")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -235,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_args.add_scheduler_flags(p)
     cli_args.add_worker_flags(p)
     cli_args.add_broker_flags(p)
+    add_serve_flags(p)
 
     p = command("broker", _broker, "run the broker alone (workers join with `worker --connect`)")
     p.add_argument("--bind", default="127.0.0.1")
@@ -296,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("bench", _bench, "benchmark policies (and transformers peers) on a workload")
     add_bench_parser(p)
+
+    p = command("http", _http, "the OpenAI-compatible HTTP API and /metrics, a client of a broker")
+    add_http_parser(p)
     return ap
 
 
