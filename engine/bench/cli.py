@@ -44,6 +44,10 @@ def add_bench_parser(p: argparse.ArgumentParser) -> None:
                    help="latency targets for goodput, e.g. ttft:2000 tpot:200 e2e:30000")  # fmt: skip
     p.add_argument("--max-duration", type=float, default=600.0,
                    help="seconds each run may take from its first request; the rest is cancelled")  # fmt: skip
+    p.add_argument("--stall-timeout", type=float, default=60.0, metavar="S",
+                   help="a run in which no request received a token for S seconds while some "
+                   "were in flight is reported as stalled, with why (0: never); a peer run "
+                   "stops there, an engine run goes on to --max-duration")  # fmt: skip
     g = p.add_argument_group("length scaling")
     g.add_argument("--prompt-divisor", type=float, default=1.0, help="divide prompt lengths")
     g.add_argument("--output-divisor", type=float, default=1.0, help="divide output lengths")
@@ -102,6 +106,7 @@ def _settings(args: argparse.Namespace):
         seed=args.seed,
         repeats=args.repeats,
         max_duration_s=args.max_duration,
+        stall_timeout_s=args.stall_timeout if args.stall_timeout > 0 else None,
         stats_interval_s=args.stats_interval,
         peer_batch_size=args.peer_batch_size,
         peer_page_size=args.peer_page_size,

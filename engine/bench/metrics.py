@@ -2,7 +2,8 @@
 (per-worker load, padding, recomputation, slices, memory against prediction and budget).
 
 Definitions (as vLLM's): duration_s runs from the first request's due time to the last
-request's end; TTFT = first token - submission; TPOT = (e2e - TTFT) / (output tokens - 1)
+request's end, or to the cut-off of a run cut short (--max-duration, a stall), which is then
+marked incomplete and left out of the ratios; TTFT = first token - submission; TPOT = (e2e - TTFT) / (output tokens - 1)
 for requests with more than one token; ITL = the gaps between consecutive stream deltas that
 carried tokens (one per delta: a delta carrying k tokens counts once); e2el = end - submission.
 Percentiles interpolate linearly (numpy). Pure functions: no I/O.
@@ -111,10 +112,13 @@ def request_metrics(
     output_tokens = sum(r.num_output_tokens for r in done)
     per_s = (lambda n: n / duration_s) if duration_s > 0 else (lambda n: None)
     stalls = [max(itls_s(r), default=0.0) for r in done]
+    num_unfinished = sum(r.cut_short for r in records)
     out: dict[str, Any] = {
         "num_requests": len(records),
         "completed": len(done),
         "failed": len(records) - len(done),
+        "num_unfinished": num_unfinished,
+        "complete": len(done) == len(records),
         "duration_s": duration_s,
         "total_input_tokens": input_tokens,
         "total_output_tokens": output_tokens,
@@ -132,6 +136,44 @@ def request_metrics(
     out["max_stall_ms"] = max(stalls) * 1000.0 if stalls else None
     out["mean_max_stall_ms"] = float(np.mean(stalls)) * 1000.0 if stalls else None
     return out
+
+
+def find_stall(
+    records: Sequence[RequestRecord], timeout_s: float | None, end_s: float
+) -> dict[str, Any] | None:
+    """The first spell of at least ``timeout_s`` seconds in which no request received a token
+    while at least one was in flight (sent, not ended; a request not ended by ``end_s`` is in
+    flight until then), as {"since_s", "idle_s", "num_in_flight"}; None if there was none.
+    The same rule as progress.StallWatch, applied after the run."""
+    if not timeout_s or timeout_s <= 0:
+        return None
+    events: list[tuple[float, int]] = []  # (time, kind): 0 token, 1 sent, 2 ended
+    for r in records:
+        if r.submitted_s is None:
+            continue
+        events.append((r.submitted_s, 1))
+        events += [(t, 0) for t in r.chunk_times_s]
+        events.append((min(end_s, r.finished_s) if r.finished_s is not None else end_s, 2))
+    events.sort()
+    idle_since, in_flight = 0.0, 0
+    for at_s, kind in [*events, (end_s, 3)]:
+        if in_flight > 0 and at_s - idle_since >= timeout_s:
+            return {"since_s": idle_since, "idle_s": at_s - idle_since, "num_in_flight": in_flight}
+        if kind == 0 or (kind == 1 and in_flight == 0):
+            idle_since = at_s
+        in_flight += {1: 1, 2: -1}.get(kind, 0)
+    return None
+
+
+def effective_duration_s(run: RunResult) -> float:
+    """The time throughputs divide by: ``run.duration_s``, and for a run cut short never less
+    than its cut-off nor than the last moment anything happened in it (a run's unfinished
+    requests were in flight until then, whatever its last finished request says)."""
+    if all(r.success for r in run.requests):
+        return run.duration_s
+    seen = [t for r in run.requests for t in (r.submitted_s, r.finished_s, *r.chunk_times_s[-1:])]
+    last_s = max((t for t in seen if t is not None), default=0.0)
+    return max(run.duration_s, run.cut_off_s or 0.0, last_s)
 
 
 def imbalance(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -282,7 +324,9 @@ def summarize(
     engine-side ones it has no source for. ``output_tokens_per_cpu_s``: output tokens per CPU
     second of the workers (peers: of the benchmark process), a figure that a shared machine's
     other load disturbs far less than wall-clock throughput."""
-    out = request_metrics(run.requests, run.duration_s, goodput_ms)
+    out = request_metrics(run.requests, effective_duration_s(run), goodput_ms)
+    out["cut_off_s"] = run.cut_off_s
+    out["stall"] = run.stall
     out.update(engine_metrics(run, slice_len))
     out.update(run.extra.get("metrics", {}))
     cpu_s = out.get("cpu_s")
@@ -292,33 +336,62 @@ def summarize(
 
 def aggregate(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One summary from repeats: the mean of every numeric metric (None if any repeat lacks
-    it); other values from the first repeat. One repeat: returned unchanged."""
+    it); flags (``complete``) true only if true in every repeat; records (``stall``) from the
+    first repeat that has one; other values from the first repeat. One repeat: unchanged."""
     if len(summaries) == 1:
         return dict(summaries[0])
     out: dict[str, Any] = {}
-    for key, first in summaries[0].items():
+    for key in summaries[0]:
         values = [s.get(key) for s in summaries]
         numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
-        out[key] = float(np.mean(values)) if numeric else first
+        if numeric:
+            out[key] = float(np.mean(values))
+        elif all(isinstance(v, bool) for v in values):
+            out[key] = all(values)
+        elif any(isinstance(v, dict) for v in values):
+            out[key] = next(v for v in values if isinstance(v, dict))
+        else:
+            out[key] = values[0]
     out["num_repeats"] = len(summaries)
     return out
 
 
 def ratios(
     summaries: Mapping[str, Mapping[str, Any]], baseline: str, keys: Sequence[str]
-) -> dict[str, dict[str, float | None]]:
-    """metric / baseline's metric for each name and key (None where undefined)."""
+) -> dict[str, dict[str, Any]]:
+    """metric / baseline's metric for each name and key (None where undefined). A run cut
+    short is no comparison: its row (every row, if it is the baseline) has None everywhere
+    and ``excluded`` says why."""
     if baseline not in summaries:
         raise MetricsError(
             f"baseline {baseline!r} did not run: pick one of {', '.join(summaries)} (--baseline)"
         )
     base = summaries[baseline]
-    out: dict[str, dict[str, float | None]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for name, summary in summaries.items():
-        row: dict[str, float | None] = {}
+        row: dict[str, Any] = {}
+        why = incomplete_reason(summary) or (
+            f"baseline {baseline} incomplete" if incomplete_reason(base) else None
+        )
+        if why:
+            out[name] = {**dict.fromkeys(keys), "excluded": why}
+            continue
         for key in keys:
             value, ref = summary.get(key), base.get(key)
             ok = isinstance(value, int | float) and isinstance(ref, int | float) and ref != 0
             row[key] = float(value) / float(ref) if ok else None
         out[name] = row
     return out
+
+
+def incomplete_reason(summary: Mapping[str, Any]) -> str | None:
+    """ "incomplete: 33 of 48 unfinished, stalled" for a run cut short; None for a complete one
+    (a summary without the flag counts as complete)."""
+    if summary.get("complete", True):
+        return None
+    num, unfinished = summary.get("num_requests"), summary.get("num_unfinished")
+    failed = (summary.get("failed") or 0) - (unfinished or 0)
+    parts = [f"{unfinished:.0f} of {num:.0f} unfinished"] if unfinished else []
+    parts += [f"{failed:.0f} failed"] if failed else []
+    parts += ["stalled"] if summary.get("stall") else []
+    return "incomplete: " + ", ".join(parts)

@@ -14,19 +14,26 @@ as the engine's workers have together.
   With hidden lengths it asks for ``max_tokens`` and is cancelled once its length arrived, as
   the engine's requests are. (``hf_generate`` needs no such mode: a static batch always runs to
   its longest request, which is what EOS at each request's length would do.)
+
+A peer run is cut short at ``max_duration_s``, and ``hf_generate_batch`` also when no request
+received a token for ``stall_timeout_s`` while some were in flight; the run then records the
+cut-off (throughputs divide by it) and, for a stall, why, with transformers' cache state.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine.bench.loadgen import LoadItem
-from engine.bench.progress import Progress
+from engine.bench.progress import Progress, StallWatch
 from engine.bench.records import RequestRecord
+
+log = logging.getLogger(__name__)
 
 PEER_NAMES = ("hf_generate", "hf_generate_batch")
 
@@ -46,6 +53,33 @@ class PeerSettings:
     max_batch_tokens: int = 1024  # hf_generate_batch: tokens per forward (prefill chunks)
     max_batch_size: int = 256
     max_duration_s: float = 600.0
+    stall_timeout_s: float | None = 60.0  # hf_generate_batch; None: wait until max_duration_s
+
+
+@dataclass(slots=True)
+class PeerOutcome:
+    """What a peer run returns. ``duration_s``: to the last request's end, or to the cut-off
+    (``cut_off_s``, seconds from the start) when the run was cut short; ``stall``: why it
+    stopped making progress (None if it did not)."""
+
+    records: list[RequestRecord]
+    duration_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+    cut_off_s: float | None = None
+    stall: dict[str, Any] | None = None
+
+
+def _outcome(
+    records: list[RequestRecord], cut_off_s: float | None, extra: dict[str, Any], **kwargs: Any
+) -> PeerOutcome:
+    """The duration is the last end when every request succeeded; otherwise the time to the
+    cut-off (when the run stopped), never the time to the last request that happened to
+    finish."""
+    if all(r.success for r in records):
+        cut_off_s = None
+    ends = [r.finished_s for r in records if r.finished_s is not None]
+    duration_s = cut_off_s if cut_off_s is not None else max(ends, default=0.0)
+    return PeerOutcome(records, duration_s, extra, cut_off_s, **kwargs)
 
 
 class _Feed:
@@ -132,8 +166,8 @@ def run_hf_generate(
     send_times: Sequence[float] | None,
     concurrency: int | None,
     progress: Progress,
-) -> tuple[list[RequestRecord], float, dict[str, Any]]:
-    """Static FCFS batches through ``model.generate``; returns (records, duration_s, extra)."""
+) -> PeerOutcome:
+    """Static FCFS batches through ``model.generate``."""
     import torch
     from transformers import StoppingCriteria
     from transformers.generation.streamers import BaseStreamer
@@ -213,7 +247,7 @@ def run_hf_generate(
             feed.on_finish(rec.finished_s if rec.finished_s is not None else time.monotonic() - t0)
             progress.advance(rec.success)
     progress.finish()
-    duration_s = max((r.finished_s for r in records if r.finished_s is not None), default=0.0)
+    cut_off_s = time.monotonic() - t0
     extra = {
         "batch_size": batch_size,
         "num_threads": settings.num_threads,
@@ -223,7 +257,7 @@ def run_hf_generate(
             "cpu_s": time.process_time() - cpu_before,
         },
     }
-    return records, duration_s, extra
+    return _outcome(records, cut_off_s, extra)
 
 
 def run_hf_generate_batch(
@@ -232,7 +266,7 @@ def run_hf_generate_batch(
     send_times: Sequence[float] | None,
     concurrency: int | None,
     progress: Progress,
-) -> tuple[list[RequestRecord], float, dict[str, Any]]:
+) -> PeerOutcome:
     """transformers continuous batching with per-request lengths and arrivals."""
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -263,10 +297,10 @@ def run_hf_generate_batch(
         _warm_up(manager, items[0])
         t0, cpu_before = time.monotonic(), time.process_time()
         progress.start()
-        _serve(manager, items, records, feed, t0, settings.max_duration_s, progress)
+        stall = _serve(manager, items, records, feed, t0, settings, progress)
+        cut_off_s = time.monotonic() - t0
         progress.finish()
         cpu_s = time.process_time() - cpu_before
-    duration_s = max((r.finished_s for r in records if r.finished_s is not None), default=0.0)
     extra = {
         "num_blocks": num_blocks,
         "page_size": settings.page_size,
@@ -275,7 +309,7 @@ def run_hf_generate_batch(
         "attn_implementation": str(getattr(model.config, "_attn_implementation", "")),
         "metrics": {"kv_budget_bytes": num_blocks * settings.page_size * kv_bytes, "cpu_s": cpu_s},
     }
-    return records, duration_s, extra
+    return _outcome(records, cut_off_s, extra, stall=stall)
 
 
 def _warm_up(manager, item: LoadItem) -> None:
@@ -294,13 +328,18 @@ def _warm_up(manager, item: LoadItem) -> None:
 
 
 def _serve(
-    manager, items, records, feed: _Feed, t0: float, max_duration_s: float, progress
-) -> None:
-    """Add requests as they arrive, stamp every streamed output, until all end or time is up.
-    A request with a hidden length asks for ``max_tokens`` and is cancelled at its length."""
+    manager, items, records, feed: _Feed, t0: float, settings: PeerSettings, progress: Progress
+) -> dict[str, Any] | None:
+    """Add requests as they arrive, stamp every streamed output, until all end, time is up
+    (the rest: "timeout") or no token came for ``settings.stall_timeout_s`` while requests
+    were in flight (the rest: "stalled"; returns why). A request with a hidden length asks
+    for ``max_tokens`` and is cancelled at its length."""
     live: set[int] = set()
-    while (not feed.all_taken or live) and time.monotonic() - t0 < max_duration_s:
+    watch = StallWatch(settings.stall_timeout_s)
+    while not feed.all_taken or live:
         now_s = time.monotonic() - t0
+        if now_s >= settings.max_duration_s or watch.stalled(now_s):
+            break
         for i in feed.due(now_s):
             feed.take([i])
             records[i].submitted_s = now_s
@@ -309,36 +348,103 @@ def _serve(
                 max_new_tokens=items[i].max_tokens or items[i].output_len, eos_token_id=-1,
             )  # fmt: skip
             live.add(i)
+            watch.sent(now_s)
         next_at = feed.next_at()
         wait_s = 0.05 if next_at is None else max(0.001, min(0.05, next_at - now_s))
         result = manager.get_result(timeout=wait_s)
         if result is None and not manager.is_running():
             _fail_all(records, live, "transformers' generation loop stopped (see its log above)")
-            return
+            return None
         if result is None or not result.request_id.startswith("peer-"):
             continue
         i = int(result.request_id.removeprefix("peer-"))
-        if i not in live:  # cancelled at its length; outputs already in flight are dropped
-            continue
-        rec, at_s = records[i], time.monotonic() - t0
-        num_new = len(result.generated_tokens) - rec.num_output_tokens - rec.excess_tokens
-        used = min(num_new, items[i].output_len - rec.num_output_tokens)
-        rec.add_chunk(at_s, used)
-        rec.excess_tokens += num_new - used
-        reached = items[i].hidden_length and rec.num_output_tokens >= items[i].output_len
-        if reached:
-            manager.cancel_request(result.request_id)
-        if reached or result.is_finished():
+        if i in live and _take_output(
+            manager, result, items[i], records[i], time.monotonic() - t0, watch
+        ):
             live.discard(i)
-            rec.finished_s, rec.num_slices = at_s, 1
-            failed = not reached and result.error is not None
-            rec.finish_reason = "error" if failed else "length"
-            rec.error = result.error if failed else None
-            feed.on_finish(at_s)
-            progress.advance(rec.success)
-    for i in live:  # out of time
+            feed.on_finish(records[i].finished_s)
+            progress.advance(records[i].success)
+    stall = None
+    if live and watch.stalled(time.monotonic() - t0):
+        stall = stall_report(watch, time.monotonic() - t0, cache_state(manager))
+        progress.note(f"stopped: {stall['reason']}")
+    for i in live:
         manager.cancel_request(f"peer-{i}")
-        records[i].finish_reason = "timeout"
+        records[i].finish_reason = "stalled" if stall else "timeout"
+    return stall
+
+
+def _take_output(manager, result, item: LoadItem, rec: RequestRecord, at_s: float, watch) -> bool:
+    """Count a streamed output of a live request; True when the request ended (its length
+    reached, which cancels the rest when the length is hidden, or transformers finished it)."""
+    num_new = len(result.generated_tokens) - rec.num_output_tokens - rec.excess_tokens
+    used = min(num_new, item.output_len - rec.num_output_tokens)
+    rec.add_chunk(at_s, used)
+    rec.excess_tokens += num_new - used
+    if num_new > 0:
+        watch.tokens(at_s)
+    reached = item.hidden_length and rec.num_output_tokens >= item.output_len
+    if reached:
+        manager.cancel_request(result.request_id)
+    if not (reached or result.is_finished()):
+        return False
+    watch.ended()
+    rec.finished_s, rec.num_slices = at_s, 1
+    failed = not reached and result.error is not None
+    rec.finish_reason = "error" if failed else "length"
+    rec.error = result.error if failed else None
+    return True
+
+
+def cache_state(manager) -> dict[str, Any]:
+    """What transformers' continuous batching holds now: KV blocks free of total (its own
+    free-capacity figure), active and waiting requests (of them, how many were soft-reset,
+    i.e. will recompute, or offloaded to the CPU), and whether its scheduler admits waiting
+    requests (``block_new_requests``: set by an offload, cleared when a request finishes).
+    Read from transformers' internals (5.x); {"unavailable": why} when they differ."""
+    try:
+        processor = manager.batch_processor
+        cache, scheduler = processor.cache, processor.scheduler
+        states = [*scheduler.active_requests.values(), *scheduler.waiting_requests.values()]
+        return {
+            "num_blocks": int(cache.num_blocks),
+            "num_free_blocks": int(round(cache.compute_free_capacity() * cache.num_blocks)),
+            "num_active_requests": len(scheduler.active_requests),
+            "num_waiting_requests": len(scheduler.waiting_requests),
+            "num_soft_reset": sum(bool(getattr(st, "_true_initial_tokens", 0)) for st in states),
+            "num_cpu_offloaded": sum(bool(getattr(st, "is_cpu_offloaded", False)) for st in states),
+            "block_new_requests": bool(scheduler.block_new_requests),
+        }
+    except AttributeError as exc:
+        log.warning("transformers' cache state is not readable (%s): not recorded", exc)
+        return {"unavailable": f"not readable from this transformers version: {exc}"}
+
+
+def stall_report(watch: StallWatch, now_s: float, state: dict[str, Any]) -> dict[str, Any]:
+    """Why a run was stopped: how long nothing came, and the peer's cache at that moment."""
+    reason = (
+        f"no token for {now_s - watch.idle_since_s:.0f} s while {watch.num_in_flight} "
+        f"requests were in flight (since {watch.idle_since_s:.1f} s)"
+    )
+    if "num_blocks" in state:
+        reason += (
+            f"; transformers' cache: {state['num_free_blocks']} of {state['num_blocks']} blocks "
+            f"free, {state['num_active_requests']} active and {state['num_waiting_requests']} "
+            f"waiting requests ({state['num_soft_reset']} soft-reset)"
+        )
+        if state["block_new_requests"] and not state["num_active_requests"]:
+            reason += (
+                ", admission blocked: after an offload its scheduler admits no waiting request "
+                "until one finishes by itself, and requests cancelled at their length never do"
+            )
+    return {
+        "since_s": watch.idle_since_s,
+        "idle_s": now_s - watch.idle_since_s,
+        "num_in_flight": watch.num_in_flight,
+        "detected_s": now_s,
+        "reason": reason,
+        "cache": state,
+    }
 
 
 def _fail_all(records: list[RequestRecord], live: set[int], message: str) -> None:
@@ -358,7 +464,7 @@ def run_peer(
     send_times: Sequence[float] | None,
     concurrency: int | None,
     progress: Progress,
-) -> tuple[list[RequestRecord], float, dict[str, Any]]:
+) -> PeerOutcome:
     if name not in RUNNERS:
         raise PeerError(f"unknown peer {name!r}: use {', '.join(PEER_NAMES)}")
     if not items:

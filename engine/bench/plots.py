@@ -38,7 +38,12 @@ def plot_throughput(doc: Mapping[str, Any], path: Path) -> None:
     ):
         values = [doc["summary"][n].get(key) or 0.0 for n in names]
         bars = ax.bar(names, values, color="tab:blue")
-        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        labels = [f"{v:.3g}" for v in values]
+        for i, name in enumerate(names):  # a run cut short: over its cut-off, not comparable
+            if not doc["summary"][name].get("complete", True):
+                bars[i].set(color="lightgrey", hatch="//", edgecolor="grey")
+                labels[i] += "\nincomplete"
+        ax.bar_label(bars, labels=labels, fontsize=8)
         ax.set_ylabel(unit)
         ax.set_title(key)
         ax.tick_params(axis="x", labelrotation=30)

@@ -1,5 +1,6 @@
 """Progress of a benchmark run: a one-line bar redrawn in place on a terminal, plain lines
-(about every 10% and at most every 10 s) otherwise."""
+(about every 10% and at most every 10 s) otherwise; and StallWatch, which tells when a run has
+made no progress for too long."""
 
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
 
+    def note(self, message: str) -> None:
+        """A line of its own (e.g. why the run stopped), below the bar on a terminal."""
+        prefix = "\n" if self.tty else ""
+        print(f"{prefix}{self.label}: {message}", file=self.stream, flush=True)
+
     def line(self) -> str:
         elapsed_s = time.monotonic() - self._started_at
         rate = self.num_done / elapsed_s if elapsed_s > 0 else 0.0
@@ -60,3 +66,33 @@ class Progress:
                 return  # many at once: one line is enough
             self._last_decile, self._last_line_at = decile, now
             print(self.line(), file=self.stream, flush=True)
+
+
+class StallWatch:
+    """No progress for ``timeout_s`` seconds: no token for any request while at least one
+    request was in flight all that time. The idle clock restarts at every token and whenever
+    the first request of an idle spell is sent (a run waiting for arrivals is not stalled).
+    Times are seconds on any one clock; ``timeout_s`` None or <= 0: never stalled."""
+
+    def __init__(self, timeout_s: float | None, now_s: float = 0.0) -> None:
+        self.timeout_s = timeout_s if timeout_s and timeout_s > 0 else None
+        self.idle_since_s = now_s
+        self.num_in_flight = 0
+
+    def sent(self, now_s: float, num: int = 1) -> None:
+        if self.num_in_flight == 0:
+            self.idle_since_s = now_s
+        self.num_in_flight += num
+
+    def tokens(self, now_s: float) -> None:
+        self.idle_since_s = now_s
+
+    def ended(self, num: int = 1) -> None:
+        self.num_in_flight = max(0, self.num_in_flight - num)
+
+    def stalled(self, now_s: float) -> bool:
+        return (
+            self.timeout_s is not None
+            and self.num_in_flight > 0
+            and now_s - self.idle_since_s >= self.timeout_s
+        )

@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: finish_reason values of a request the benchmark did not see finish normally.
-NOT_FINISHED = ("cancelled", "error", "timeout", "not_sent")
+NOT_FINISHED = ("cancelled", "error", "timeout", "stalled", "not_sent")
+#: Of those, a request the run's cut-off left unfinished (--max-duration, or a stall) rather
+#: than one that ended in an error.
+CUT_SHORT = ("cancelled", "timeout", "stalled", "not_sent")
 
 
 @dataclass(slots=True)
@@ -30,7 +33,9 @@ class RequestRecord:
     chunk_times_s: list[float] = field(default_factory=list)
     chunk_tokens: list[int] = field(default_factory=list)
     num_output_tokens: int = 0
-    finish_reason: str = "not_sent"  # stop | length | cancelled | error | timeout | not_sent
+    finish_reason: str = (
+        "not_sent"  # stop | length | cancelled | error | timeout | stalled | not_sent
+    )
     num_slices: int = 0  # dispatches the engine made for it (peers: 1; 0: unknown)
     excess_tokens: int = 0  # tokens received beyond output_len (hidden lengths), not counted
     hidden_length: bool = False  # max_tokens exceeded output_len: the client cancelled at it
@@ -39,6 +44,11 @@ class RequestRecord:
     @property
     def success(self) -> bool:
         return self.finish_reason not in NOT_FINISHED and self.error is None
+
+    @property
+    def cut_short(self) -> bool:
+        """Left unfinished by the run's cut-off (not sent, still running, or stalled)."""
+        return self.finish_reason in CUT_SHORT
 
     def add_chunk(self, at_s: float, num_tokens: int) -> None:
         if num_tokens <= 0:
@@ -81,6 +91,11 @@ class RunResult:
     ``num_batches_missed``: batch ids that finished but whose record never reached the
     benchmark (the snapshot keeps the latest 64). ``workers_start``/``workers_end``: each
     worker's cumulative busy seconds and generated tokens before and after the load.
+
+    ``cut_off_s``: when the run was cut short (seconds from its start: the --max-duration
+    limit, or the moment a stall was detected), None when every request ended by itself;
+    throughputs of a cut-short run divide by it. ``stall``: why the run made no progress
+    (see metrics.find_stall and peers.cache_state), None when it never stalled.
     """
 
     name: str
@@ -97,3 +112,5 @@ class RunResult:
     workers_start: dict[str, dict[str, float]] = field(default_factory=dict)
     workers_end: dict[str, dict[str, float]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # peer-specific facts and counters
+    cut_off_s: float | None = None
+    stall: dict[str, Any] | None = None

@@ -62,7 +62,11 @@ RATIO_KEYS = (
 NOTES = [
     "Times are taken in the benchmark process with time.monotonic() on each stream delta.",
     "duration_s: from the first request's due time to the last request's end; throughputs "
-    "divide finished requests and their tokens by it.",
+    "divide finished requests and their tokens by it. A run with unfinished requests (cut off "
+    "at --max-duration, or ended after --stall-timeout seconds without a token while requests "
+    "were in flight) divides by the time to its cut-off (cut_off_s), is marked incomplete "
+    "(complete: false, num_unfinished; '(incomplete)' after its name in every table) and is "
+    "left out of the ratios.",
     "ITL: one value per stream delta that carried tokens (a delta with k tokens counts once).",
     "busy_s per worker: integrated from the broker's stats snapshots (busy = work dispatched); "
     "dispatch_s: the broker's sum of measured dispatch durations (overlaps under ILS).",
@@ -159,28 +163,58 @@ def _cell(value: Any, fmt: str) -> str:
     return fmt.format(value)
 
 
+def row_name(name: str, values: Mapping[str, Any]) -> str:
+    """The name cell: a run cut short says so wherever it appears."""
+    return f"{name} (incomplete)" if metrics.incomplete_reason(values) else name
+
+
 def table(summary: Mapping[str, Mapping[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
-    """A Markdown table: one row per name, one column per metric."""
+    """A Markdown table: one row per name, one column per metric; the "done" cell of a run cut
+    short reads "15 of 48"."""
     lines = [
         "| name | " + " | ".join(title for _, title, _ in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
     for name, values in summary.items():
         cells = [_cell(values.get(key), fmt) for key, _, fmt in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if metrics.incomplete_reason(values):
+            cells = [
+                f"{cell} of {values.get('num_requests', 0):.0f}" if key == "completed" else cell
+                for cell, (key, _, _) in zip(cells, columns, strict=True)
+            ]
+        lines.append(f"| {row_name(name, values)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def ratio_table(ratios: Mapping[str, Mapping[str, float | None]], baseline: str) -> str:
+def ratio_table(ratios: Mapping[str, Mapping[str, Any]], baseline: str) -> str:
+    """Ratios against the baseline; a row left out (a run cut short) says why in each cell."""
     lines = [
         "| name | " + " | ".join(f"{k} / {baseline}" for k in RATIO_KEYS) + " |",
         "|---|" + "---:|" * len(RATIO_KEYS),
     ]
     for name, row in ratios.items():
-        lines.append(
-            f"| {name} | " + " | ".join(_cell(row.get(k), "{:.2f}x") for k in RATIO_KEYS) + " |"
-        )
+        if row.get("excluded"):
+            cells = [f"excluded ({row['excluded']})"] + ["-"] * (len(RATIO_KEYS) - 1)
+        else:
+            cells = [_cell(row.get(k), "{:.2f}x") for k in RATIO_KEYS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def cut_short_lines(summary: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One bullet per run cut short or stalled: what was left, where it was cut, and why."""
+    lines = []
+    for name, values in summary.items():
+        why, stall = metrics.incomplete_reason(values), values.get("stall")
+        if not why and not stall:
+            continue
+        text = f"- {name}: {why or 'complete, but stalled'}"
+        if values.get("cut_off_s") is not None:
+            text += f"; cut off at {values['cut_off_s']:.1f} s (throughputs divide by it)"
+        if stall:
+            text += f"; {stall.get('reason', 'no progress')}"
+        lines.append(text)
+    return lines
 
 
 def _workload_lines(workload: Mapping[str, Any], arrival: Mapping[str, Any]) -> list[str]:
@@ -242,6 +276,11 @@ def markdown(doc: Mapping[str, Any]) -> str:
         "",
         ratio_table(doc["ratios"], doc["baseline"]),
         "",
+    ]
+    cut = cut_short_lines(doc["summary"])
+    if cut:
+        body += ["## Cut short or stalled", "", *cut, ""]
+    body += [
         "## Definitions",
         "",
         *[f"- {note}" for note in doc.get("notes", [])],

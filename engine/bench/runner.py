@@ -16,7 +16,7 @@ from typing import Any
 from engine.bench.loadgen import LoadItem, run_load
 from engine.bench.peers import PEER_NAMES, PeerSettings, run_peer
 from engine.bench.progress import Progress
-from engine.bench.records import RunResult
+from engine.bench.records import RequestRecord, RunResult, TimelineSample
 from engine.config import DEFAULT_KV_BUDGET_BYTES, BrokerConfig, SchedulerConfig
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class BenchSettings:
     seed: int = 0
     repeats: int = 1
     max_duration_s: float = 600.0
+    stall_timeout_s: float | None = 60.0  # no token for this long while requests are in flight
     stats_interval_s: float = 0.25
     peer_batch_size: int | None = None
     peer_page_size: int = 32
@@ -130,6 +131,7 @@ def run_policy(
             )
         )  # fmt: skip
         cpu_s = workers_cpu_s(engine.procs) - cpu_before
+    cut = any(r.cut_short for r in outcome.records)
     return RunResult(
         name=spec,
         kind="policy",
@@ -145,7 +147,42 @@ def run_policy(
         workers_start=outcome.workers_start,
         workers_end=outcome.workers_end,
         extra={"metrics": {"cpu_s": cpu_s, "loadavg_1m": (load_before + os.getloadavg()[0]) / 2}},
+        cut_off_s=outcome.duration_s if cut else None,  # --max-duration when cut
+        stall=engine_stall(settings, outcome.records, outcome.timeline, outcome.duration_s),
     )
+
+
+def engine_stall(
+    settings: BenchSettings,
+    records: Sequence[RequestRecord],
+    timeline: Sequence[TimelineSample],
+    end_s: float,
+) -> dict[str, Any] | None:
+    """The first spell without a token while requests were in flight (metrics.find_stall),
+    with the broker's state when it had lasted ``stall_timeout_s``: requests waiting and
+    running, and per worker its state and KV used, parked and budget. Found after the run:
+    the load generator has no way to be stopped early, so such a run goes on to its
+    --max-duration cut-off."""
+    from engine.bench.metrics import find_stall
+
+    stall = find_stall(records, settings.stall_timeout_s, end_s)
+    if stall is None:
+        return None
+    at_s = stall["since_s"] + (settings.stall_timeout_s or 0.0)
+    sample = next((t for t in timeline if t.at_s >= at_s), timeline[-1] if timeline else None)
+    reason = (
+        f"no token for {stall['idle_s']:.0f} s while {stall['num_in_flight']} requests were in "
+        f"flight (since {stall['since_s']:.1f} s; found after the run)"
+    )
+    state: dict[str, Any] = {}
+    if sample is not None:
+        workers = [dataclasses.asdict(w) for w in sample.workers]
+        state = {"num_waiting": sample.num_waiting, "num_running": sample.num_running}
+        state["workers"] = workers
+        reason += f"; broker: {sample.num_waiting} waiting, {sample.num_running} running, KV " + (
+            ", ".join(f"{w['kv_used_bytes']:,} of {w['kv_budget_bytes']:,} B" for w in workers)
+        )
+    return {**stall, "detected_s": at_s, "reason": reason, "engine": state}
 
 
 def workers_cpu_s(procs: Sequence[Any]) -> float:
@@ -174,6 +211,7 @@ def peer_settings(settings: BenchSettings) -> PeerSettings:
         max_batch_tokens=settings.peer_max_batch_tokens,
         max_batch_size=settings.scheduler.max_batch_size,
         max_duration_s=settings.max_duration_s,
+        stall_timeout_s=settings.stall_timeout_s,
     )
 
 
@@ -189,17 +227,19 @@ def run_peer_entry(
     peer = peer_settings(settings)
     progress = Progress(f"{name} #{repeat + 1}", len(items))
     load_before = os.getloadavg()[0]
-    records, duration_s, extra = run_peer(name, peer, items, send_times, concurrency, progress)
-    extra.setdefault("metrics", {})["loadavg_1m"] = (load_before + os.getloadavg()[0]) / 2
+    outcome = run_peer(name, peer, items, send_times, concurrency, progress)
+    outcome.extra.setdefault("metrics", {})["loadavg_1m"] = (load_before + os.getloadavg()[0]) / 2
     return RunResult(
         name=name,
         kind="peer",
         repeat=repeat,
         config={"peer": dataclasses.asdict(peer)},
-        requests=records,
-        duration_s=duration_s,
+        requests=outcome.records,
+        duration_s=outcome.duration_s,
         wall_s=time.monotonic() - started,
-        extra=extra,
+        extra=outcome.extra,
+        cut_off_s=outcome.cut_off_s,
+        stall=outcome.stall,
     )
 
 
@@ -210,11 +250,13 @@ def report_failures(result: RunResult, max_shown: int = 3) -> None:
         return
     reasons = list(dict.fromkeys(f"{r.finish_reason}: {r.error or ''}" for r in failed))
     log.warning(
-        "%s: %d of %d requests did not finish; %s",
+        "%s: %d of %d requests did not finish (the run is reported as incomplete, over the "
+        "time to its cut-off, and left out of the ratios); %s%s",
         result.name,
         len(failed),
         len(result.requests),
         " | ".join(reasons[:max_shown]),
+        f"; stalled: {result.stall['reason']}" if result.stall else "",
     )
 
 
