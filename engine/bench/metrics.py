@@ -20,6 +20,7 @@ import numpy as np
 from engine.bench.records import RequestRecord, RunResult
 
 GOODPUT_KEYS = ("ttft", "tpot", "e2el")
+OOM_PARTS = ("worker_failures", "workers_lost", "error_requests", "preemptions")
 PERCENTILES = (50, 90, 99)
 
 
@@ -250,7 +251,7 @@ def failure_counts(run: RunResult, slice_len: int | None) -> dict[str, int]:
         "error_requests": sum(r.finish_reason == "error" for r in run.requests),
         "preemptions": preemptions,
     }
-    counts["oom_count"] = sum(counts.values())
+    counts["oom_count"] = sum(counts[k] for k in OOM_PARTS)
     return counts
 
 
@@ -329,6 +330,7 @@ def summarize(
     out["stall"] = run.stall
     out.update(engine_metrics(run, slice_len))
     out.update(run.extra.get("metrics", {}))
+    out["oom_count"] = sum(out[k] for k in OOM_PARTS)  # with a peer's own preemption count
     cpu_s = out.get("cpu_s")
     out["output_tokens_per_cpu_s"] = out["total_output_tokens"] / cpu_s if cpu_s else None
     return out

@@ -22,10 +22,12 @@ cut-off (throughputs divide by it) and, for a stall, why, with transformers' cac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -287,13 +289,16 @@ def run_hf_generate_batch(
         max_requests_per_batch=settings.max_batch_size,
     )
     records, feed = _records(items, send_times), _Feed(len(items), send_times, concurrency)
-    with model.continuous_batching_context_manager(
-        generation_config=gen_config,
-        continuous_batching_config=cb_config,
-        warmup=False,
-        block=True,
-        timeout=10,
-    ) as manager:
+    with (
+        _counting_offloads() as offloads,
+        model.continuous_batching_context_manager(
+            generation_config=gen_config,
+            continuous_batching_config=cb_config,
+            warmup=False,
+            block=True,
+            timeout=10,
+        ) as manager,
+    ):
         _warm_up(manager, items[0])
         t0, cpu_before = time.monotonic(), time.process_time()
         progress.start()
@@ -307,9 +312,54 @@ def run_hf_generate_batch(
         "max_batch_tokens": settings.max_batch_tokens,
         "num_threads": settings.num_threads,
         "attn_implementation": str(getattr(model.config, "_attn_implementation", "")),
-        "metrics": {"kv_budget_bytes": num_blocks * settings.page_size * kv_bytes, "cpu_s": cpu_s},
+        "metrics": {
+            "kv_budget_bytes": num_blocks * settings.page_size * kv_bytes,
+            "cpu_s": cpu_s,
+            "preemptions": offloads.num_soft_reset + offloads.num_cpu,
+            "num_soft_resets": offloads.num_soft_reset,
+            "num_cpu_offloads": offloads.num_cpu,
+        },
     }
     return _outcome(records, cut_off_s, extra, stall=stall)
+
+
+class _OffloadCounter(logging.Handler):
+    """Counts transformers' "Offloaded N requests (C to CPU, S soft reset)" log records: its
+    only report of the requests it preempted when its cache was full (a soft reset frees a
+    request's blocks and requeues it to be prefilled again with what it generated)."""
+
+    PATTERN = re.compile(r"Offloaded \d+ requests \((\d+) to CPU, (\d+) soft reset\)")
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.num_cpu = 0
+        self.num_soft_reset = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = self.PATTERN.search(record.getMessage())
+        if match:
+            self.num_cpu += int(match[1])
+            self.num_soft_reset += int(match[2])
+
+
+@contextlib.contextmanager
+def _counting_offloads() -> Iterator[_OffloadCounter]:
+    """Lets transformers' continuous-batching logger emit INFO records to the counter only
+    (its own console handler keeps its former threshold), restoring both afterwards."""
+    logger = logging.getLogger("ContinuousBatchingLogger")
+    counter, level = _OffloadCounter(), logger.level
+    quiet = [(h, h.level) for h in logger.handlers]
+    for handler, handler_level in quiet:
+        handler.setLevel(max(handler_level, logger.getEffectiveLevel()))
+    logger.addHandler(counter)
+    logger.setLevel(min(logging.INFO, logger.getEffectiveLevel()))
+    try:
+        yield counter
+    finally:
+        logger.removeHandler(counter)
+        logger.setLevel(level)
+        for handler, handler_level in quiet:
+            handler.setLevel(handler_level)
 
 
 def _warm_up(manager, item: LoadItem) -> None:

@@ -248,7 +248,11 @@ def report_failures(result: RunResult, max_shown: int = 3) -> None:
     failed = [r for r in result.requests if not r.success]
     if not failed:
         return
-    reasons = list(dict.fromkeys(f"{r.finish_reason}: {r.error or ''}" for r in failed))
+    reasons = list(
+        dict.fromkeys(
+            f"{r.finish_reason}: {r.error}" if r.error else r.finish_reason for r in failed
+        )
+    )
     log.warning(
         "%s: %d of %d requests did not finish (the run is reported as incomplete, over the "
         "time to its cut-off, and left out of the ratios); %s%s",

@@ -4,6 +4,7 @@ incomplete in every table, left out of the ratios, and the reason recorded."""
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import time
 from types import SimpleNamespace
@@ -239,6 +240,7 @@ def test_transformers_peer_with_a_full_cache_is_reported_honestly(tiny_model_dir
     ends = [r["finished_s"] for r in doc["runs"]["hf_generate_batch"][0]["requests"]]
     assert summary["duration_s"] >= 3 + max((e for e in ends if e is not None), default=0)
     assert "num_blocks" in summary["stall"]["cache"], summary["stall"]
+    assert summary["preemptions"] >= 1 and summary["oom_count"] >= 1  # the soft resets
     assert "(incomplete)" in (out / "results.md").read_text()
 
 
@@ -271,3 +273,17 @@ def test_engine_stall_is_found_after_the_run_with_the_broker_state():
     )
     assert "broker: 1 waiting, 1 running, KV 1,000 of 4,096 B" in stall["reason"]
     assert engine_stall(settings, records[:1], timeline, end_s=30.0) is None
+
+
+def test_transformers_offloads_count_as_the_peer_preemptions():
+    logger = logging.getLogger("ContinuousBatchingLogger")
+    level_before = logger.level
+    with peers._counting_offloads() as counter:
+        logger.info("Offloaded 3 requests (1 to CPU, 2 soft reset): 0 starved requests remain.")
+        logger.info("Paged cache initialized: ...")
+    assert (counter.num_cpu, counter.num_soft_reset) == (1, 2)
+    assert logger.level == level_before and counter not in logger.handlers
+    run = _complete_run("hf_generate_batch")
+    run.extra = {"metrics": {"preemptions": 3}}
+    summary = metrics.summarize(run, {}, slice_len=None)
+    assert summary["preemptions"] == 3 and summary["oom_count"] == 3
