@@ -71,6 +71,15 @@ def header_deadline_protocol(timeout_s: float) -> type[H11Protocol]:
     return HeaderDeadlineProtocol
 
 
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, except that after a graceful stop on SIGINT or SIGTERM the process
+    exits with status 0, as the broker and the workers do (uvicorn re-raises the signal)."""
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
+
+
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -122,12 +131,19 @@ def run_gateway(cfg: GatewayConfig, on_ready: Callable[[str], None] | None = Non
         )
     prometheus_client.disable_created_metrics()  # vLLM's exposition has no *_created series
     gateway = Gateway(cfg, codec)
-    server = uvicorn.Server(uvicorn_config(build_app(gateway), cfg))
+    server = GatewayServer(uvicorn_config(build_app(gateway), cfg))
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    if on_ready is not None:
-        on_ready(url)
+
+    async def serve() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not task.done():  # its signal handlers are set by then
+            await asyncio.sleep(0.02)
+        if server.started and on_ready is not None:
+            on_ready(url)
+        await task
+
     try:
-        asyncio.run(server.serve(sockets=[sock]))
+        asyncio.run(serve())
     finally:
         sock.close()
     if not server.started:  # uvicorn logged why
