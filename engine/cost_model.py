@@ -458,7 +458,9 @@ class CostModel:
         kv_bytes_per_token: int,
         kv_budget_bytes: int,
         kv: KVMoveModel | None = None,
+        kv_block_tokens: int = 0,
     ) -> CostModel:
         """From a worker's Ready message; no profile (None) gives TimeModel.default()."""
         time = TimeModel.default() if time_params is None else TimeModel.from_params(time_params)
-        return cls(time, MemoryModel(kv_bytes_per_token, kv_budget_bytes), kv or KVMoveModel())
+        memory = MemoryModel(kv_bytes_per_token, kv_budget_bytes, block_tokens=kv_block_tokens)
+        return cls(time, memory, kv or KVMoveModel())

@@ -305,6 +305,7 @@ class Ready(_W, tag="ready"):
     transfer_bytes_per_s: float = 0.0  # measured handoff rate through its peer socket
     transfer_latency_s: float = 0.0
     session: int = 0  # bumped at every reset: commands of older sessions are dropped
+    kv_block_tokens: int = 0  # tokens per block of its paged KV pool (0: one left-padded cache)
 
 
 class Heartbeat(_W, tag="hb"):

@@ -160,7 +160,11 @@ class BrokerCore:
             ready.copy_bytes_per_s, ready.transfer_bytes_per_s, ready.transfer_latency_s
         )
         cost = CostModel.from_ready(
-            ready.time_model, ready.kv_bytes_per_token, ready.kv_budget_bytes, moves
+            ready.time_model,
+            ready.kv_bytes_per_token,
+            ready.kv_budget_bytes,
+            moves,
+            kv_block_tokens=ready.kv_block_tokens,
         )
         self.workers[ready.worker_id] = WorkerState(
             worker_id=ready.worker_id,

@@ -21,35 +21,37 @@ class _Slot:
         self.admission = admission
         self.headroom_tokens = headroom_tokens
         self.memory = view.cost.memory
-        # The worker trims columns padded in every row, so its cache is as wide as the longest
-        # running context (context_len counts the token not yet fed: one column of margin).
-        self.cache_len = max((r.context_len for r in view.running), default=0)
-        self.steps = [r.max_new_tokens for r in view.running]  # remaining steps per row
+        # (context_len, remaining steps) per row; on a left-padded cache every row is as wide as
+        # the longest (context_len counts the token not yet fed: one column of margin)
+        self.rows = [(r.context_len, r.max_new_tokens) for r in view.running]
         self.joining: list[WaitingRequest] = []
-        self.peak_bytes = self.peak(self.cache_len, self.steps)
+        self.peak_bytes = self.peak(self.rows)
 
     @property
     def num_rows(self) -> int:
-        return len(self.steps)
+        return len(self.rows)
+
+    @property
+    def cache_len(self) -> int:
+        return max((c for c, _ in self.rows), default=0)
 
     def load_key(self) -> tuple[int, float, str]:
         return (self.num_rows, self.peak_bytes / self.memory.budget_bytes, self.view.worker_id)
 
-    def peak(self, cache_len: int, steps: list[int]) -> int:
+    def peak(self, rows: list[tuple[int, int]]) -> int:
         """Reserve: the honest peak if every row runs its whole remaining budget. Optimistic: the
-        cache now plus ``headroom_tokens`` columns of growth."""
-        if self.admission == "reserve":
-            return self.memory.running_peak_bytes(cache_len, steps)
-        width = cache_len + self.headroom_tokens + self.memory.slack_tokens
-        return len(steps) * width * self.memory.kv_bytes_per_token
+        cache now plus ``headroom_tokens`` tokens of growth per row. Counted as the worker holds
+        KV (whole blocks of a paged cache, or one left-padded cache)."""
+        if self.admission == "optimistic":
+            rows = [(c, self.headroom_tokens) for c, _ in rows]
+        return self.memory.reservations_peak_bytes(rows)
 
     def peak_with(self, r: WaitingRequest) -> int:
         """Predicted peak if ``r`` joined now."""
-        return self.peak(max(self.cache_len, r.context_len), [*self.steps, r.max_new_tokens])
+        return self.peak([*self.rows, (r.context_len, r.max_new_tokens)])
 
     def admit(self, r: WaitingRequest, peak_bytes: int) -> None:
-        self.cache_len = max(self.cache_len, r.context_len)
-        self.steps.append(r.max_new_tokens)
+        self.rows.append((r.context_len, r.max_new_tokens))
         self.joining.append(r)
         self.peak_bytes = peak_bytes
 
@@ -66,7 +68,7 @@ class _Slot:
                 self.cache_len,
                 max_steps,
                 prefill_rows=len(self.joining),
-                step_lens=[min(m, max_steps) for m in self.steps],
+                step_lens=[min(m, max_steps) for _, m in self.rows],
             ),
             predicted_peak_bytes=self.peak_bytes,
         )
@@ -121,5 +123,5 @@ class ILSPolicy:
 
     def _fits_empty(self, r: WaitingRequest, slots: list[_Slot]) -> bool:
         return any(
-            s.peak(r.context_len, [r.max_new_tokens]) <= s.memory.budget_bytes for s in slots
+            s.peak([(r.context_len, r.max_new_tokens)]) <= s.memory.budget_bytes for s in slots
         )

@@ -105,13 +105,18 @@ def too_big(request_id: str, num_tokens: int, info: ModelInfo, kv_budget_bytes: 
 
 
 def prefill_chunks(rows: list[T], length: Callable[[T], int], max_tokens: int) -> list[list[T]]:
-    """Rows sorted by ``length``, cut so that a forward holds at most ``max_tokens`` padded
-    tokens (a longer row goes alone)."""
+    """Rows with tokens to prefill (``length`` > 0), in order, cut so that a ragged forward
+    holds at most ``max_tokens`` tokens (a longer row goes alone)."""
     chunks: list[list[T]] = []
-    for row in sorted(rows, key=length):
-        width = length(row)  # the longest so far: rows are sorted
-        if chunks and (len(chunks[-1]) + 1) * width <= max_tokens:
+    num_tokens = 0
+    for row in rows:
+        n = length(row)
+        if n <= 0:
+            continue
+        if chunks and num_tokens + n <= max_tokens:
             chunks[-1].append(row)
+            num_tokens += n
         else:
             chunks.append([row])
+            num_tokens = n
     return chunks

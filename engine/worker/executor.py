@@ -11,27 +11,34 @@ Semantics (the contract the broker plans against):
 - A RunBatch with ``join=True`` is admitted into the running set at the next step (ILS). One
   with ``join=False`` waits, in FIFO order, until the running set is empty and no join is
   waiting; then all its items start together (SLS, SCLS).
-- Row invariant: a row's cache covers ``token_ids[:-1]``; every step feeds each row's last token
+- Row invariant: a row's KV covers ``token_ids[:-1]``; every step feeds each row's last token
   and samples one new token. A new row is prefilled with ``token_ids[:-1]`` unless KV parked
-  here (device or host tier) covers exactly that (then it is reused). A sequential batch whose
-  items name a peer (``kv_source``) starts once their handed-off KV arrived or failed.
+  here (device or host tier) covers exactly that (then it is reused: blocks parked in the pool
+  are adopted as they are). Items that name a peer (``kv_source``) start once their handed-off
+  KV arrived or failed: a sequential batch as a whole, a join on its own.
+- KV lives in one paged pool sized by the budget (engine/worker/kv_pool.py). A row is given
+  blocks for its whole dispatch at admission (context + its steps: its slice reservation) when
+  the pool has them, else for one step, growing a block at a time. Rows of any lengths share a
+  step with no padding.
 - A row leaves with "eos" (sampled an EOS id and not ``ignore_eos``; the EOS token is reported
   in Generated), "length" (``max_new_tokens`` reached, or the context reached the model's
   maximum), "budget" (``max_steps`` of this dispatch used; with ``keep_kv`` its KV is parked and
   ``kv_kept`` is True), "aborted", "preempted" (memory guard) or "error" (bad input).
-- Memory guard, always on: before a batch starts, parked KV of other requests is evicted (oldest
-  first) until the batch's whole growth fits; before every step, if the live cache after the
-  step plus parked KV would exceed the budget, parked KV is evicted, then the newest admitted
-  rows are preempted. Evicted KV goes to the host tier where it fits and pays
-  (StepResult.offloaded), else it is gone (StepResult.evicted: those requests recompute).
+- Memory guard, always on: before rows start, parked KV of other requests is evicted (oldest
+  first) until their reservations fit; before every step, if a row needs a new block and none
+  is free, parked KV is evicted, then the newest admitted rows are preempted. Evicted KV goes to
+  the host tier where it fits and pays (StepResult.offloaded), else it is gone
+  (StepResult.evicted: those requests recompute). A policy whose reservations fit the budget
+  (SCLS, reserve ILS, SLS) never sees a preemption.
 - BatchDone per dispatch when its last request left. Counters (tokens): ``prefill_tokens`` all
-  prefilled positions of real tokens; ``pad_tokens`` padded positions of prefill forwards plus,
-  at every decode step, each row's padded (masked) cache columns; ``recomputed_tokens`` prefilled
+  prefilled tokens; ``pad_tokens`` is always 0 (ragged forwards pad nothing); ``recomputed_tokens`` prefilled
   tokens that the request had generated before (``max(0, num_generated - 1)`` per prefilled row:
   its last token is fed by the decode step, not prefilled); ``reused_kv_tokens`` tokens covered
   by reused parked KV (``handoff_tokens`` of them handed off by a peer, ``restored_tokens``
   restored from the host tier); ``invalid_tokens`` is always 0 (finished rows leave at once).
-  ``measured_peak_bytes``: max over its steps of live cache bytes (allocated buffers) + parked.
+  ``measured_peak_bytes``: max over its steps of the pool's allocated blocks (live and parked)
+  plus staged arrivals. Time samples: prefill (rows, mean length, s), decode (rows, mean
+  context after the step, s).
 """
 
 from __future__ import annotations
@@ -42,10 +49,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from engine import protocol as p
-from engine.worker.batch_cache import BatchCache, merge
 from engine.worker.dispatch import DispatchStats, check_item, prefill_chunks, too_big
+from engine.worker.kv_pool import DEFAULT_BLOCK_TOKENS, BlockTable
 from engine.worker.kv_reuse import KVArrived, KVFetchFailed, KVIntake
-from engine.worker.kv_store import KVStore
+from engine.worker.kv_store import KVStore, ParkedKV
 from engine.worker.runner import Runner, SamplingParams
 
 
@@ -68,7 +75,8 @@ class _Row:
     params: SamplingParams
     seq: int  # admission order: the memory guard preempts the largest first
     num_new: int = 0  # tokens generated in this dispatch
-    kv: BatchCache | None = None  # reused parked KV, until merged into the batch cache
+    table: BlockTable = field(default_factory=BlockTable)  # its blocks in the pool
+    kv: ParkedKV | None = None  # reused KV held as tensors, until written into its blocks
 
     @property
     def request_id(self) -> str:
@@ -85,22 +93,23 @@ class Executor:
         max_prefill_tokens: int = 4096,
         clock: Callable[[], float] = time.perf_counter,
         store: KVStore | None = None,
+        block_tokens: int = DEFAULT_BLOCK_TOKENS,
     ) -> None:
         self.runner = runner
         self.info = runner.info
         self.kv_budget_bytes = kv_budget_bytes
-        self.max_prefill_tokens = max_prefill_tokens  # padded tokens per prefill forward
+        self.max_prefill_tokens = max_prefill_tokens  # tokens per prefill forward
+        self.pool = runner.new_pool(kv_budget_bytes, block_tokens)
         self._clock = clock
         self._store = store if store is not None else KVStore()
+        self._store.pool = self.pool
         self._intake = KVIntake(self._store, runner.device, clock=clock)
-        self._rows: list[_Row] = []
-        self._cache: BatchCache | None = None  # rows of self._rows, in order
+        self._rows: list[_Row] = []  # the running set, in admission order
         self._joining: list[p.RunBatch] = []
         self._queued: deque[p.RunBatch] = deque()
         self._stats: dict[int, DispatchStats] = {}
         self._out = StepResult()
         self._seq = 0
-        self._live_bytes = 0
         self.progress = 0  # decode steps done
 
     # -- commands (between steps) --------------------------------------------------------------
@@ -160,8 +169,9 @@ class Executor:
                 self._release(run.batch_id, item.request_id, "error", 0, False, message)
         self._joining, self._queued = [], deque()
         for row in self._rows:
+            self.pool.free(row.table)
             self._release(row.batch_id, row.request_id, "error", row.num_new, False, message)
-        self._rows, self._cache, self._live_bytes = [], None, 0
+        self._rows = []
         return self._flush()
 
     # -- state ---------------------------------------------------------------------------------
@@ -200,8 +210,8 @@ class Executor:
 
     @property
     def kv_used_bytes(self) -> int:
-        """Live batch cache (allocated buffers) plus parked KV, in bytes."""
-        return self._live_bytes + self._store.parked_bytes
+        """Allocated blocks of the pool (running and parked) plus staged arrivals, in bytes."""
+        return self.pool.used_bytes + self._store.staged_bytes
 
     @property
     def kv_store(self) -> KVStore:
@@ -248,15 +258,17 @@ class Executor:
                     self._release(run.batch_id, item.request_id, "error", 0, False, error)
                 else:
                     cands.append(self._candidate(run.batch_id, item))
-        cands = self._make_room(cands, sequential=not runs[0].join)
-        if cands:
-            self._start(cands)
+        self._start(self._make_room(cands))
 
     def _candidate(self, batch_id: int, item: p.BatchItem) -> _Row:
         params = SamplingParams(item.temperature, item.top_p, item.top_k, item.seed)
         row = _Row(item, batch_id, list(item.token_ids), params, self._seq)
         self._seq += 1
-        row.kv = self._intake.reuse(item, self._stats[batch_id])  # drops a stale entry
+        entry = self._intake.reuse(item, self._stats[batch_id])  # drops a stale entry
+        if entry is not None and entry.table is not None:
+            row.table = entry.table  # parked here: its blocks are adopted as they are
+        elif entry is not None:
+            row.kv = entry  # restored or handed off: written into blocks before the step
         return row
 
     def _steps_left(self, row: _Row) -> int:
@@ -264,93 +276,91 @@ class Executor:
         left = min(item.max_steps, item.max_new_tokens) - row.num_new
         return max(1, min(left, self.info.max_context_len - len(row.token_ids)))
 
-    def _evict(self, num_bytes: int) -> bool:
-        if num_bytes <= 0:
-            return False
-        moved = self._store.evict_for(num_bytes)
-        self._out.offloaded += moved.offloaded
-        self._out.evicted += moved.dropped
-        return bool(moved)
+    def _reservation(self, row: _Row) -> int:
+        """Tokens of KV a row holds at the end of its dispatch (its slice reservation)."""
+        return len(row.token_ids) - 1 + self._steps_left(row)
 
-    def _make_room(self, cands: list[_Row], sequential: bool) -> list[_Row]:
-        """Evict parked KV so the new rows fit (a sequential batch: its whole growth); reject
-        the newest candidates, before any prefill, while even their first step cannot fit."""
-        kvpt, budget = self.info.kv_bytes_per_token, self.kv_budget_bytes
-        for row in [r for r in cands if len(r.token_ids) * kvpt > budget]:
+    def _free_blocks(self, num_blocks: int) -> bool:
+        """Evict parked KV (oldest first) until ``num_blocks`` blocks are free; False if not
+        even evicting everything parked gets there."""
+        while self.pool.num_free < num_blocks:
+            missing = (num_blocks - self.pool.num_free) * self.pool.block_bytes
+            moved = self._store.evict_for(missing)
+            if not moved:
+                return False
+            self._out.offloaded += moved.offloaded
+            self._out.evicted += moved.dropped
+        return True
+
+    def _make_room(self, cands: list[_Row]) -> list[_Row]:
+        """Give each candidate blocks for its reservation, evicting parked KV as needed; one
+        that cannot get blocks even for its first step is rejected (before any prefill)."""
+        pool = self.pool
+        for row in [r for r in cands if pool.blocks_for(len(r.token_ids)) > pool.num_blocks]:
             cands.remove(row)
-            self._release(row.batch_id, row.request_id, "error", 0, False, self._too_big(row))
-        if sequential and cands:
-            num_cols = max(len(r.token_ids) - 1 + self._steps_left(r) for r in cands)
-            self._evict(len(cands) * num_cols * kvpt + self._store.parked_bytes - budget)
-        while cands:
-            num_cols = max([len(r.token_ids) for r in cands] + [self._cols_after_step()])
-            num_bytes = (len(self._rows) + len(cands)) * num_cols * kvpt
-            over = num_bytes + self._store.parked_bytes - budget
-            if over <= 0:
-                break
-            if self._evict(over):
-                continue
-            row = cands.pop()
-            self._release(row.batch_id, row.request_id, "preempted", 0, False)
-        return cands
+            self._drop_row(row, "error", self._too_big(row))
+        wanted = sum(pool.blocks_for(self._reservation(r)) - len(r.table.blocks) for r in cands)
+        self._free_blocks(wanted + self._blocks_for_next_step())
+        started = []
+        for row in cands:
+            if pool.allocate(row.table, self._reservation(row)):
+                started.append(row)
+            elif self._free_blocks(pool.blocks_for(len(row.token_ids))) and pool.allocate(
+                row.table, len(row.token_ids)
+            ):
+                started.append(row)  # room for one step now; it grows a block at a time
+            else:
+                self._drop_row(row, "preempted", "")
+        return started
 
-    def _cols_after_step(self) -> int:
-        """Columns of the running rows after their next step (the merge reallocates)."""
-        return 0 if self._cache is None else self._cache.num_cols + 1
+    def _drop_row(self, row: _Row, reason: p.ReleaseReason, message: str) -> None:
+        """A candidate that does not start: its blocks go back to the pool."""
+        self.pool.free(row.table)
+        self._release(row.batch_id, row.request_id, reason, 0, False, message)
+
+    def _blocks_for_next_step(self) -> int:
+        """New blocks the running rows need for their next step."""
+        bt = self.pool.block_tokens
+        return sum(1 for r in self._rows if r.table.num_tokens + 1 > len(r.table.blocks) * bt)
 
     def _too_big(self, row: _Row) -> str:
         return too_big(row.request_id, len(row.token_ids), self.info, self.kv_budget_bytes)
 
-    def _spare_cols(self, num_rows: int, num_cols: int, max_left: int) -> int:
-        """Spare capacity for a cache of ``num_cols`` columns: up to the runner's growth step,
-        no more than any row can use, within the budget where possible (at least one)."""
-        room = (self.kv_budget_bytes - self._store.parked_bytes) // max(
-            1, num_rows * self.info.kv_bytes_per_token
-        )
-        return max(1, min(self.runner.kv_growth_cols, max_left, room - num_cols))
-
     def _start(self, cands: list[_Row]) -> None:
-        """Prefill the candidates without reusable KV, then merge everything into one cache."""
-        parts = [self._cache] if self._cache is not None else []
-        rows = list(self._rows)
-        pending = [r for r in cands if r.kv is None]
+        """Write reused KV held as tensors into its blocks, prefill the rows without KV, and
+        add them all to the running set."""
+        for row in cands:
+            if row.kv is not None:
+                assert row.kv.layers is not None
+                self.pool.write(row.table, row.kv.layers)
+                row.kv = None
+        pending = [r for r in cands if r.table.num_tokens < len(r.token_ids) - 1]
         for chunk in prefill_chunks(
             pending, lambda r: len(r.token_ids) - 1, self.max_prefill_tokens
         ):
             started_at = self._clock()
-            part = self.runner.prefill([r.token_ids[:-1] for r in chunk])
+            self.runner.forward(self.pool, [(r.table, r.token_ids[:-1]) for r in chunk])
             self.runner.synchronize()
             elapsed_s = self._clock() - started_at
+            num_tokens = 0
             for row in chunk:
-                stats, num_tokens = self._stats[row.batch_id], len(row.token_ids) - 1
-                stats.prefill_tokens += num_tokens
-                stats.pad_tokens += part.num_cols - num_tokens
+                stats, n = self._stats[row.batch_id], len(row.token_ids) - 1
+                stats.prefill_tokens += n
                 stats.recomputed_tokens += max(0, row.item.num_generated - 1)
-            for batch_id in {r.batch_id for r in chunk} if part.num_cols else ():
-                self._stats[batch_id].prefill_samples.add((len(chunk), part.num_cols, elapsed_s))
-            parts.append(part)
-            rows += chunk
-        for row in cands:
-            if row.kv is not None:
-                parts.append(row.kv)
-                row.kv = None
-                rows.append(row)
-        num_cols = max((len(r.token_ids) - 1 for r in rows), default=0)
-        spare = self._spare_cols(len(rows), num_cols, max(self._steps_left(r) for r in rows))
-        self._cache = merge(self.runner.layout, parts, spare)
-        self._rows = rows
-        self._update_live()
+                num_tokens += n
+            mean_len = round(num_tokens / len(chunk))
+            for batch_id in {r.batch_id for r in chunk}:
+                self._stats[batch_id].prefill_samples.add((len(chunk), mean_len, elapsed_s))
+        self._rows += cands
 
     def _guard(self) -> None:
-        """Before a step: evict parked KV, then preempt the newest rows, until the step fits."""
-        kvpt = self.info.kv_bytes_per_token
+        """Before a step: every row gets a block for its next token, evicting parked KV, then
+        preempting the newest rows, when the pool has too few."""
         while self._rows:
-            num_bytes = len(self._rows) * (self._cache.num_cols + 1) * kvpt
-            over = max(num_bytes, self._live_bytes) + self.kv_parked_bytes - self.kv_budget_bytes
-            if over <= 0:
+            if self._free_blocks(self._blocks_for_next_step()):
+                for row in self._rows:
+                    self.pool.allocate(row.table, row.table.num_tokens + 1)
                 return
-            if self._evict(over):
-                continue
             newest = max(range(len(self._rows)), key=lambda i: self._rows[i].seq)
             if len(self._rows) == 1:
                 self._leave({newest: ("error", self._too_big(self._rows[newest]))})
@@ -358,30 +368,26 @@ class Executor:
                 self._leave({newest: ("preempted", "")})
 
     def _decode(self) -> None:
-        rows, cache = self._rows, self._cache
-        assert cache is not None
-        growth = self._spare_cols(len(rows), cache.num_cols, max(map(self._steps_left, rows)))
+        rows = self._rows
         started_at = self._clock()
-        logits = self.runner.decode(cache, [r.token_ids[-1] for r in rows], growth)
+        logits = self.runner.forward(self.pool, [(r.table, [r.token_ids[-1]]) for r in rows])
         indices = [r.item.num_generated + r.num_new for r in rows]
         tokens = self.runner.sample(logits, [r.params for r in rows], indices)
         elapsed_s = self._clock() - started_at
         self.progress += 1
-        self._update_live()
         total_bytes = self.kv_used_bytes
+        context_len = round(sum(r.table.num_tokens for r in rows) / len(rows))
         for batch_id in {r.batch_id for r in rows}:
             stats = self._stats[batch_id]
             stats.steps += 1
             stats.peak_bytes = max(stats.peak_bytes, total_bytes)
-            stats.decode_samples.add((len(rows), cache.num_cols, elapsed_s))
+            stats.decode_samples.add((len(rows), context_len, elapsed_s))
         leaving: dict[int, tuple[p.ReleaseReason, str]] = {}
         generated = []
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             row.token_ids.append(token)
             row.num_new += 1
-            stats = self._stats[row.batch_id]
-            stats.generated_tokens += 1
-            stats.pad_tokens += cache.pad_lens[i]
+            self._stats[row.batch_id].generated_tokens += 1
             generated.append((row.request_id, [token]))
             reason = self._finish_reason(row, token)
             if reason is not None:
@@ -402,22 +408,18 @@ class Executor:
         return None
 
     def _leave(self, leaving: dict[int, tuple[p.ReleaseReason, str]]) -> None:
-        """Release rows (by index; "budget" rows with keep_kv park their KV) and shrink the
-        batch cache to the rows that stay."""
-        assert self._cache is not None
+        """Release rows (by index): "budget" rows with keep_kv park their blocks here (the
+        unused rest of their reservation goes back to the pool); the others free theirs."""
         for i, (reason, message) in sorted(leaving.items()):
             row = self._rows[i]
             kept = reason == "budget" and row.item.keep_kv
             if kept:
-                self._store.park(row.request_id, row.token_ids[:-1], self._cache.row_kv(i))
+                self.pool.free(row.table, keep_tokens=row.table.num_tokens)
+                self._store.park_table(row.request_id, row.token_ids[:-1], row.table)
+            else:
+                self.pool.free(row.table)
             self._release(row.batch_id, row.request_id, reason, row.num_new, kept, message)
-        stay = [i for i in range(len(self._rows)) if i not in leaving]
-        self._rows = [self._rows[i] for i in stay]
-        if stay:
-            self._cache.select(stay)
-        else:
-            self._cache = None
-        self._update_live()
+        self._rows = [r for i, r in enumerate(self._rows) if i not in leaving]
 
     def _release(
         self,
@@ -436,6 +438,3 @@ class Executor:
         stats.num_open -= 1
         if stats.num_open == 0:
             self._out.done.append(self._stats.pop(batch_id).done(self._clock()))
-
-    def _update_live(self) -> None:
-        self._live_bytes = 0 if self._cache is None else self._cache.nbytes

@@ -139,7 +139,9 @@ class HandoffThread(threading.Thread):
             body = bytes(min(req.num_bytes, PROBE_BYTES))
             reply = [w.encode_status(req.fetch_id, "", "probe"), body]
         else:
-            entry = self.store_of().take(req.request_id)  # moved: it now belongs to the receiver
+            entry = self.store_of().take_layers(
+                req.request_id
+            )  # moved: it now belongs to the receiver
             if entry is None:
                 message = f"no KV of {req.request_id} here (evicted, or never parked)"
                 reply = [w.encode_status(req.fetch_id, req.request_id, "missing", message)]

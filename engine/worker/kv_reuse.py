@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from engine import protocol as p
-from engine.worker.batch_cache import BatchCache
 from engine.worker.dispatch import DispatchStats
-from engine.worker.kv_store import KVStore, Layers, to_device
+from engine.worker.kv_pool import Layers
+from engine.worker.kv_store import KVStore, ParkedKV, to_device
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +95,20 @@ class KVIntake:
                 log.warning("gave up waiting for the KV of %s; it is recomputed", item.request_id)
         return 0.0
 
-    def reuse(self, item: p.BatchItem, stats: DispatchStats) -> BatchCache | None:
-        """The request's parked KV as a one-row cache on the device, when this worker holds KV
-        covering exactly ``token_ids[:-1]`` (any other entry of it is stale and dropped)."""
+    def reuse(self, item: p.BatchItem, stats: DispatchStats) -> ParkedKV | None:
+        """The request's parked KV, taken out of the store (the caller owns it, blocks
+        included), when this worker holds KV covering exactly ``token_ids[:-1]``; any other
+        entry of it is stale and freed. Host entries come back as device tensors."""
         entry = self.store.take(item.request_id)
-        if entry is None or entry.token_ids != tuple(item.token_ids[:-1]):
+        if entry is not None and entry.token_ids != tuple(item.token_ids[:-1]):
+            self.store.free(entry)
             return None
-        layers = entry.layers
+        if entry is None:
+            return None
         if entry.tier == "host":
+            assert entry.layers is not None
             started_at = self._clock()
-            layers = to_device(layers, self.device)
+            entry.layers = to_device(entry.layers, self.device)
             stats.copy_samples.append((entry.nbytes, self._clock() - started_at))
             stats.restored_tokens += entry.num_tokens
         if entry.peer:
@@ -113,4 +117,4 @@ class KVIntake:
             if entry.transfer is not None:
                 stats.transfer_samples.append(entry.transfer)
         stats.reused_kv_tokens += entry.num_tokens
-        return BatchCache.from_row(layers)
+        return entry

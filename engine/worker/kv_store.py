@@ -2,6 +2,10 @@
 device (counted against the KV budget) and offloaded to host memory (its own budget; pinned on a
 GPU). A request whose KV is in neither tier is gone and must be recomputed.
 
+A device entry parked by this worker stays where it was computed: its blocks of the paged pool
+(engine/worker/kv_pool.py), no copy. A handed-off arrival waits as tensors (``staged``) until its
+batch writes it into blocks. Offloading reads an entry's blocks out and frees them.
+
 Thread-safe: the compute thread parks, takes and evicts; the handoff thread takes entries that a
 peer pulls. Device entries are evicted oldest first; host entries least recently used first.
 """
@@ -16,18 +20,20 @@ from typing import Literal
 
 import torch
 
+from engine.worker.kv_pool import BlockTable, KVPool, Layers
+
 Tier = Literal["device", "host"]
-Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v), each [1, H, len, D]
 
 
 @dataclass(slots=True)
 class ParkedKV:
     token_ids: tuple[int, ...]  # the tokens this KV covers (a context's token_ids[:-1])
-    layers: Layers  # on the device (tier "device") or in host memory (tier "host")
+    layers: Layers | None  # tensors (a staged arrival, or the host tier); None: in ``table``
     nbytes: int
     tier: Tier = "device"
     peer: str = ""  # the peer address it was handed off from ("": computed here)
     transfer: tuple[int, float] | None = None  # (bytes, seconds) of that handoff
+    table: BlockTable | None = None  # its blocks in the pool (device tier, parked here)
 
     @property
     def num_tokens(self) -> int:
@@ -79,6 +85,8 @@ class KVStore:
         self.host_budget_bytes = host_budget_bytes
         self.pin_memory = pin_memory
         self.offload_pays = offload_pays
+        self.pool: KVPool | None = None  # the executor's pool, that device entries' blocks are in
+        self._staged_bytes = 0  # device entries held as tensors (handed-off arrivals)
         self._device: OrderedDict[str, ParkedKV] = OrderedDict()  # oldest parked first
         self._host: OrderedDict[str, ParkedKV] = OrderedDict()  # least recently used first
         self._device_bytes = 0
@@ -91,6 +99,11 @@ class KVStore:
     def parked_bytes(self) -> int:
         """Bytes of the device tier (they count against the KV budget)."""
         return self._device_bytes
+
+    @property
+    def staged_bytes(self) -> int:
+        """Bytes of device entries outside the pool (arrivals not yet written into blocks)."""
+        return self._staged_bytes
 
     @property
     def host_bytes(self) -> int:
@@ -132,25 +145,70 @@ class KVStore:
         if lengths != {len(token_ids)}:
             raise ValueError(f"KV of {request_id} covers {lengths} tokens, not {len(token_ids)}")
         entry = ParkedKV(tuple(token_ids), layers, layers_nbytes(layers), "device", peer, transfer)
-        with self._lock:
-            self._pop(request_id)
-            self._device[request_id] = entry
-            self._device_bytes += entry.nbytes
+        self._put(request_id, entry)
         return entry.nbytes
 
+    def park_table(
+        self, request_id: str, token_ids: list[int] | tuple[int, ...], table: BlockTable
+    ) -> int:
+        """Keep ``table``'s blocks in the pool (no copy) for ``request_id``; the store owns them
+        from now on. Returns the bytes parked."""
+        if self.pool is None or table.num_tokens != len(token_ids):
+            raise ValueError(
+                f"KV of {request_id} covers {table.num_tokens} tokens, not {len(token_ids)}"
+            )
+        entry = ParkedKV(tuple(token_ids), None, self.pool.nbytes(table), "device", table=table)
+        self._put(request_id, entry)
+        return entry.nbytes
+
+    def _put(self, request_id: str, entry: ParkedKV) -> None:
+        with self._lock:
+            self._release(self._pop(request_id))
+            self._device[request_id] = entry
+            self._device_bytes += entry.nbytes
+            self._staged_bytes += entry.nbytes if entry.table is None else 0
+
     def take(self, request_id: str) -> ParkedKV | None:
-        """Remove and return the entry of ``request_id`` from either tier (None if none)."""
+        """Remove and return the entry of ``request_id`` from either tier (None if none); the
+        caller owns it, blocks included."""
         with self._lock:
             return self._pop(request_id)
 
+    def take_layers(self, request_id: str) -> ParkedKV | None:
+        """``take``, with an entry in the pool read out into tensors and its blocks freed (what
+        a peer pulls)."""
+        entry = self.take(request_id)
+        if entry is not None and entry.table is not None:
+            self._to_tensors(entry)
+        return entry
+
     def drop(self, request_id: str) -> bool:
         """Free the entry of ``request_id``; True if there was one."""
-        return self.take(request_id) is not None
+        with self._lock:
+            entry = self._pop(request_id)
+            self._release(entry)
+        return entry is not None
+
+    def free(self, entry: ParkedKV) -> None:
+        """Free the blocks of an entry taken out of the store (not used after all)."""
+        self._release(entry)
+
+    def _release(self, entry: ParkedKV | None) -> None:
+        if entry is not None and entry.table is not None and self.pool is not None:
+            self.pool.free(entry.table)
+            entry.table = None
+
+    def _to_tensors(self, entry: ParkedKV) -> None:
+        assert entry.table is not None and self.pool is not None
+        entry.layers = self.pool.read(entry.table)
+        entry.nbytes = layers_nbytes(entry.layers)
+        self._release(entry)
 
     def _pop(self, request_id: str) -> ParkedKV | None:
         entry = self._device.pop(request_id, None)
         if entry is not None:
             self._device_bytes -= entry.nbytes
+            self._staged_bytes -= entry.nbytes if entry.table is None else 0
             return entry
         entry = self._host.pop(request_id, None)
         if entry is not None:
@@ -170,13 +228,15 @@ class KVStore:
 
     def _offload(self, request_id: str, entry: ParkedKV) -> Evicted:
         out = Evicted()
-        del self._device[request_id]
-        self._device_bytes -= entry.nbytes
+        self._pop(request_id)
         if entry.nbytes > self.host_budget_bytes or not self.offload_pays(
             entry.num_tokens, entry.nbytes
         ):
+            self._release(entry)
             out.dropped.append(request_id)
             return out
+        if entry.table is not None:
+            self._to_tensors(entry)
         while self._host_bytes + entry.nbytes > self.host_budget_bytes:
             lru_id, lru = self._host.popitem(last=False)
             self._host_bytes -= lru.nbytes

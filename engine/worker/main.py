@@ -18,6 +18,7 @@ from engine.config import DEFAULT_KV_BUDGET_BYTES, WorkerConfig
 from engine.cost_model import CostModelError, TimeModel
 from engine.models import models_cache_root
 from engine.worker.executor import Executor
+from engine.worker.kv_pool import DEFAULT_BLOCK_TOKENS
 from engine.worker.kv_setup import kv_store_factory
 from engine.worker.memory_probe import probe
 from engine.worker.model_loader import LoadedModel, load_model
@@ -103,6 +104,7 @@ def build(cfg: WorkerConfig) -> tuple[Callable[[], Executor], p.Ready]:
         eos_token_ids=list(info.eos_token_ids),
         mem_total_bytes=probe(loaded.device)[1],
         time_model=params,
+        kv_block_tokens=DEFAULT_BLOCK_TOKENS,
     )
     make_store, kv_fields = kv_store_factory(cfg, loaded.device, params)
     ready = msgspec.structs.replace(ready, **kv_fields)

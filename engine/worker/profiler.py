@@ -1,10 +1,10 @@
 """Time real forward passes over a grid of shapes, for fitting the time model at start-up.
 
-Prefill samples are (batch size, padded length, seconds) of cache-building prefills; decode
-samples are (batch size, context length, seconds) of decode steps over a synthetic cache (the
-values do not matter for timing, and building a real 32 x 1024 cache would take minutes on a
-CPU). The same conventions as the executor's BatchDone samples: the context length of a decode
-step counts the cache columns after the step. The fit is engine/cost_model.py's job.
+Prefill samples are (batch size, length, seconds) of ragged prefills of rows of that length;
+decode samples are (batch size, context length, seconds) of decode steps over synthetic KV in
+the paged pool (the values do not matter for timing, and building a real 32 x 1024 cache would
+take minutes on a CPU). The same conventions as the executor's BatchDone samples: the context
+length of a decode step counts the KV tokens after the step. The fit is engine/cost_model.py's job.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 
-from engine.worker.batch_cache import BatchCache
+from engine.worker.kv_pool import BlockTable, KVPool
 from engine.worker.runner import Runner
 
 Sample = tuple[int, int, float]
@@ -35,10 +35,20 @@ def _tokens(rng: random.Random, vocab_size: int, num_tokens: int) -> list[int]:
     return [rng.randrange(vocab_size) for _ in range(num_tokens)]
 
 
+def _pool(runner: Runner, num_rows: int, num_tokens: int) -> tuple[KVPool, list[BlockTable]]:
+    """A pool just large enough for ``num_rows`` tables of ``num_tokens`` tokens, allocated."""
+    pool = runner.new_pool(num_rows * (num_tokens + 16) * runner.info.kv_bytes_per_token)
+    tables = [BlockTable() for _ in range(num_rows)]
+    for table in tables:
+        if not pool.allocate(table, num_tokens):
+            raise RuntimeError("profiling pool too small")
+    return pool, tables
+
+
 def profile_prefill(
     runner: Runner, grid=PREFILL_GRID, num_repeats: int = 2, seed: int = 0
 ) -> list[Sample]:
-    """Time ``runner.prefill`` of random tokens for every (batch size, length) of ``grid``; the
+    """Time a ragged prefill of random tokens for every (batch size, length) of ``grid``; the
     fastest of ``num_repeats`` runs (noise on a shared machine only ever adds time)."""
     rng = random.Random(seed)
     vocab, max_len = runner.info.vocab_size, runner.info.max_context_len - 1
@@ -48,8 +58,9 @@ def profile_prefill(
         timed = []
         for _ in range(num_repeats):
             lists = [_tokens(rng, vocab, num_cols) for _ in range(num_rows)]
+            pool, tables = _pool(runner, num_rows, num_cols)
             started_at = time.perf_counter()
-            runner.prefill(lists)
+            runner.forward(pool, list(zip(tables, lists, strict=True)))
             runner.synchronize()
             timed.append(time.perf_counter() - started_at)
         samples.append((num_rows, num_cols, min(timed)))
@@ -74,20 +85,20 @@ def profile_decode(
             num_cols = min(context_len, runner.info.max_context_len - num_steps - 1)
             if num_rows * (num_cols + num_steps) * kvpt > max_cache_bytes:
                 continue
-            cache = BatchCache.allocate(
-                runner.layout, [0] * num_rows, num_cols, num_cols + num_steps
-            )
-            for buf in (*cache.keys, *cache.values):
+            pool, tables = _pool(runner, num_rows, num_cols + num_steps)
+            for buf in (*pool.keys, *pool.values):
                 buf.normal_()
+            for table in tables:
+                table.num_tokens = num_cols
             timed = []
             for _ in range(num_steps):
-                last_tokens = _tokens(rng, runner.info.vocab_size, num_rows)
+                rows = [(t, _tokens(rng, runner.info.vocab_size, 1)) for t in tables]
                 started_at = time.perf_counter()
-                runner.decode(cache, last_tokens).argmax(-1).tolist()  # syncs, like sampling
-                timed.append((time.perf_counter() - started_at, cache.num_cols))
+                runner.forward(pool, rows).argmax(-1).tolist()  # syncs, like sampling
+                timed.append((time.perf_counter() - started_at, tables[0].num_tokens))
             elapsed_s, num_cols = min(timed)
             samples.append((num_rows, num_cols, elapsed_s))
-            del cache
+            del pool
     return samples
 
 
@@ -99,7 +110,9 @@ def profile(
     max_cache_bytes: int = 1 << 30,
 ) -> tuple[list[Sample], list[Sample]]:
     """(prefill samples, decode samples) measured on this runner's device, after a warm-up."""
-    runner.decode(runner.prefill([[1, 2, 3, 4]]), [5])  # first-call allocations and dispatch
+    pool, tables = _pool(runner, 1, 5)
+    runner.forward(pool, [(tables[0], [1, 2, 3, 4])])  # first-call allocations and dispatch
+    runner.forward(pool, [(tables[0], [5])])
     prefill = profile_prefill(runner, prefill_grid)
     decode = profile_decode(runner, batch_sizes, context_lens, max_cache_bytes=max_cache_bytes)
     return prefill, decode

@@ -1,9 +1,9 @@
 """The model's forward passes and sampling, nano-vllm style: prepare inputs, run, sample.
 
-Invariant: a row's cache covers its ``token_ids[:-1]``; a decode step feeds each row's last
-token and samples one new token. Prefill builds a row's cache from ``token_ids[:-1]``. Rows are
-left-padded with explicit attention masks and position ids, so batching never changes a row's
-result (exactly so in float32 on this machine: see tests/worker/test_runner.py).
+A forward is ragged: the rows' new tokens are laid end to end (no padding), each at its own
+positions, and attend to their own blocks of the paged KV pool (engine/worker/paged_attention.py).
+The same call prefills (a row's whole context) and decodes (one token per row), so batching never
+changes a row's result (exactly so in float32 on this machine: see tests/worker/test_runner.py).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.worker.batch_cache import BatchCache, KVLayout
+from engine.worker.kv_pool import DEFAULT_BLOCK_TOKENS, BlockTable, KVLayout, KVPool
 from engine.worker.model_loader import LoadedModel, ModelInfo
+from engine.worker.paged_attention import ATTN_IMPLEMENTATION, PagedBatch
 
 _MASK64 = (1 << 64) - 1
 
@@ -42,12 +43,11 @@ def token_seed(seed: int, index: int) -> int:
 
 
 class Runner:
-    """Runs prefill and decode forward passes of one model and samples tokens."""
+    """Runs ragged forward passes of one model over a paged KV pool and samples tokens."""
 
-    def __init__(
-        self, loaded: LoadedModel, kv_growth_cols: int = 32, slowdown: float = 1.0
-    ) -> None:
+    def __init__(self, loaded: LoadedModel, slowdown: float = 1.0) -> None:
         self.model = loaded.model
+        self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.info: ModelInfo = loaded.info
         self.device = loaded.device
         self.layout = KVLayout(
@@ -57,86 +57,53 @@ class Runner:
             dtype=loaded.dtype,
             device=loaded.device,
         )
-        self.kv_growth_cols = kv_growth_cols  # spare columns added when a cache grows
         # Benchmarks only: every forward pass takes this many times as long (the rest asleep,
         # so the CPU goes to others), to emulate a slower device beside faster ones.
         self.slowdown = slowdown
         self._unseeded = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+    def new_pool(self, budget_bytes: int, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> KVPool:
+        """A KV pool of this model's layout holding at most ``budget_bytes``."""
+        return KVPool(self.layout, budget_bytes, block_tokens)
 
     def synchronize(self) -> None:
         """Wait for queued device work (GPU), so that wall-clock timings are real."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    # -- prefill -------------------------------------------------------------------------------
+    # -- forward -------------------------------------------------------------------------------
 
-    def prepare_prefill(self, token_lists: list[list[int]]):
-        """Left-padded inputs for a cache-building prefill of ``token_lists`` (each non-empty
-        list or empty; at least one non-empty)."""
-        lens = [len(t) for t in token_lists]
-        num_cols = max(lens)
-        pad_lens = [num_cols - n for n in lens]
-        ids = torch.zeros((len(lens), num_cols), dtype=torch.long)  # [B, T]
-        for row, tokens in enumerate(token_lists):
-            ids[row, pad_lens[row] :] = torch.tensor(tokens, dtype=torch.long)
-        pads = torch.tensor(pad_lens)[:, None]  # [B, 1]
-        cols = torch.arange(num_cols)[None, :]  # [1, T]
-        valid = cols >= pads  # [B, T]
-        positions = (cols - pads).clamp(min=0)  # [B, T]
-        causal = torch.ones((num_cols, num_cols), dtype=torch.bool).tril()  # [T, T]
-        # A padded query attends to itself only, so that no attention row is fully masked.
-        mask = (causal[None] & valid[:, None, :]) | torch.eye(num_cols, dtype=torch.bool)[None]
+    def prepare(self, pool: KVPool, rows: list[tuple[BlockTable, list[int]]]):
+        """Inputs of one ragged forward: each row's new tokens laid end to end, at positions
+        after the KV its table holds."""
+        ids: list[int] = []
+        positions: list[int] = []
+        for table, tokens in rows:
+            ids += tokens
+            positions += range(table.num_tokens, table.num_tokens + len(tokens))
+        batch = PagedBatch.build(pool, [(t, t.num_tokens, len(toks)) for t, toks in rows])
+        last = [r.q_start + r.q_len - 1 for r in batch.rows]
         dev = self.device
-        return ids.to(dev), positions.to(dev), mask[:, None].to(dev), pad_lens  # mask [B,1,T,T]
-
-    @torch.inference_mode()
-    def prefill(self, token_lists: list[list[int]]) -> BatchCache:
-        """A cache of the given token lists (left-padded; padded K/V zeroed)."""
-        num_cols = max((len(t) for t in token_lists), default=0)
-        if num_cols == 0:
-            return BatchCache.allocate(self.layout, [0] * len(token_lists), 0, 0)
-        ids, positions, mask, pad_lens = self.prepare_prefill(token_lists)
-        cache = BatchCache.allocate(self.layout, pad_lens, 0, num_cols)
-        self.run_model(ids, positions, mask, cache)
-        cache.zero_padding()
-        return cache
-
-    # -- decode --------------------------------------------------------------------------------
-
-    def prepare_decode(self, cache: BatchCache, last_tokens: list[int]):
-        """Inputs of one decode step: each row's last token at its own next position."""
-        dev = self.device
-        ids = torch.tensor(last_tokens, dtype=torch.long, device=dev)[:, None]  # [B, 1]
-        positions = torch.tensor(cache.row_lens(), dtype=torch.long, device=dev)[:, None]  # [B, 1]
-        new_col = torch.ones((len(last_tokens), 1), dtype=torch.bool, device=dev)  # [B, 1]
-        mask = torch.cat([cache.key_mask(), new_col], 1)[:, None, None, :]  # [B, 1, 1, T+1]
-        return ids, positions, mask
-
-    @torch.inference_mode()
-    def decode(
-        self, cache: BatchCache, last_tokens: list[int], growth_cols: int | None = None
-    ) -> torch.Tensor:
-        """One step: feed each row's last token; the cache grows by one column (when full, its
-        buffers grow by ``growth_cols``, default kv_growth_cols). Returns the next-token
-        logits [B, V] (float32)."""
-        cache.reserve(1, self.kv_growth_cols if growth_cols is None else growth_cols)
-        ids, positions, mask = self.prepare_decode(cache, last_tokens)
-        return self.run_model(ids, positions, mask, cache)
-
-    def run_model(self, ids, positions, mask, cache: BatchCache) -> torch.Tensor:
-        """Forward ``ids`` [B, Q] at ``positions`` [B, Q] with a 4D bool mask [B, 1, Q, K]
-        (True: attend); appends Q columns to ``cache``; returns last-position logits [B, V]."""
-        started_at = time.perf_counter()
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache.hf_cache(),
-            use_cache=True,
-            logits_to_keep=1,
+        return (
+            torch.tensor([ids], dtype=torch.long, device=dev),  # [1, T]
+            torch.tensor([positions], dtype=torch.long, device=dev),  # [1, T]
+            torch.tensor(last, dtype=torch.long, device=dev),  # [R]
+            batch,
         )
-        cache.advance(ids.shape[1])
-        logits = out.logits[:, -1, :].float()
+
+    @torch.inference_mode()
+    def forward(self, pool: KVPool, rows: list[tuple[BlockTable, list[int]]]) -> torch.Tensor:
+        """Feed each row's new tokens (at least one each) after the KV its table holds; each
+        table must already have blocks for them. Their KV is written into the pool and the
+        tables advance. Returns each row's last-position logits [R, V] (float32)."""
+        started_at = time.perf_counter()
+        ids, positions, last, batch = self.prepare(pool, rows)
+        out = self.model(
+            input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=last, paged=batch
+        )
+        for table, tokens in rows:
+            table.num_tokens += len(tokens)
+        logits = out.logits[0].float()  # [R, V]
         if self.slowdown > 1:
             self.synchronize()
             time.sleep((self.slowdown - 1) * (time.perf_counter() - started_at))

@@ -9,6 +9,7 @@ import queue
 
 import msgspec
 import pytest
+import torch
 from worker.helpers import BIG_BUDGET, make_item, make_prompts, make_run, solo_greedy
 
 from engine import protocol as p
@@ -176,7 +177,9 @@ def serve_alternating(prompts, node: Node, groups: dict[str, int]):
 
 def test_an_unawaited_or_late_arrival_is_dropped(runner) -> None:
     executor = Executor(runner, BIG_BUDGET)
-    layers = [(t[:, :, :0], t[:, :, :0]) for t in runner.layout.empty(1, 0)]
-    executor.receive_kv(KVArrived("x", (), layers[: runner.info.num_layers], 0, 0.1, "peer"))
+    lay = runner.layout
+    empty = torch.zeros((1, lay.num_kv_heads, 0, lay.head_dim), dtype=lay.dtype)
+    layers = [(empty, empty) for _ in range(lay.num_layers)]
+    executor.receive_kv(KVArrived("x", (), layers, 0, 0.1, "peer"))
     executor.receive_kv(KVFetchFailed("y", "whatever"))
     assert len(executor.kv_store) == 0 and executor.wait_s() is None

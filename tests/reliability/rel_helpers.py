@@ -26,7 +26,11 @@ def worker_args(model_dir, kv_budget: str = "64MiB") -> list[str]:
 
 @contextlib.contextmanager
 def engine(
-    model_dir, worker_ids=("w1", "w2"), sched: dict | None = None, **broker
+    model_dir,
+    worker_ids=("w1", "w2"),
+    sched: dict | None = None,
+    extra_worker_args: tuple[str, ...] = (),
+    **broker,
 ) -> Iterator[LocalEngine]:
     """A broker thread plus one worker process per id in ``worker_ids`` (``--worker-id``)."""
     sched = {"policy": "scls", "slice_len": 8, "max_gen_len": 256, **(sched or {})}
@@ -39,7 +43,7 @@ def engine(
     eng.start()
     try:
         for worker_id in worker_ids:
-            eng.add_worker(["--worker-id", worker_id])
+            eng.add_worker(["--worker-id", worker_id, *extra_worker_args])
         eng.wait_for_workers(len(worker_ids))
         yield eng
     finally:

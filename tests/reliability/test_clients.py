@@ -20,7 +20,12 @@ PROMPT = list(range(40, 72))
 
 @pytest.fixture(scope="module")
 def eng(tiny_model_dir) -> Iterator[LocalEngine]:
-    with engine(tiny_model_dir, worker_ids=("w1",), client_grace_s=1.0) as e:
+    # Slowed 20x (a few ms a step): a 250-token request then takes seconds, longer than the
+    # deadlines and grace periods these tests exercise, however fast the engine gets.
+    slow = ("--slowdown", "20")
+    with engine(
+        tiny_model_dir, worker_ids=("w1",), client_grace_s=1.0, extra_worker_args=slow
+    ) as e:
         yield e
 
 

@@ -84,12 +84,23 @@ def _check_join(
     assert len(rows) <= policy.max_rows, "running set above max_concurrency / max_batch_size"
     assert d.max_steps == max(r.max_new_tokens for r in members)
     if policy.admission == "reserve":
-        peak = brute_running_peak(mem, rows)
+        peak = expected_peak(mem, rows)
         assert d.predicted_peak_bytes == peak
+    elif mem.block_tokens:
+        peak = expected_peak(mem, [(c, policy.headroom_tokens) for c, _ in rows])
     else:
         width = max(c for c, _ in rows) + policy.headroom_tokens + mem.slack_tokens
         peak = len(rows) * width * mem.kv_bytes_per_token
     assert peak <= mem.budget_bytes, "admission above the budget"
+
+
+def expected_peak(mem, rows: Sequence[tuple[int, int]]) -> int:
+    """KV a running set of (context_len, steps left) holds at most: each row's own whole blocks
+    of KV at its end on a paged cache, else brute force over one left-padded cache."""
+    if not mem.block_tokens:
+        return brute_running_peak(mem, rows)
+    blocks = sum(math.ceil((c - 1 + m) / mem.block_tokens) for c, m in rows)
+    return blocks * mem.block_tokens * mem.kv_bytes_per_token
 
 
 def _check_reservations(
@@ -104,9 +115,6 @@ def _check_reservations(
     rows = [(r.context_len, r.steps_left) for r in worker.running]
     rows += [(r.context_len, m) for r, m in zip(members, steps, strict=True)]
     assert len(rows) <= policy.max_batch_size, "running set above max_batch_size"
-    if mem.block_tokens:
-        peak = sum(mem.reservation_bytes(c, m) for c, m in rows)
-    else:
-        peak = brute_running_peak(mem, rows)
+    peak = expected_peak(mem, rows)
     assert d.predicted_peak_bytes == peak
     assert peak <= mem.budget_bytes, "reservations above the budget"

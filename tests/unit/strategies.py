@@ -26,7 +26,8 @@ def cost_models(draw: st.DrawFn, min_tokens: int = 64) -> CostModel:
     kv = draw(st.integers(1, 64))
     slack = draw(st.integers(0, 32))
     budget_tokens = draw(st.integers(min_tokens + slack, 20_000))
-    return CostModel(draw(time_models()), MemoryModel(kv, budget_tokens * kv, slack))
+    block_tokens = draw(st.sampled_from([0, 0, 1, 16]))  # 0: a left-padded cache
+    return CostModel(draw(time_models()), MemoryModel(kv, budget_tokens * kv, slack, block_tokens))
 
 
 @st.composite

@@ -20,7 +20,7 @@ def test_preemption_keeps_optimistic_joins_within_budget(runner):
     kvpt = runner.info.kv_bytes_per_token
     budget = 2 * 60 * kvpt  # two rows of 60 tokens; three rows of 50 do not fit
     prompts = make_prompts(30, [10, 10, 10])
-    executor = Executor(runner, budget)
+    executor = Executor(runner, budget, block_tokens=4)
     for i, prompt in enumerate(prompts):
         executor.submit(make_run(i + 1, [make_item(f"r{i}", prompt, max_steps=40)], join=True))
     trace = Trace()
@@ -48,13 +48,13 @@ def test_sequential_batch_evicts_parked_kv_oldest_first(runner):
     kvpt = runner.info.kv_bytes_per_token
     budget = 100 * kvpt
     prompts = make_prompts(31, [20, 20, 30])
-    executor = Executor(runner, budget)
+    executor = Executor(runner, budget, block_tokens=4)
     for i, rid in enumerate(["old", "new"]):
         executor.submit(make_run(i + 1, [make_item(rid, prompts[i], max_steps=4, keep_kv=True)]))
         drain(executor)
     assert executor.kv_store.request_ids() == ["old", "new"]
-    assert executor.kv_parked_bytes == 2 * 23 * kvpt
-    # needs (30 - 1 + 40) * kvpt = 69 tokens: 31 free, so one parked entry must go
+    assert executor.kv_parked_bytes == 2 * 24 * kvpt  # 23 tokens each, in blocks of 4
+    # needs 30 - 1 + 40 = 69 tokens (18 blocks): 13 free, so one parked entry must go
     executor.submit(make_run(3, [make_item("big", prompts[2], max_steps=40)]))
     trace = Trace()
     step_checked(executor, trace, budget)
@@ -92,7 +92,7 @@ def test_join_step_evicts_parked_kv_before_preempting(runner):
 
 def test_a_request_larger_than_the_budget_is_an_error(runner):
     kvpt = runner.info.kv_bytes_per_token
-    executor = Executor(runner, 20 * kvpt)
+    executor = Executor(runner, 20 * kvpt, block_tokens=4)
     prompts = make_prompts(34, [30, 5])
     executor.submit(make_run(1, [make_item("huge", prompts[0])], join=True))
     executor.submit(make_run(2, [make_item("grows", prompts[1], max_steps=40)], join=True))

@@ -1,0 +1,190 @@
+"""The worker's paged KV cache: one preallocated pool of fixed-size blocks per layer, sized by the
+KV budget, and the block tables of the sequences that own its blocks. The pool is the one owner
+of every block: ``allocate`` / ``free`` are the only ways in and out.
+
+Layout: per layer, keys and values of shape [kv_heads, num_blocks * block_tokens, head_dim]
+(head-major), so that a run of consecutive blocks is a plain view that attention reads in place.
+Allocation therefore prefers consecutive blocks (best fit, and extending a table's last run);
+when the free blocks are scattered a table may span several runs, and attention gathers it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+DEFAULT_BLOCK_TOKENS = 16
+Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v), each [1, H, len, D]
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def bytes_per_token(self) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+
+@dataclass(slots=True, eq=False)
+class BlockTable:
+    """The blocks of one sequence, in token order, and how many tokens of KV they hold."""
+
+    blocks: list[int] = field(default_factory=list)
+    num_tokens: int = 0
+
+    def runs(self, block_tokens: int, num_tokens: int) -> list[tuple[int, int]]:
+        """(first slot, length) of each run of consecutive slots covering ``num_tokens``."""
+        out: list[tuple[int, int]] = []
+        left = num_tokens
+        for b in self.blocks:
+            if left <= 0:
+                break
+            n = min(block_tokens, left)
+            start = b * block_tokens
+            if out and out[-1][0] + out[-1][1] == start:
+                out[-1] = (out[-1][0], out[-1][1] + n)
+            else:
+                out.append((start, n))
+            left -= n
+        return out
+
+    def slots(self, block_tokens: int, start: int, num: int) -> list[int]:
+        """Slot indices of tokens ``start .. start + num - 1``."""
+        return [
+            self.blocks[t // block_tokens] * block_tokens + t % block_tokens
+            for t in range(start, start + num)
+        ]
+
+
+class KVPool:
+    """Blocks of ``block_tokens`` tokens of KV, as many as ``budget_bytes`` holds. Thread-safe
+    allocation: the compute thread allocates and frees, the handoff thread frees what it sends."""
+
+    def __init__(
+        self, layout: KVLayout, budget_bytes: int, block_tokens: int = DEFAULT_BLOCK_TOKENS
+    ) -> None:
+        self.layout = layout
+        self.block_tokens = block_tokens
+        self.block_bytes = block_tokens * layout.bytes_per_token
+        self.num_blocks = max(0, budget_bytes // self.block_bytes)
+        shape = (layout.num_kv_heads, self.num_blocks * block_tokens, layout.head_dim)
+        # torch.empty: on a CPU pages are committed when first written, so a large budget costs
+        # nothing until used; on a GPU the whole pool is reserved up front, as the budget says.
+        self.keys = [self._empty(shape) for _ in range(layout.num_layers)]
+        self.values = [self._empty(shape) for _ in range(layout.num_layers)]
+        self._free = np.ones(self.num_blocks, dtype=bool)
+        self._num_free = self.num_blocks
+        self._lock = threading.Lock()
+
+    def _empty(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.empty(shape, dtype=self.layout.dtype, device=self.layout.device)
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    @property
+    def num_free(self) -> int:
+        return self._num_free
+
+    @property
+    def used_bytes(self) -> int:
+        return (self.num_blocks - self._num_free) * self.block_bytes
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_tokens)
+
+    def nbytes(self, table: BlockTable) -> int:
+        return len(table.blocks) * self.block_bytes
+
+    # -- allocate / free -----------------------------------------------------------------------
+
+    def can_allocate(self, table: BlockTable, num_tokens: int) -> bool:
+        """Whether ``table`` can grow to hold ``num_tokens`` tokens."""
+        return self.blocks_for(num_tokens) - len(table.blocks) <= self._num_free
+
+    def allocate(self, table: BlockTable, num_tokens: int) -> bool:
+        """Grow ``table`` to hold ``num_tokens`` tokens (never shrinks it); False, with nothing
+        allocated, when the pool has too few free blocks."""
+        need = self.blocks_for(num_tokens) - len(table.blocks)
+        if need <= 0:
+            return True
+        with self._lock:
+            if need > self._num_free:
+                return False
+            after = table.blocks[-1] + 1 if table.blocks else None
+            new = self._take(need, after)
+            self._free[new] = False
+            self._num_free -= len(new)
+        table.blocks.extend(int(b) for b in new)
+        return True
+
+    def free(self, table: BlockTable, keep_tokens: int = 0) -> None:
+        """Return the blocks of ``table`` beyond those holding its first ``keep_tokens``."""
+        keep = self.blocks_for(keep_tokens)
+        if keep >= len(table.blocks):
+            return
+        gone = table.blocks[keep:]
+        del table.blocks[keep:]
+        table.num_tokens = min(table.num_tokens, keep_tokens)
+        with self._lock:
+            if self._free[gone].any():
+                raise RuntimeError(f"KV blocks freed twice: {gone}")
+            self._free[gone] = True
+            self._num_free += len(gone)
+
+    def _take(self, need: int, after: int | None) -> np.ndarray:
+        """Block ids to allocate: consecutive after ``after`` where free, then the smallest free
+        run that holds the rest, else the first free blocks wherever they are."""
+        taken: list[np.ndarray] = []
+        if after is not None and after < self.num_blocks:
+            stop = after
+            while stop < self.num_blocks and stop - after < need and self._free[stop]:
+                stop += 1
+            if stop > after:
+                taken.append(np.arange(after, stop))
+                need -= stop - after
+        if need > 0:
+            free = self._free.copy()
+            for t in taken:
+                free[t] = False
+            edges = np.diff(np.concatenate(([0], free.astype(np.int8), [0])))
+            starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+            lens = ends - starts
+            fit = np.flatnonzero(lens >= need)
+            if len(fit):
+                best = fit[np.argmin(lens[fit])]
+                taken.append(np.arange(starts[best], starts[best] + need))
+            else:
+                taken.append(np.flatnonzero(free)[:need])
+        return np.concatenate(taken)
+
+    # -- copies in and out ---------------------------------------------------------------------
+
+    def read(self, table: BlockTable) -> Layers:
+        """Copies of the table's KV, per layer (k, v) each [1, H, num_tokens, D]."""
+        index = self.slot_index(table, 0, table.num_tokens)
+        return [
+            (k.index_select(1, index)[None], v.index_select(1, index)[None])
+            for k, v in zip(self.keys, self.values, strict=True)
+        ]
+
+    def write(self, table: BlockTable, layers: Layers) -> None:
+        """Fill an allocated table from per-layer (k, v) each [1, H, n, D]; it then holds n."""
+        num_tokens = layers[0][0].shape[-2]
+        index = self.slot_index(table, 0, num_tokens)
+        for (k, v), kbuf, vbuf in zip(layers, self.keys, self.values, strict=True):
+            kbuf.index_copy_(1, index, k[0].to(kbuf.device, kbuf.dtype))
+            vbuf.index_copy_(1, index, v[0].to(vbuf.device, vbuf.dtype))
+        table.num_tokens = num_tokens
+
+    def slot_index(self, table: BlockTable, start: int, num: int) -> torch.Tensor:
+        slots = table.slots(self.block_tokens, start, num)
+        return torch.tensor(slots, dtype=torch.long, device=self.layout.device)
