@@ -152,3 +152,15 @@ def test_health_version_tokenize_round_trip(gateway):
         )  # fmt: skip
         assert reply.headers["x-request-id"] == request_id
         assert reply.json()["id"] == f"cmpl-{request_id}"
+
+
+def test_keep_alive_responses_are_not_held_back(gateway):
+    """A response's head and body leave at once (TCP_NODELAY): no delayed-ACK wait per request."""
+    with httpx.Client(base_url=gateway.url, timeout=10) as http:
+        http.get("/health")
+        times = []
+        for _ in range(11):
+            started = time.perf_counter()
+            http.get("/health")
+            times.append(time.perf_counter() - started)
+    assert sorted(times)[5] < 0.02, f"median {sorted(times)[5] * 1000:.0f} ms"
