@@ -4,7 +4,7 @@ the forward pass. ``python -m engine.bench.step_bench --help``; results as a tab
 
 Per shape (batch B, context C, uniform or mixed lengths): both sides prefill the same prompts
 once (not timed), step twice to warm up, then run ``repeats`` windows of ``steps`` decode steps,
-interleaved (bare, engine, bare, engine, ...); each side reports its fastest window. The bare
+the two sides alternating step by step; each side reports its fastest window. The bare
 loop is a model forward with a DynamicCache and a greedy argmax, nothing else; the engine side
 submits one RunBatch to an in-process Executor and calls ``step()`` (its public API only). The
 forward time inside an engine step is taken by a thin wrapper around the Runner's forward
@@ -268,15 +268,12 @@ def _time_forward(runner: Any, device: torch.device) -> tuple[str | None, list[f
     return f"Runner.{name}", spent
 
 
-def _window(loop: BareLoop | EngineLoop, steps: int) -> tuple[float, float | None]:
-    """(wall seconds, seconds in the forward pass) of ``steps`` steps."""
-    forward_before = loop.forward_s
+def _timed_step(loop: BareLoop | EngineLoop) -> tuple[float, float]:
+    """(wall seconds, seconds in the forward pass; 0 when not known) of one step."""
+    forward_before = loop.forward_s or 0.0
     started = time.perf_counter()
-    for _ in range(steps):
-        loop.step()
-    wall_s = time.perf_counter() - started
-    after = loop.forward_s
-    return wall_s, None if after is None or forward_before is None else after - forward_before
+    loop.step()
+    return time.perf_counter() - started, (loop.forward_s or 0.0) - forward_before
 
 
 def measure(
@@ -287,7 +284,9 @@ def measure(
     repeats: int,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """One shape: both loops, fastest window of each; tokens/s count every row's token."""
+    """One shape: ``repeats`` windows of ``steps`` steps, the two loops alternating step by
+    step (so that a shared machine's other load falls on both alike); each side's fastest
+    window counts. Tokens/s count every row's token."""
     token_lists = prompts(shape, bare_model.info.vocab_size, seed)
     longest = max(map(len, token_lists)) + WARMUP_STEPS + repeats * steps + 2
     if longest > bare_model.info.max_context_len:
@@ -295,35 +294,42 @@ def measure(
             f"shape {shape.label}: contexts reach {longest} tokens, the model accepts "
             f"{bare_model.info.max_context_len}: pass smaller --contexts or --steps"
         )
-    bare = BareLoop(bare_model, token_lists)
-    engine = EngineLoop(engine_model, token_lists, WARMUP_STEPS + repeats * steps + 2)
-    _window(bare, WARMUP_STEPS)
-    _window(engine, WARMUP_STEPS)
-    bare_runs, engine_runs = [], []
+    loops = (
+        BareLoop(bare_model, token_lists),
+        EngineLoop(engine_model, token_lists, WARMUP_STEPS + repeats * steps + 2),
+    )
+    for _ in range(WARMUP_STEPS):
+        for loop in loops:
+            loop.step()
+    windows: tuple[list[tuple[float, float]], ...] = ([], [])  # (wall s, forward s) per window
     for _ in range(repeats):
-        bare_runs.append(_window(bare, steps))
-        engine_runs.append(_window(engine, steps))
-    bare_s, bare_fwd = min(bare_runs, key=lambda r: r[0])
-    engine_s, engine_fwd = min(engine_runs, key=lambda r: r[0])
-    tokens = shape.batch * steps
+        sums = [[0.0, 0.0], [0.0, 0.0]]
+        for _ in range(steps):
+            for side, loop in enumerate(loops):
+                wall_s, forward_s = _timed_step(loop)
+                sums[side][0] += wall_s
+                sums[side][1] += forward_s
+        for side in (0, 1):
+            windows[side].append((sums[side][0], sums[side][1]))
+    (bare_s, bare_fwd), (engine_s, engine_fwd) = (min(w) for w in windows)
+    timed = loops[1].forward_method is not None
     out: dict[str, Any] = {
         **asdict(shape),
         "contexts": shape.contexts(),
-        "bare_tokens_per_s": tokens / bare_s,
-        "engine_tokens_per_s": tokens / engine_s,
+        "bare_tokens_per_s": shape.batch * steps / bare_s,
+        "engine_tokens_per_s": shape.batch * steps / engine_s,
         "engine_over_bare": bare_s / engine_s,
         "bare_step_ms": bare_s / steps * 1e3,
-        "bare_forward_ms": None if bare_fwd is None else bare_fwd / steps * 1e3,
+        "bare_forward_ms": bare_fwd / steps * 1e3,
         "engine_step_ms": engine_s / steps * 1e3,
-        "engine_forward_ms": None if engine_fwd is None else engine_fwd / steps * 1e3,
-        "engine_overhead_ms": None,
-        "engine_overhead_share": None,
-        "forward_method": engine.forward_method,
-        "same_greedy_tokens": engine.tokens == bare.tokens,
+        "engine_forward_ms": engine_fwd / steps * 1e3 if timed else None,
+        "engine_overhead_ms": (engine_s - engine_fwd) / steps * 1e3 if timed else None,
+        "engine_overhead_share": (engine_s - engine_fwd) / engine_s if timed else None,
+        "forward_method": loops[1].forward_method,
+        "bare_windows_step_ms": [w / steps * 1e3 for w, _ in windows[0]],
+        "engine_windows_step_ms": [w / steps * 1e3 for w, _ in windows[1]],
+        "same_greedy_tokens": loops[0].tokens == loops[1].tokens,
     }
-    if engine_fwd is not None:
-        out["engine_overhead_ms"] = (engine_s - engine_fwd) / steps * 1e3
-        out["engine_overhead_share"] = (engine_s - engine_fwd) / engine_s
     return out
 
 
