@@ -354,6 +354,15 @@ class Abort(_W, tag="abort"):
     request_ids: list[str]
 
 
+class Renew(_W, tag="renew"):
+    """Extend the slices of running requests before they end, so that they run on without a
+    stop: each (request id, max_steps) gives the new step budget of that request's current
+    dispatch, in all. A request that already left (its slice ended first) is not affected: the
+    broker then sees its Released as usual."""
+
+    renewals: list[tuple[str, int]]
+
+
 class DropKV(_W, tag="drop_kv"):
     """Free parked KV of these requests (they will continue elsewhere or were finished)."""
 
@@ -446,7 +455,7 @@ class Draining(_W, tag="draining"):
     deadline_s: float
 
 
-ToWorker = RunBatch | Abort | DropKV | Shutdown | Ping | Reset
+ToWorker = RunBatch | Renew | Abort | DropKV | Shutdown | Ping | Reset
 FromWorker = (
     Ready | Heartbeat | Generated | Released | BatchDone | KVEvicted | WorkerFailed | Draining
 )

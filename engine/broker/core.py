@@ -38,7 +38,7 @@ class ToClient:
 class ToWorker:
     worker_id: str
     identity: bytes
-    msg: p.RunBatch | p.Abort | p.DropKV | p.Shutdown | p.Ping | p.Reset
+    msg: p.RunBatch | p.Renew | p.Abort | p.DropKV | p.Shutdown | p.Ping | p.Reset
 
 
 class BrokerCore:
@@ -69,6 +69,9 @@ class BrokerCore:
         self.queue_limits = queue_limits or admission.QueueLimits()
         self.num_queued_tokens = 0  # prompt plus max_tokens of every live request
         self.num_rejected = 0  # "overloaded" refusals
+        self.num_renewals = 0  # slices renewed before they ended (the request ran on)
+        self.num_slice_stops = 0  # slices that ended with the request back in the pool
+        self.num_preempted = 0  # requests a worker's memory guard sent back
         self.draining = False  # shutting down: accept nothing new
         self.expiry = Expiry(client_grace_s)
         self.finished_cache = FinishedCache()
@@ -253,6 +256,8 @@ class BrokerCore:
         if msg.reason in _FINISH_REASONS:
             self._finish(req, _FINISH_REASONS[msg.reason], now, RequestState.FINISHED)
         elif msg.reason in ("budget", "preempted"):
+            self.num_slice_stops += msg.reason == "budget"
+            self.num_preempted += msg.reason == "preempted"
             self._requeue(req, now)
             if msg.kv_kept:
                 req.kv_worker_id = worker.worker_id
@@ -316,7 +321,8 @@ class BrokerCore:
     # -- scheduling ------------------------------------------------------------------------
 
     def schedule(self, now: float) -> list[Dispatch]:
-        if not self.waiting or not self.workers:
+        """Ask the policy while requests wait, or run (a policy may renew running slices)."""
+        if not self.waiting and not any(w.batches for w in self.workers.values()):
             return []
         views = [self._worker_view(w) for w in self.workers.values() if not w.draining]
         if not views:
@@ -343,7 +349,12 @@ class BrokerCore:
             )
         if d.max_steps < 1 or not d.request_ids:
             problems.append("empty dispatch")
-        if any(rid not in self.waiting or rid in seen for rid in d.request_ids):
+        if d.renew:
+            if not all(
+                self._runs_on(rid, d.worker_id) and rid not in seen for rid in d.request_ids
+            ):
+                problems.append("a renewed request is not running there or is planned twice")
+        elif any(rid not in self.waiting or rid in seen for rid in d.request_ids):
             problems.append("a request is not waiting or is planned twice")
         if not set(d.handoff_ids) <= set(d.request_ids):
             problems.append("a handoff for a request that is not in the batch")
@@ -357,7 +368,27 @@ class BrokerCore:
         seen.update(d.request_ids)
         return True
 
+    def _runs_on(self, request_id: str, worker_id: str) -> bool:
+        req = self.requests.get(request_id)
+        return req is not None and req.state is RequestState.RUNNING and req.worker_id == worker_id
+
+    def _renew(self, d: Dispatch) -> None:
+        """Extend running requests' slices: each by up to ``d.max_steps`` more steps."""
+        renewals = []
+        for request_id in d.request_ids:
+            req = self.requests[request_id]
+            done = len(req.generated) - req.generated_at_dispatch
+            left = req.dispatch_steps - done
+            req.dispatch_steps += max(0, min(d.max_steps, req.max_new_tokens - left))
+            req.num_slices += 1
+            renewals.append((request_id, req.dispatch_steps))
+        self.num_renewals += len(renewals)
+        self._send(self.workers[d.worker_id], p.Renew(renewals=renewals))
+
     def _apply(self, d: Dispatch, now: float) -> None:
+        if d.renew:
+            self._renew(d)
+            return
         worker = self.workers[d.worker_id]
         batch_id = next(self._batch_ids)
         keep_kv = self.cfg.kv_mode != "recompute"
@@ -413,7 +444,12 @@ class BrokerCore:
                     slice_left = max(1, min(req.dispatch_steps - done, req.max_new_tokens))
                     running.append(
                         RunningRequest(
-                            rid, req.context_len, req.max_new_tokens, reserved, slice_left
+                            rid,
+                            req.context_len,
+                            req.max_new_tokens,
+                            reserved,
+                            slice_left,
+                            req.arrived_at,
                         )
                     )
         return WorkerView(
@@ -507,7 +543,9 @@ class BrokerCore:
     def _drop_parked(self, req: Request) -> None:
         self.kv.drop(self, req)
 
-    def _send(self, worker: WorkerState, msg: p.RunBatch | p.Abort | p.DropKV | p.Reset) -> None:
+    def _send(
+        self, worker: WorkerState, msg: p.RunBatch | p.Renew | p.Abort | p.DropKV | p.Reset
+    ) -> None:
         self.outbox.append(ToWorker(worker.worker_id, worker.identity, msg))
 
     def log(self, now: float, level: str, message: str) -> None:

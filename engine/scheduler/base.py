@@ -38,6 +38,7 @@ class RunningRequest:
     max_new_tokens: int  # tokens it may still generate from now on
     reserved_tokens: int  # KV tokens reserved for it at admission (ILS reserve accounting)
     slice_steps_left: int = 0  # steps left in its current dispatch (its slice); 0: unknown
+    arrived_at: float = 0.0  # monotonic seconds, when the broker received it
 
     @property
     def steps_left(self) -> int:
@@ -65,7 +66,9 @@ class Dispatch:
     """One batch for one worker. ``join``: admit into the running set now (ILS); otherwise run as
     its own batch after the worker's current work (SLS, SCLS). ``handoff_ids``: requests whose
     KV, parked on another worker, this worker pulls from there; any other request parked
-    elsewhere recomputes (the broker frees its KV on the holder)."""
+    elsewhere recomputes (the broker frees its KV on the holder). ``renew``: the requests are
+    running on that worker and their current slice is extended by ``max_steps`` (capped by
+    what each may still generate) before it ends, so that they run on without a stop."""
 
     worker_id: str
     request_ids: tuple[str, ...]
@@ -75,6 +78,7 @@ class Dispatch:
     predicted_s: float
     predicted_peak_bytes: int
     handoff_ids: tuple[str, ...] = ()
+    renew: bool = False
 
 
 class Policy(Protocol):

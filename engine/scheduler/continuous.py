@@ -1,21 +1,25 @@
 """Continuous slice-level scheduling, the default SCLS: a request holds a reservation for one
 slice (the KV of its context plus S tokens, at most S steps) and joins a worker's running set at
-any decode step when that reservation fits beside the ones already held. At its slice boundary it
-comes back to the pool and is placed again: renewed where it runs, or moved (its KV restored,
-handed off or recomputed) to the worker where its next slice ends sooner. Reservations never
-exceed a worker's budget, so nobody is preempted for memory (zero OOM by construction).
+any decode step when that reservation fits beside the ones already held. One boundary ahead (a
+few steps before its slice ends) the policy renews the reservation where the request runs, so it
+runs on without a stop, when it still fits there and no other worker would end its next slice
+sooner; otherwise the request comes back to the pool at its boundary and is placed again, moved
+(its KV restored, handed off or recomputed) to where its next slice ends soonest. Reservations
+never exceed a worker's budget, so nobody is preempted for memory (zero OOM by construction).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import attrgetter
 
 from engine.config import KVMode, SchedulerConfig
-from engine.scheduler.base import Dispatch, WaitingRequest, WorkerView
+from engine.scheduler.base import Dispatch, RunningRequest, WaitingRequest, WorkerView
 
-_ARRIVAL = attrgetter("arrived_at", "request_id")
+
+def _arrival(r: WaitingRequest | tuple[str, RunningRequest]) -> tuple[float, str]:
+    request = r[1] if isinstance(r, tuple) else r
+    return (request.arrived_at, request.request_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,10 +42,12 @@ class _Slot:
         self.time = view.cost.time
         # (context_len, steps left in its slice) per reservation held or granted
         self.rows = [(r.context_len, r.steps_left) for r in view.running]
+        self.index = {r.request_id: i for i, r in enumerate(view.running)}
         self.peak_bytes = self.memory.reservations_peak_bytes(self.rows)
         self.sum_context = sum(c for c, _ in self.rows)
         self.max_context = max((c for c, _ in self.rows), default=0)
         self.grants: list[_Grant] = []
+        self.renewed: list[str] = []
 
     @property
     def worker_id(self) -> str:
@@ -52,6 +58,23 @@ class _Slot:
         if self.memory.block_tokens:  # rows own their blocks: reservations add up
             return self.peak_bytes + self.memory.reservation_bytes(context_len, steps)
         return self.memory.reservations_peak_bytes([*self.rows, (context_len, steps)])
+
+    def renewal_peak(self, request_id: str, extra: int) -> int:
+        """The honest peak if a running request's reservation grew by ``extra`` steps."""
+        i = self.index[request_id]
+        context_len, left = self.rows[i]
+        if self.memory.block_tokens:
+            grown = self.memory.reservation_bytes(context_len, left + extra)
+            return self.peak_bytes - self.memory.reservation_bytes(context_len, left) + grown
+        rows = list(self.rows)
+        rows[i] = (context_len, left + extra)
+        return self.memory.reservations_peak_bytes(rows)
+
+    def renew(self, request_id: str, extra: int, peak_bytes: int) -> None:
+        i = self.index[request_id]
+        self.rows[i] = (self.rows[i][0], self.rows[i][1] + extra)
+        self.peak_bytes = peak_bytes
+        self.renewed.append(request_id)
 
     def step_s(self, context_len: int) -> float:
         """Predicted decode step of the running set with one more row of ``context_len``."""
@@ -69,6 +92,18 @@ class _Slot:
         self.sum_context += context_len
         self.max_context = max(self.max_context, context_len)
         self.grants.append(grant)
+
+    def renewal(self, slice_len: int) -> Dispatch:
+        return Dispatch(
+            worker_id=self.worker_id,
+            request_ids=tuple(self.renewed),
+            max_steps=slice_len,
+            join=True,
+            padded_len=self.max_context,
+            predicted_s=slice_len * self.time.decode_step_s(len(self.rows), self.max_context),
+            predicted_peak_bytes=self.peak_bytes,
+            renew=True,
+        )
 
     def dispatch(self) -> Dispatch:
         max_steps = max(g.steps for g in self.grants)
@@ -106,11 +141,17 @@ class ContinuousSCLSPolicy:
         aging_s: float,
         kv_mode: KVMode = "auto",
         max_misses: int = 64,
+        renew_within_steps: int = 2,
+        renew_lookahead_s: float = 0.02,
     ) -> None:
         self.slice_len = slice_len
         self.max_batch_size = max_batch_size
         self.aging_s = aging_s
         self.kv_mode = kv_mode
+        # A running request is renewed when this few steps, or this many predicted seconds, are
+        # left in its slice: early enough that the renewal reaches the worker before it ends.
+        self.renew_within_steps = renew_within_steps
+        self.renew_lookahead_s = renew_lookahead_s
         # A round stops after this many requests in a row found no room (bounds planning time
         # with thousands waiting; the rest are looked at again next round).
         self.max_misses = max_misses
@@ -122,22 +163,64 @@ class ContinuousSCLSPolicy:
     def schedule(
         self, waiting: Sequence[WaitingRequest], workers: Sequence[WorkerView], now: float
     ) -> list[Dispatch]:
-        if not waiting or not workers:
+        ending = self._ending(workers)
+        if not workers or not (waiting or ending):
             return []
         slots = {w.worker_id: _Slot(w) for w in workers}
         aged_before = now - self.aging_s
         misses = 0
-        for r in sorted(waiting, key=_ARRIVAL):
+        for r in sorted([*waiting, *ending], key=_arrival):
+            if isinstance(r, tuple):  # (worker id, running request): renew it, or let it end
+                self._renew(r[1], slots[r[0]], slots)
+                continue
             steps = min(self.slice_len, r.max_new_tokens)
             if self._place(r, steps, slots, aged=r.arrived_at <= aged_before):
                 misses = 0
                 continue
             if r.arrived_at <= aged_before and self._fits_alone(r, steps, slots):
-                break  # the oldest waits for room; nobody overtakes it
+                break  # the oldest waits for room; nobody overtakes it, nobody renews past it
             misses += 1
             if misses > self.max_misses or all(self._full(s) for s in slots.values()):
                 break
-        return [s.dispatch() for s in slots.values() if s.grants]
+        plan = [s.renewal(self.slice_len) for s in slots.values() if s.renewed]
+        return plan + [s.dispatch() for s in slots.values() if s.grants]
+
+    def _ending(self, workers: Sequence[WorkerView]) -> list[tuple[str, RunningRequest]]:
+        """Running requests whose slice ends within ``renew_within_steps`` and that will not be
+        done by then, as (worker id, request)."""
+        out = []
+        for w in workers:
+            if not w.running:
+                continue
+            context_len = max(r.context_len for r in w.running)
+            step_s = max(w.cost.time.decode_step_s(len(w.running), context_len), 1e-6)
+            within = max(self.renew_within_steps, int(self.renew_lookahead_s / step_s))
+            out += [
+                (w.worker_id, r)
+                for r in w.running
+                if 0 < r.slice_steps_left <= within and r.max_new_tokens > r.slice_steps_left
+            ]
+        return out
+
+    def _renew(self, r: RunningRequest, slot: _Slot, slots: dict[str, _Slot]) -> None:
+        """Renew where it runs when the longer reservation fits there and no other worker would
+        end its next slice sooner (counting the move); else it comes back at its boundary."""
+        extra = min(self.slice_len, r.max_new_tokens - r.slice_steps_left)
+        peak = slot.renewal_peak(r.request_id, extra)
+        if peak > slot.memory.budget_bytes:
+            return
+        here_s = extra * slot.time.decode_step_s(len(slot.rows), slot.max_context)
+        if self.kv_mode == "auto":
+            nbytes = r.context_len * slot.memory.kv_bytes_per_token
+            for other in slots.values():
+                if other is slot or len(other.rows) >= self.max_batch_size:
+                    continue
+                if other.peak_with(r.context_len, extra) > other.memory.budget_bytes:
+                    continue
+                there_s = other.view.cost.kv.handoff_s(nbytes) + extra * other.step_s(r.context_len)
+                if there_s < here_s:
+                    return
+        slot.renew(r.request_id, extra, peak)
 
     def _place(self, r: WaitingRequest, steps: int, slots: dict[str, _Slot], aged: bool) -> bool:
         best: tuple[float, _Slot, _Grant, int] | None = None

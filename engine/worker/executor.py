@@ -149,6 +149,20 @@ class Executor:
         for request_id in ids:
             self._store.drop(request_id)
 
+    def renew(self, renewals: Iterable[tuple[str, int]]) -> None:
+        """Raise the step budgets of these requests' current dispatches (running or not yet
+        started); a request not here any more is skipped. A running row gets blocks for its
+        longer reservation now where the pool has them (else it grows a block at a time)."""
+        budgets = dict(renewals)
+        for run in (*self._joining, *self._queued):
+            for item in run.items:
+                if item.request_id in budgets:
+                    item.max_steps = max(item.max_steps, budgets[item.request_id])
+        for row in self._rows:
+            if row.request_id in budgets:
+                row.item.max_steps = max(row.item.max_steps, budgets[row.request_id])
+                self.pool.allocate(row.table, self._reservation(row))
+
     def drop_kv(self, request_ids: Iterable[str]) -> None:
         """Free parked KV of these requests (no message)."""
         for request_id in request_ids:

@@ -83,6 +83,8 @@ class ComputeThread(threading.Thread):
                 self._finishing = True
             elif isinstance(cmd, p.RunBatch):
                 self.executor.submit(cmd)
+            elif isinstance(cmd, p.Renew):
+                self.executor.renew(cmd.renewals)
             elif isinstance(cmd, p.Abort):
                 self.executor.abort(cmd.request_ids)
             elif isinstance(cmd, p.DropKV):

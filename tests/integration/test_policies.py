@@ -15,7 +15,9 @@ pytestmark = pytest.mark.timeout(300)
 
 CONFIGS = {
     "scls-keep": dict(policy="scls", slice_len=6, kv_mode="keep"),
-    "scls-recompute": dict(policy="scls", slice_len=6, kv_mode="recompute"),
+    "scls-auto": dict(policy="scls", slice_len=6, kv_mode="auto"),
+    "strict-keep": dict(policy="scls:strict", slice_len=6, kv_mode="keep"),
+    "strict-recompute": dict(policy="scls:strict", slice_len=6, kv_mode="recompute"),
     "sls": dict(policy="sls"),
     "ils-reserve": dict(policy="ils", ils_admission="reserve"),
     "ils-optimistic": dict(policy="ils", ils_admission="optimistic"),
@@ -56,6 +58,11 @@ def outputs(tiny_model_dir) -> dict[str, list[tuple[list[int], int]]]:
                 budget = stats.workers[rec.worker_id].kv_budget_bytes
                 assert rec.measured_peak_bytes <= budget, (name, rec)
             found[name + ":records"] = records
+            found[name + ":slices"] = (
+                stats.num_renewals,
+                stats.num_slice_stops,
+                stats.num_preempted,
+            )
     return found
 
 
@@ -72,10 +79,10 @@ def test_lengths_are_exact(outputs):
 
 
 def test_scls_slices_and_keep_reuses_kv(outputs):
-    slices = [s for _, s in outputs["scls-keep"]]
-    assert max(slices) >= 40 // 6  # 40 tokens in slices of 6
-    keep = outputs["scls-keep:records"]
-    recompute = outputs["scls-recompute:records"]
+    for name in ("scls-keep", "scls-auto", "strict-keep"):
+        assert max(s for _, s in outputs[name]) >= 40 // 6  # 40 tokens in slices of 6
+    keep = outputs["strict-keep:records"]
+    recompute = outputs["strict-recompute:records"]
     assert all(r.max_steps <= 6 for r in keep + recompute)
     assert sum(r.recomputed_tokens for r in recompute) > 0
     assert sum(r.reused_kv_tokens for r in keep) > 0
@@ -93,3 +100,12 @@ def test_the_budget_binds(outputs):
     # 14 requests on two workers of 400 KiB: SLS can only batch a few at a time
     assert len(outputs["sls:records"]) >= 4
     assert max(r.num_requests for r in outputs["sls:records"]) < len(workload())
+
+
+@pytest.mark.parametrize("name", ["scls-keep", "scls-auto"])
+def test_continuous_scls_renews_slices_and_never_preempts(outputs, name):
+    """Most slice boundaries are renewed one boundary ahead (the request runs on); under a
+    binding budget the rest come back to the pool; no request is ever preempted."""
+    renewals, stops, preempted = outputs[name + ":slices"]
+    assert renewals > 0 and preempted == 0
+    assert all(r.pad_tokens == 0 for r in outputs[name + ":records"])

@@ -27,7 +27,8 @@ def check_plan(
     workers = {w.worker_id: w for w in views}
     seen: set[str] = set()
     sequential: Counter[str] = Counter()
-    for d in plan:
+    renewed = _check_renewals(policy, plan, workers)
+    for d in [d for d in plan if not d.renew]:
         assert d.worker_id in workers, f"unknown worker {d.worker_id}"
         assert d.request_ids, "empty dispatch"
         assert d.max_steps >= 1
@@ -42,7 +43,7 @@ def check_plan(
             assert rid in d.request_ids, f"handoff of {rid}, which is not in the batch"
             assert by_id[rid].kv_worker_id in set(workers) - {d.worker_id}, f"handoff of {rid}"
         if d.join:
-            _check_join(policy, d, worker, members)
+            _check_join(policy, d, worker, members, renewed.get(d.worker_id, {}))
         else:
             sequential[d.worker_id] += 1
             _check_sequential(policy, d, worker, members, now)
@@ -71,11 +72,45 @@ def _check_sequential(
     assert d.predicted_peak_bytes <= mem.budget_bytes, "predicted peak above the budget"
 
 
+def _check_renewals(
+    policy: Policy, plan: Sequence[Dispatch], workers: dict[str, WorkerView]
+) -> dict[str, dict[str, int]]:
+    """Renewals extend slices of requests running on that worker that end soon and are not
+    done by then; returns each worker's renewed requests and their new steps left."""
+    out: dict[str, dict[str, int]] = {}
+    for d in plan:
+        if not d.renew:
+            continue
+        assert isinstance(policy, ContinuousSCLSPolicy), f"{policy.name} renewed a slice"
+        assert d.max_steps == policy.slice_len and d.worker_id not in out
+        running = {r.request_id: r for r in workers[d.worker_id].running}
+        out[d.worker_id] = {}
+        for rid in d.request_ids:
+            r = running[rid]  # KeyError: not running there
+            assert 0 < r.slice_steps_left <= max(policy.renew_within_steps, policy.slice_len)
+            assert r.max_new_tokens > r.slice_steps_left, "renewed a request about to finish"
+            extra = min(policy.slice_len, r.max_new_tokens - r.slice_steps_left)
+            out[d.worker_id][rid] = r.slice_steps_left + extra
+        worker = workers[d.worker_id]
+        rows = [
+            (r.context_len, out[d.worker_id].get(r.request_id, r.steps_left))
+            for r in worker.running
+        ]
+        if not any(x.join and x.worker_id == d.worker_id and not x.renew for x in plan):
+            assert d.predicted_peak_bytes == expected_peak(worker.cost.memory, rows)
+        assert d.predicted_peak_bytes <= worker.cost.memory.budget_bytes
+    return out
+
+
 def _check_join(
-    policy: Policy, d: Dispatch, worker: WorkerView, members: list[WaitingRequest]
+    policy: Policy,
+    d: Dispatch,
+    worker: WorkerView,
+    members: list[WaitingRequest],
+    renewed: dict[str, int],
 ) -> None:
     if isinstance(policy, ContinuousSCLSPolicy):
-        _check_reservations(policy, d, worker, members)
+        _check_reservations(policy, d, worker, members, renewed)
         return
     assert isinstance(policy, ILSPolicy), f"{policy.name} made a join dispatch"
     mem = worker.cost.memory
@@ -104,15 +139,19 @@ def expected_peak(mem, rows: Sequence[tuple[int, int]]) -> int:
 
 
 def _check_reservations(
-    policy: ContinuousSCLSPolicy, d: Dispatch, worker: WorkerView, members: list[WaitingRequest]
+    policy: ContinuousSCLSPolicy,
+    d: Dispatch,
+    worker: WorkerView,
+    members: list[WaitingRequest],
+    renewed: dict[str, int],
 ) -> None:
     """Continuous SCLS: each newcomer reserves one slice; with the reservations already held
-    the running set's honest peak (brute force over every step) stays within the budget."""
+    (renewed ones included) the running set's honest peak stays within the budget."""
     mem = worker.cost.memory
     steps = [min(policy.slice_len, r.max_new_tokens) for r in members]
     assert 1 <= d.max_steps <= policy.slice_len
     assert d.max_steps == max(steps)
-    rows = [(r.context_len, r.steps_left) for r in worker.running]
+    rows = [(r.context_len, renewed.get(r.request_id, r.steps_left)) for r in worker.running]
     rows += [(r.context_len, m) for r, m in zip(members, steps, strict=True)]
     assert len(rows) <= policy.max_batch_size, "running set above max_batch_size"
     peak = expected_peak(mem, rows)

@@ -77,6 +77,7 @@ class SimWorker:
                 r.max_new_tokens,
                 0,
                 self.join_steps.get(r.request_id, 0),
+                r.arrived_at,
             )
             for r in [*self.batch, *queued, *self.joined]
         )
@@ -171,6 +172,7 @@ class Driver:
         self.keep_kv = keep_kv
         self.preempt = preempt
         self.num_rounds = 0
+        self.num_renewed = 0  # slices renewed in place (continuous SCLS)
 
     def run(self, max_time_s: float, max_rounds: int = 200_000) -> float:
         now = 0.0
@@ -200,6 +202,13 @@ class Driver:
         by_id = {w.worker_id: w for w in self.workers}
         for d in plan:
             worker = by_id[d.worker_id]
+            if d.renew:  # longer slices for rows running there
+                self.num_renewed += len(d.request_ids)
+                for r in worker.joined:
+                    if r.request_id in d.request_ids:
+                        left = worker.join_steps[r.request_id]
+                        worker.join_steps[r.request_id] += min(d.max_steps, r.max_new_tokens - left)
+                continue
             rows = [self.waiting.pop(rid) for rid in d.request_ids]
             if d.join:
                 # Joining rows without KV here are prefilled first (each on its own, as the

@@ -113,6 +113,21 @@ def test_aging_stops_a_long_request_from_starving() -> None:
     assert long_done_at > 25.0
 
 
+def test_continuous_scls_renews_slices_in_place_and_never_preempts() -> None:
+    """With room to spare, running requests' slices are renewed one boundary ahead, so they
+    run on without going back to the pool; nobody is preempted."""
+    cfg = SchedulerConfig(policy="scls", slice_len=8, max_gen_len=MAX_GEN, kv_mode="auto")
+    requests = [
+        SimRequest(f"r{i}", prompt_len=20, max_tokens=60, true_len=60, arrived_at=0.01 * i)
+        for i in range(6)
+    ]
+    cost = CostModel(TimeModel.default(), MemoryModel(1, 10_000, block_tokens=16))
+    driver = Driver(make_policy(cfg), [("w0", cost), ("w1", cost)], requests, keep_kv=True)
+    driver.run(max_time_s=3600.0)
+    assert all(r.generated == 60 and r.num_preempted == 0 for r in requests)
+    assert driver.num_renewed >= 6 * (60 // 8 - 1)  # every boundary but the last, or nearly
+
+
 @pytest.mark.parametrize("aging_s", [1.0, 1e9])
 def test_continuous_scls_serves_the_oldest_first(aging_s: float) -> None:
     """Continuous SCLS places requests oldest first: the long one starts at once and its

@@ -222,3 +222,35 @@ def test_single_token_prompts_start_from_an_empty_cache(runner, executor):
     assert trace.tokens["a"] == solo_greedy(runner, [7], 5)
     assert trace.tokens["b"] == solo_greedy(runner, [9], 5)
     assert trace.done[1].prefill_tokens == 0 and not trace.done[1].prefill_samples
+
+
+def test_a_join_enters_a_running_slice_midway(runner, executor):
+    """A request that joins while another's slice runs starts at the next step, beside it;
+    both produce exactly their one-at-a-time tokens."""
+    prompts = make_prompts(40, [25, 9])
+    executor.submit(make_run(1, [make_item("a", prompts[0], max_steps=12)], join=True))
+    early = drain_steps(executor, 5)
+    assert len(early.tokens["a"]) == 5
+    executor.submit(make_run(2, [make_item("b", prompts[1], max_steps=12)], join=True))
+    step = executor.step()
+    assert [rid for rid, _ in step.generated.tokens] == ["a", "b"]  # b joined, a went on
+    rest = drain(executor)
+    assert early.tokens["a"] + step.generated.tokens[0][1] + rest.tokens["a"] == solo_greedy(
+        runner, prompts[0], 12
+    )
+    assert step.generated.tokens[1][1] + rest.tokens["b"] == solo_greedy(runner, prompts[1], 12)
+    assert rest.done[2].pad_tokens == 0
+
+
+def test_renew_extends_a_running_slice_without_a_stop(runner, executor):
+    """A renewal that arrives before the slice ends lets the row run on in the same dispatch
+    (no release, no parking); one for a request that already left changes nothing."""
+    prompt = make_prompts(41, [14])[0]
+    executor.submit(make_run(1, [make_item("a", prompt, max_steps=4, keep_kv=True)], join=True))
+    first = drain_steps(executor, 3)
+    assert not first.released
+    executor.renew([("a", 10), ("gone", 50)])
+    rest = drain(executor)
+    assert first.tokens["a"] + rest.tokens["a"] == solo_greedy(runner, prompt, 10)
+    assert rest.released["a"].reason == "budget" and rest.released["a"].num_generated == 10
+    assert len(rest.all_released) == 1 and rest.done[1].steps == 10
