@@ -4,9 +4,10 @@ answer whole or as server-sent events; a client that leaves cancels its request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -25,8 +26,23 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-async def completions(request: Request) -> Response:
-    gw: Gateway = request.app.state.gateway
+def _counting_refusals(handler: Callable[[Request, Gateway], Awaitable[Response]]):
+    """A route that counts every refusal it answers in scls:requests_rejected_total."""
+
+    @functools.wraps(handler)
+    async def route(request: Request) -> Response:
+        gw: Gateway = request.app.state.gateway
+        try:
+            return await handler(request, gw)
+        except APIError as exc:
+            gw.requests.refused(exc.code)
+            raise
+
+    return route
+
+
+@_counting_refusals
+async def completions(request: Request, gw: Gateway) -> Response:
     req = schema.decode_body(await _body(request, gw), schema.CompletionRequest)
     prompt = schema.completion_prompt(req)
     max_tokens = schema.requested_max_tokens(req)
@@ -35,8 +51,8 @@ async def completions(request: Request) -> Response:
     return await _generate(request, gw, False, req, prompt, max_tokens)
 
 
-async def chat_completions(request: Request) -> Response:
-    gw: Gateway = request.app.state.gateway
+@_counting_refusals
+async def chat_completions(request: Request, gw: Gateway) -> Response:
     req = schema.decode_body(await _body(request, gw), schema.ChatCompletionRequest)
     messages = schema.chat_messages(req.messages)
     max_tokens = schema.requested_max_tokens(req)
@@ -82,18 +98,13 @@ async def _generate(
         work = gw.client.generate(**call, request_id=shape.request_id)
         result = await until_disconnect(request.receive, work)
     except EngineError as exc:
-        raise refused(gw, from_engine(exc)) from None
+        raise from_engine(exc) from None
     except ClientGone:
         gw.requests.aborted(None, 0)
         return Response(status_code=499)  # nobody reads it: the client has gone
     body = shape.body(result)  # raises a 500 if the engine failed the request midway
     gw.requests.finished(result)
     return JSONResponse(body, headers=headers)
-
-
-def refused(gw: Gateway, error: APIError) -> APIError:
-    gw.requests.refused(error.code)
-    return error
 
 
 def _event_stream(
@@ -125,8 +136,8 @@ async def _events(
         if wants_usage:
             u = result.usage
             yield sse(shape.usage_chunk(u.prompt_tokens, u.completion_tokens))
-    except EngineError as exc:  # after the 200: the error travels as an event, as vLLM does
-        yield sse(refused(gw, from_engine(exc)).body())
-    except APIError as exc:
-        yield sse(exc.body())
+    except (EngineError, APIError) as exc:  # after the 200: an event carries it, as in vLLM
+        error = exc if isinstance(exc, APIError) else from_engine(exc)
+        gw.requests.refused(error.code)
+        yield sse(error.body())
     yield DONE

@@ -78,7 +78,11 @@ def test_metrics_match_what_ran(engine, tiny_model_dir):
             usages.append(reply["usage"])
             extras.append(reply["scls"])
         bad = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 0})
-        assert bad.status_code == 400
+        assert bad.status_code == 400  # refused by the client library, before sending
+        bad = http.post("/v1/chat/completions", content=b"{not json")
+        assert bad.status_code == 400  # refused by the gateway
+        missing = http.post("/v1/completions", json={"prompt": "x", "model": "other"})
+        assert missing.status_code == 404
 
         deadline = time.monotonic() + 5  # batch records reach the stats stream shortly after
         while total(after := scrape(gw.url), "scls:slices_total") < sum(
@@ -111,7 +115,8 @@ def test_metrics_match_what_ran(engine, tiny_model_dir):
         sum(e["first_token_s"] for e in extras)
     )
     assert after[f"scls:request_slices_sum{{{m}}}"] == sum(e["num_slices"] for e in extras)
-    assert after["scls:requests_rejected_total{code=invalid_request}"] == 1
+    assert after["scls:requests_rejected_total{code=invalid_request}"] == 2
+    assert after["scls:requests_rejected_total{code=model_not_found}"] == 1
     assert total(after, "scls:slices_total") == sum(e["num_slices"] for e in extras)
     assert total(after, "scls:decode_steps_total") > 0
     assert 0.0 <= after[f"vllm:kv_cache_usage_perc{{{m}}}"] <= 1.0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
+import re
 from pathlib import Path
 
 import msgspec
@@ -18,6 +20,7 @@ from engine.http.auth import KeyFileError, load_keys
 from engine.http.cli import serve_gateway_argv, stats_address
 from engine.http.engine_metrics import EngineStats
 from engine.http.errors import APIError, from_engine
+from engine.http.metrics import RequestMetrics
 from engine.protocol import BatchRecord, StatsSnapshot, WorkerStats
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -228,3 +231,33 @@ def test_layering_the_gateway_is_a_client_of_the_broker():
                 assert top not in {"torch", "zmq"}, f"{path.name} imports {name}"
                 if name.startswith(("engine.worker", "engine.scheduler", "engine.broker")):
                     assert name in allowed, f"{path.name} imports {name}"
+
+
+def documented_metrics() -> set[str]:
+    text = (ROOT / "docs" / "METRICS.md").read_text()
+    return set(re.findall(r"`((?:vllm|scls):[a-z0-9_]+)`", text))
+
+
+def test_every_metric_is_documented_and_the_dashboard_uses_only_those():
+    registry, clock = CollectorRegistry(), Clock()
+    RequestMetrics(registry, "m").refused("overloaded")
+    stats = EngineStats(registry, "m", stale_after_s=3.0, clock=clock)
+    full = worker("w1")
+    full.mem_used_bytes, full.mem_total_bytes, full.util_percent = 1, 2, 3.0
+    stats.update(snap(1.0, [worker("w0")]))
+    stats.update(snap(1.1, [full], [record(1)]))  # w1 joined, w0 lost, one slice
+    exported = set()
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        if not family.name.endswith("_created"):  # run_gateway turns these off, as vLLM does
+            exported.add(family.name + ("_total" if family.type == "counter" else ""))
+    documented = documented_metrics()
+    assert exported - documented == set(), "exported but not in docs/METRICS.md"
+    assert documented - exported == set(), "in docs/METRICS.md but never exported"
+    dashboard = (ROOT / "examples" / "grafana-dashboard.json").read_text()
+    exprs = [t["expr"] for p in json.loads(dashboard)["panels"] for t in p.get("targets", [])]
+    used = {
+        re.sub(r"_(bucket|sum|count)$", "", n)
+        for e in exprs
+        for n in re.findall(r"(?:vllm|scls):[a-z0-9_]+", e)
+    }
+    assert used and used <= documented, sorted(used - documented)
