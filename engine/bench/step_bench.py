@@ -4,9 +4,10 @@ the forward pass. ``python -m engine.bench.step_bench --help``; results as a tab
 
 Per shape (batch B, context C, uniform or mixed lengths): both sides prefill the same prompts
 once (not timed), step twice to warm up, then run ``repeats`` windows of ``steps`` decode steps,
-the two sides alternating step by step; each side reports its fastest window. The bare
-loop is a model forward with a DynamicCache and a greedy argmax, nothing else; the engine side
-submits one RunBatch to an in-process Executor and calls ``step()`` (its public API only). The
+the two sides alternating step by step; each side reports its fastest window, and the mean and
+slowest of all its timed steps. The bare loop is a model forward with a DynamicCache and a
+greedy argmax, nothing else; the engine side submits one RunBatch (``--dispatch-steps`` steps
+allowed) to an in-process Executor and calls ``step()`` (its public API only). The
 forward time inside an engine step is taken by a thin wrapper around the Runner's forward
 method (``run_model`` or ``forward``, whichever it has); without one, only the totals.
 """
@@ -196,7 +197,15 @@ class EngineLoop:
     """The engine in-process: a Runner over the model, an Executor with a budget the batch
     fits, one sequential RunBatch of greedy rows; ``step()`` is Executor.step()."""
 
-    def __init__(self, loaded: LoadedModel, token_lists: list[list[int]], num_steps: int) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        token_lists: list[list[int]],
+        num_steps: int,
+        dispatch_steps: int,
+    ) -> None:
+        """``num_steps``: steps that will be run (the KV budget fits them, with room to
+        spare); ``dispatch_steps``: the dispatch's step budget (its slice), at least that."""
         from engine import protocol as p
         from engine.worker.executor import Executor
         from engine.worker.runner import Runner
@@ -204,11 +213,12 @@ class EngineLoop:
         runner = Runner(loaded)
         self.forward_method, self._spent = _time_forward(runner, loaded.device)
         kvpt = loaded.info.kv_bytes_per_token
-        budget = sum((len(t) + num_steps + 64) * kvpt for t in token_lists) * 5 // 4 + (1 << 20)
+        budget = sum((len(t) + num_steps + 128) * kvpt for t in token_lists) * 5 // 4 + (1 << 20)
         self.executor = Executor(runner, budget)
+        max_steps = max(num_steps + 1, dispatch_steps)  # the rows never finish while timed
         items = [
             p.BatchItem(request_id=f"r{row}", token_ids=list(tokens), num_generated=0,
-                        max_steps=num_steps, max_new_tokens=num_steps, temperature=0.0,
+                        max_steps=max_steps, max_new_tokens=max_steps, temperature=0.0,
                         top_p=1.0, top_k=0, seed=None, ignore_eos=True, keep_kv=False)
             for row, tokens in enumerate(token_lists)
         ]  # fmt: skip
@@ -219,7 +229,7 @@ class EngineLoop:
                 join=False,
                 predicted_s=0.0,
                 predicted_peak_bytes=0,
-                max_steps=num_steps,
+                max_steps=max_steps,
             )
         )
         self.tokens: list[list[int]] = [[] for _ in token_lists]
@@ -278,58 +288,58 @@ def _timed_step(loop: BareLoop | EngineLoop) -> tuple[float, float]:
 
 def measure(
     shape: Shape,
-    bare_model: LoadedModel,
-    engine_model: LoadedModel,
+    models: tuple[LoadedModel, LoadedModel],
     steps: int,
     repeats: int,
+    dispatch_steps: int = 256,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """One shape: ``repeats`` windows of ``steps`` steps, the two loops alternating step by
-    step (so that a shared machine's other load falls on both alike); each side's fastest
-    window counts. Tokens/s count every row's token."""
-    token_lists = prompts(shape, bare_model.info.vocab_size, seed)
-    longest = max(map(len, token_lists)) + WARMUP_STEPS + repeats * steps + 2
-    if longest > bare_model.info.max_context_len:
+    """One shape on (bare model, engine model): ``repeats`` windows of ``steps`` steps, the
+    two loops alternating step by step (so that a shared machine's other load falls on both
+    alike). Fastest window: the speed each reaches; mean and slowest step over all timed
+    steps: what the engine's occasional KV growth costs. Tokens/s count every row's token."""
+    info = models[0].info
+    token_lists = prompts(shape, info.vocab_size, seed)
+    num_steps = 1 + WARMUP_STEPS + repeats * steps
+    if max(map(len, token_lists)) + num_steps + 1 > info.max_context_len:
         raise StepBenchError(
-            f"shape {shape.label}: contexts reach {longest} tokens, the model accepts "
-            f"{bare_model.info.max_context_len}: pass smaller --contexts or --steps"
+            f"shape {shape.label}: contexts reach {max(map(len, token_lists)) + num_steps + 1} "
+            f"tokens, the model accepts {info.max_context_len}: pass smaller --contexts or --steps"
         )
     loops = (
-        BareLoop(bare_model, token_lists),
-        EngineLoop(engine_model, token_lists, WARMUP_STEPS + repeats * steps + 2),
+        BareLoop(models[0], token_lists),
+        EngineLoop(models[1], token_lists, num_steps, dispatch_steps),
     )
     for _ in range(WARMUP_STEPS):
         for loop in loops:
             loop.step()
-    windows: tuple[list[tuple[float, float]], ...] = ([], [])  # (wall s, forward s) per window
-    for _ in range(repeats):
-        sums = [[0.0, 0.0], [0.0, 0.0]]
-        for _ in range(steps):
-            for side, loop in enumerate(loops):
-                wall_s, forward_s = _timed_step(loop)
-                sums[side][0] += wall_s
-                sums[side][1] += forward_s
-        for side in (0, 1):
-            windows[side].append((sums[side][0], sums[side][1]))
-    (bare_s, bare_fwd), (engine_s, engine_fwd) = (min(w) for w in windows)
-    timed = loops[1].forward_method is not None
-    out: dict[str, Any] = {
-        **asdict(shape),
-        "contexts": shape.contexts(),
-        "bare_tokens_per_s": shape.batch * steps / bare_s,
-        "engine_tokens_per_s": shape.batch * steps / engine_s,
-        "engine_over_bare": bare_s / engine_s,
-        "bare_step_ms": bare_s / steps * 1e3,
-        "bare_forward_ms": bare_fwd / steps * 1e3,
-        "engine_step_ms": engine_s / steps * 1e3,
-        "engine_forward_ms": engine_fwd / steps * 1e3 if timed else None,
-        "engine_overhead_ms": (engine_s - engine_fwd) / steps * 1e3 if timed else None,
-        "engine_overhead_share": (engine_s - engine_fwd) / engine_s if timed else None,
-        "forward_method": loops[1].forward_method,
-        "bare_windows_step_ms": [w / steps * 1e3 for w, _ in windows[0]],
-        "engine_windows_step_ms": [w / steps * 1e3 for w, _ in windows[1]],
-        "same_greedy_tokens": loops[0].tokens == loops[1].tokens,
-    }
+    timings: tuple[list[tuple[float, float]], ...] = ([], [])  # per step: (wall s, forward s)
+    for _ in range(repeats * steps):
+        for side, loop in enumerate(loops):
+            timings[side].append(_timed_step(loop))
+    out: dict[str, Any] = {**asdict(shape), "contexts": shape.contexts()}
+    for side, name in enumerate(("bare", "engine")):
+        walls = [w for w, _ in timings[side]]
+        windows = [timings[side][k : k + steps] for k in range(0, len(walls), steps)]
+        fastest = min(windows, key=lambda w: sum(x for x, _ in w))
+        wall_s, forward_s = sum(x for x, _ in fastest), sum(f for _, f in fastest)
+        out[f"{name}_tokens_per_s"] = shape.batch * steps / wall_s
+        out[f"{name}_step_ms"] = wall_s / steps * 1e3
+        out[f"{name}_forward_ms"] = forward_s / steps * 1e3
+        out[f"{name}_overhead_ms"] = (wall_s - forward_s) / steps * 1e3
+        out[f"{name}_mean_step_ms"] = sum(walls) / len(walls) * 1e3
+        out[f"{name}_max_step_ms"] = max(walls) * 1e3
+        out[f"{name}_windows_step_ms"] = [sum(x for x, _ in w) / steps * 1e3 for w in windows]
+    out["engine_over_bare"] = out["bare_step_ms"] / out["engine_step_ms"]
+    out["engine_over_bare_mean"] = out["bare_mean_step_ms"] / out["engine_mean_step_ms"]
+    out["forward_method"] = loops[1].forward_method
+    if out["forward_method"] is None:  # not timed: engine vs bare only
+        out["engine_forward_ms"] = out["engine_overhead_ms"] = None
+    out["engine_overhead_share"] = (
+        None if out["engine_overhead_ms"] is None
+        else out["engine_overhead_ms"] / out["engine_step_ms"]
+    )  # fmt: skip
+    out["same_greedy_tokens"] = loops[0].tokens == loops[1].tokens
     return out
 
 
@@ -338,10 +348,13 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
+    """Fastest windows (tok/s, step, forward, outside it), then the mean and slowest step of
+    all timed steps (bare / engine)."""
     lines = [
         "| batch x context | bare tok/s | engine tok/s | engine / bare | engine step ms | "
-        "forward ms | outside forward ms | same tokens |",
-        "|---|---:|---:|---:|---:|---:|---:|:---:|",
+        "forward ms | outside forward ms | mean step ms bare / engine | slowest step ms "
+        "bare / engine | same tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for r in results:
         shape = Shape(r["batch"], r["context"], r["mixed"])
@@ -349,8 +362,10 @@ def table(results: list[dict[str, Any]]) -> str:
         overhead = _fmt(r["engine_overhead_ms"], ".2f") + (f" ({share:.1%})" if share else "")
         lines.append(
             f"| {shape.label} | {r['bare_tokens_per_s']:.1f} | {r['engine_tokens_per_s']:.1f} | "
-            f"{r['engine_over_bare']:.2f}x | {r['engine_step_ms']:.2f} | "
-            f"{_fmt(r['engine_forward_ms'], '.2f')} | {overhead} | "
+            f"{r['engine_over_bare']:.2f}x | {r['engine_step_ms']:.1f} | "
+            f"{_fmt(r['engine_forward_ms'], '.1f')} | {overhead} | "
+            f"{r['bare_mean_step_ms']:.1f} / {r['engine_mean_step_ms']:.1f} | "
+            f"{r['bare_max_step_ms']:.1f} / {r['engine_max_step_ms']:.1f} | "
             f"{'yes' if r['same_greedy_tokens'] else 'no'} |"
         )
     return "\n".join(lines)
@@ -375,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also batches whose rows have contexts from C/4 to C")  # fmt: skip
     p.add_argument("--steps", type=int, default=16, help="decode steps per timed window")
     p.add_argument("--repeats", type=int, default=3, help="timed windows; the fastest counts")
+    p.add_argument("--dispatch-steps", type=int, default=256,
+                   help="the engine dispatch's step budget (its slice): the engine reserves KV "
+                   "for up to this many steps and grows its cache beyond (default 256)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
@@ -389,30 +407,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         parse_ints(args.batches, "--batches"),
         parse_ints(args.contexts, "--contexts"),
     )
-    if args.steps < 1 or args.repeats < 1 or args.threads < 1:
-        raise StepBenchError("--steps, --repeats and --threads must be at least 1")
+    if min(args.steps, args.repeats, args.threads, args.dispatch_steps) < 1:
+        raise StepBenchError(
+            "--steps, --repeats, --threads and --dispatch-steps must be at least 1"
+        )
     torch.set_num_threads(args.threads)
-    bare_model = load(args.model, args.dtype, args.device)
-    engine_model = load(args.model, args.dtype, args.device)  # the runner may change its model
+    models = (load(args.model, args.dtype, args.device), load(args.model, args.dtype, args.device))
+    # two copies: the runner may change its model (attention implementation, packed weights)
     shapes = [Shape(b, c) for c in contexts for b in batches]
     shapes += [Shape(b, c, True) for c in contexts for b in batches if args.mixed and b > 1]
+    measure(Shape(1, 16), models, 2, 1)  # warms up both models' kernels; not reported
     results = []
     for shape in shapes:
-        results.append(
-            measure(shape, bare_model, engine_model, args.steps, args.repeats, args.seed)
-        )
-        print(
-            f"step_bench: {shape.label}: {table(results[-1:]).splitlines()[-1]}",
-            file=sys.stderr,
-            flush=True,
-        )
+        r = measure(shape, models, args.steps, args.repeats, args.dispatch_steps, args.seed)
+        results.append(r)
+        print(f"step_bench: {table([r]).splitlines()[-1]}", file=sys.stderr, flush=True)
     return {
-        "command": "python -m engine.bench.step_bench " + " ".join(sys.argv[1:]),
-        "model": bare_model.info.name,
+        "command": "python -m engine.bench.step_bench " + " ".join(args.argv),
+        "model": models[0].info.name,
         "dtype": args.dtype,
         "device": args.device,
         "steps": args.steps,
         "repeats": args.repeats,
+        "dispatch_steps": args.dispatch_steps,
         "commit": _commit(),
         "machine": cpu_facts(),
         "results": results,
@@ -421,6 +438,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
     try:
         doc = run(args)
     except StepBenchError as exc:

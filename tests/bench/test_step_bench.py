@@ -32,6 +32,7 @@ def test_step_bench_tiny(tmp_path, capsys):
     assert code == 0
     doc = json.loads(out.read_text())
     assert doc["model"] == "tiny" and doc["steps"] == 2 and doc["repeats"] == 2
+    assert doc["command"].startswith("python -m engine.bench.step_bench --model tiny")
     machine = doc["machine"]
     assert machine["cpu_model"] and machine["torch_threads"] == 1
     assert isinstance(machine["vector_extensions"], list) and isinstance(machine["amx"], bool)
@@ -41,6 +42,9 @@ def test_step_bench_tiny(tmp_path, capsys):
     for r in doc["results"]:
         assert r["bare_tokens_per_s"] > 0 and r["engine_tokens_per_s"] > 0, r
         assert r["engine_over_bare"] > 0 and r["engine_step_ms"] > 0
+        assert len(r["bare_windows_step_ms"]) == len(r["engine_windows_step_ms"]) == 2
+        assert r["engine_step_ms"] == min(r["engine_windows_step_ms"])  # the fastest window
+        assert r["engine_step_ms"] <= r["engine_mean_step_ms"] <= r["engine_max_step_ms"]
         assert len(r["contexts"]) == r["batch"]
         if r["forward_method"] is not None:  # the runner's forward pass was timed
             assert 0 < r["engine_forward_ms"] <= r["engine_step_ms"]
