@@ -213,7 +213,9 @@ class EngineLoop:
         runner = Runner(loaded)
         self.forward_method, self._spent = _time_forward(runner, loaded.device)
         kvpt = loaded.info.kv_bytes_per_token
-        budget = sum((len(t) + num_steps + 128) * kvpt for t in token_lists) * 5 // 4 + (1 << 20)
+        # rows x the longest row: a left-padded cache (the engine before its paged pool) needs it
+        width = max(map(len, token_lists)) + num_steps + 128
+        budget = len(token_lists) * width * kvpt * 5 // 4 + (1 << 20)
         self.executor = Executor(runner, budget)
         max_steps = max(num_steps + 1, dispatch_steps)  # the rows never finish while timed
         items = [
