@@ -213,11 +213,12 @@ class EngineLoop:
         runner = Runner(loaded)
         self.forward_method, self._spent = _time_forward(runner, loaded.device)
         kvpt = loaded.info.kv_bytes_per_token
-        # rows x the longest row: a left-padded cache (the engine before its paged pool) needs it
-        width = max(map(len, token_lists)) + num_steps + 128
+        # Every row's whole reservation (context + the dispatch's steps), at the longest row's
+        # width (a left-padded cache needs that): all rows start, none is preempted.
+        max_steps = max(num_steps + 1, dispatch_steps)  # the rows never finish while timed
+        width = max(map(len, token_lists)) + max_steps + 128
         budget = len(token_lists) * width * kvpt * 5 // 4 + (1 << 20)
         self.executor = Executor(runner, budget)
-        max_steps = max(num_steps + 1, dispatch_steps)  # the rows never finish while timed
         items = [
             p.BatchItem(request_id=f"r{row}", token_ids=list(tokens), num_generated=0,
                         max_steps=max_steps, max_new_tokens=max_steps, temperature=0.0,
@@ -293,7 +294,7 @@ def measure(
     models: tuple[LoadedModel, LoadedModel],
     steps: int,
     repeats: int,
-    dispatch_steps: int = 256,
+    dispatch_steps: int = 64,
     seed: int = 0,
 ) -> dict[str, Any]:
     """One shape on (bare model, engine model): ``repeats`` windows of ``steps`` steps, the
@@ -392,9 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also batches whose rows have contexts from C/4 to C")  # fmt: skip
     p.add_argument("--steps", type=int, default=16, help="decode steps per timed window")
     p.add_argument("--repeats", type=int, default=3, help="timed windows; the fastest counts")
-    p.add_argument("--dispatch-steps", type=int, default=256,
-                   help="the engine dispatch's step budget (its slice): the engine reserves KV "
-                   "for up to this many steps and grows its cache beyond (default 256)")  # fmt: skip
+    p.add_argument("--dispatch-steps", type=int, default=64,
+                   help="the engine dispatch's step budget (its slice, at least the timed "
+                   "steps): the KV the engine reserves per row at admission")  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
