@@ -18,8 +18,8 @@ MAX_REMEMBERED_BATCHES = 8192
 
 #: Per-worker counters summed over its batch records: (metric, BatchRecord field, help).
 BATCH_COUNTERS = (
-    ("scls:slices", None, "Slices (batches) the worker ran."),
-    ("scls:slice_early_returns", "early_return", "Slices that ended before their step budget."),
+    ("scls:batches", None, "Batches (dispatches) the worker ran."),
+    ("scls:batch_early_returns", "early_return", "Batches that ended before their step budget."),
     ("scls:decode_steps", "steps", "Decode steps run."),
     ("scls:prefill_tokens", "prefill_tokens", "Tokens prefilled, padding included."),
     ("scls:pad_tokens", "pad_tokens", "Padding tokens prefilled."),
@@ -29,8 +29,8 @@ BATCH_COUNTERS = (
     ("scls:handoff_tokens", "handoff_tokens", "Context tokens whose KV another worker sent."),
     ("scls:handoff_bytes", "handoff_bytes", "Bytes of KV handed off by other workers."),
     ("scls:restored_tokens", "restored_tokens", "Context tokens restored from the host tier."),
-    ("scls:slice_predicted_seconds", "predicted_s", "The time model's predicted slice time."),
-    ("scls:slice_measured_seconds", "measured_s", "Measured slice time."),
+    ("scls:batch_predicted_seconds", "predicted_s", "The time model's predicted batch time."),
+    ("scls:batch_measured_seconds", "measured_s", "Measured batch time."),
 )
 
 #: Per-worker gauges of the newest snapshot: (metric, WorkerStats field, help).
@@ -77,11 +77,11 @@ class EngineStats:
             name: Counter(name, doc, w, registry=registry) for name, _, doc in BATCH_COUNTERS
         }
         self._time_ratio = Histogram(
-            "scls:slice_time_ratio", "Measured over predicted slice time.", w,
+            "scls:batch_time_ratio", "Measured over predicted batch time.", w,
             buckets=RATIO_BUCKETS, registry=registry,
         )  # fmt: skip
         self._peak_ratio = Histogram(
-            "scls:slice_peak_ratio", "Measured over predicted peak KV memory of a slice.", w,
+            "scls:batch_peak_ratio", "Measured over predicted peak KV memory of a batch.", w,
             buckets=RATIO_BUCKETS, registry=registry,
         )  # fmt: skip
         self._joins = Counter("scls:worker_joins", "Workers that joined.", w, registry=registry)

@@ -70,7 +70,7 @@ class RequestMetrics:
         self.slices = self._histogram(
             registry,
             "scls:request_slices",
-            "Slices (batches) that served a request.",
+            "Slices that served a request.",
             SLICE_BUCKETS,
         )
         self.rejected = Counter(

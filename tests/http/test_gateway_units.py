@@ -160,9 +160,9 @@ def test_batches_counted_once_joins_and_losses_and_restart():
     stats.update(snap(1.1, [worker("w1"), worker("w2")], [record(1), record(2)]))
     stats.update(snap(1.2, [worker("w1"), worker("w2")], [record(1), record(2), record(3)]))
     s = samples(registry)
-    assert s["scls:slices_total{w1}"] == 2 and s["scls:pad_tokens_total{w1}"] == 6
+    assert s["scls:batches_total{w1}"] == 2 and s["scls:pad_tokens_total{w1}"] == 6
     assert s["scls:recomputed_tokens_total{w1}"] == 10
-    assert s["scls:slice_time_ratio_count{w1}"] == 2 and s["scls:slice_time_ratio_sum{w1}"] == 1.0
+    assert s["scls:batch_time_ratio_count{w1}"] == 2 and s["scls:batch_time_ratio_sum{w1}"] == 1.0
     assert s["scls:worker_joins_total{w2}"] == 1 and "scls:worker_joins_total{w1}" not in s
     stats.update(snap(1.3, [worker("w1", "draining")]))  # w2 vanished: lost
     stats.update(snap(1.4, []))  # w1 left after draining: not a loss
@@ -170,7 +170,7 @@ def test_batches_counted_once_joins_and_losses_and_restart():
     assert s["scls:worker_losses_total{w2}"] == 1 and "scls:worker_losses_total{w1}" not in s
     stats.update(snap(0.5, [worker("w1")], [record(1)]))  # the broker restarted: a new baseline
     stats.update(snap(0.6, [worker("w1")], [record(1), record(2)]))
-    assert samples(registry)["scls:slices_total{w1}"] == 3
+    assert samples(registry)["scls:batches_total{w1}"] == 3
 
 
 def test_gauges_follow_the_newest_snapshot_and_vanish_when_stale():
