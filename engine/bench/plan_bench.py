@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from engine.config import SchedulerConfig
 from engine.cost_model import CostModel, MemoryModel, TimeModel
-from engine.scheduler.base import Policy, WaitingRequest, WorkerView
+from engine.scheduler.base import Policy, RunningRequest, WaitingRequest, WorkerView
 from engine.scheduler.factory import make_policy
 
 KV_BYTES_PER_TOKEN = 46_080  # SmolLM2-135M in float32: 30 layers x 2 x 3 KV heads x 64 x 4 B
@@ -51,14 +51,37 @@ def make_waiting(
     return out
 
 
-def make_workers(num: int, now: float) -> list[WorkerView]:
+def make_running(
+    worker: int, num: int, slice_len: int, seed: int = 1
+) -> tuple[RunningRequest, ...]:
+    """``num`` requests in a worker's running set, their slices anywhere between start and end
+    (so some are within renewal distance of their boundary)."""
+    rng = random.Random(seed + worker)
+    return tuple(
+        RunningRequest(
+            request_id=f"w{worker}-run{i}",
+            context_len=int(2 ** rng.uniform(4, 10)),
+            max_new_tokens=rng.randint(2, 512),
+            reserved_tokens=0,
+            slice_steps_left=rng.randint(1, slice_len),
+            arrived_at=rng.uniform(0.0, NOW),
+        )
+        for i in range(num)
+    )
+
+
+def make_workers(
+    num: int, now: float, block_tokens: int = 0, running: int = 0, slice_len: int = 64
+) -> list[WorkerView]:
+    """Idle workers, or ``running`` requests each; ``block_tokens``: a paged KV cache."""
+    memory = MemoryModel(KV_BYTES_PER_TOKEN, KV_BUDGET_BYTES, block_tokens=block_tokens)
     return [
         WorkerView(
             worker_id=f"w{i}",
-            cost=CostModel(TimeModel.default(), MemoryModel(KV_BYTES_PER_TOKEN, KV_BUDGET_BYTES)),
+            cost=CostModel(TimeModel.default(), memory),
             busy_until=now - 0.001 * i,
             num_queued_batches=0,
-            running=(),
+            running=make_running(i, running, slice_len) if running else (),
             parked_kv_bytes=0,
         )
         for i in range(num)
@@ -90,27 +113,32 @@ def scenarios(
     args: argparse.Namespace,
 ) -> list[tuple[str, Callable[[], Scenario]]]:
     base = SchedulerConfig()
+    strict = replace(base, policy="scls:strict", kv_mode="keep")
 
-    def build(cfg: SchedulerConfig, parked: int, num_workers: int) -> Callable[[], Scenario]:
+    def build(
+        cfg: SchedulerConfig, parked: int, num_workers: int, block_tokens: int = 0, running: int = 0
+    ) -> Callable[[], Scenario]:
         def make() -> Scenario:
             return (
                 make_policy(cfg),
                 make_waiting(args.waiting, args.workers, parked),
-                make_workers(num_workers, NOW),
+                make_workers(num_workers, NOW, block_tokens, running, cfg.slice_len),
             )
 
         return make
 
+    w = args.workers
     return [
-        ("scls keep, all workers idle, no parked KV", build(base, 0, args.workers)),
-        ("scls keep, all workers idle, 64 parked per worker", build(base, 64, args.workers)),
-        (
-            "scls recompute, all workers idle",
-            build(replace(base, kv_mode="recompute"), 0, args.workers),
-        ),
-        ("scls keep, 1 worker idle", build(base, 64, 1)),
-        ("ils reserve, all workers idle", build(replace(base, policy="ils"), 0, args.workers)),
-        ("sls, all workers idle", build(replace(base, policy="sls"), 0, args.workers)),
+        ("scls (continuous), all idle, paged", build(base, 0, w, 16)),
+        ("scls (continuous), all idle, 64 parked each, paged", build(base, 64, w, 16)),
+        ("scls (continuous), 128 running each, paged", build(base, 64, w, 16, 128)),
+        ("scls (continuous), 128 running each, padded", build(base, 64, w, 0, 128)),
+        ("scls:strict keep, all idle, no parked KV", build(strict, 0, w)),
+        ("scls:strict keep, all idle, 64 parked each", build(strict, 64, w)),
+        ("scls:strict recompute, all idle", build(replace(strict, kv_mode="recompute"), 0, w)),
+        ("scls:strict keep, 1 worker idle", build(strict, 64, 1)),
+        ("ils reserve, all idle, paged", build(replace(base, policy="ils"), 0, w, 16)),
+        ("sls, all idle", build(replace(base, policy="sls"), 0, w)),
     ]
 
 

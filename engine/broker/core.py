@@ -77,7 +77,7 @@ class BrokerCore:
         self.finished_cache = FinishedCache()
         self._batch_ids = itertools.count(1)
         self._auto_ids = itertools.count(1)
-        self.kv = KVLedger()  # parked KV's tiers and the handoffs in flight
+        self.kv = KVLedger()  # the one owner of where parked KV is, and of handoffs in flight
 
     # -- clients ---------------------------------------------------------------------------
 
@@ -195,10 +195,9 @@ class BrokerCore:
             return
         if reset:
             self._send(worker, p.Reset(session=worker.session, reason=reason))
+        self.kv.worker_lost(worker_id)
         num_requeued = 0
         for req in self.requests.values():
-            if req.kv_worker_id == worker_id:
-                req.kv_worker_id = None
             if req.worker_id == worker_id and req.state is RequestState.RUNNING:
                 self._requeue(req, now)
                 num_requeued += 1
@@ -252,17 +251,17 @@ class BrokerCore:
             if msg.kv_kept:  # the request ended meanwhile (stop string, cancel): free its KV
                 self._send(worker, p.DropKV(request_ids=[msg.request_id]))
             return
-        self.kv.settle(self, req.request_id)  # a handoff into this batch is over
+        self._send_all(self.kv.settle(req.request_id))  # a handoff into this batch is over
         if msg.reason in _FINISH_REASONS:
             self._finish(req, _FINISH_REASONS[msg.reason], now, RequestState.FINISHED)
         elif msg.reason in ("budget", "preempted"):
+            self._missed_renewals(req, msg.num_generated)
             self.num_slice_stops += msg.reason == "budget"
             self.num_preempted += msg.reason == "preempted"
             self._requeue(req, now)
             if msg.kv_kept:
-                req.kv_worker_id = worker.worker_id
-                worker.parked[req.request_id] = req.context_len * worker.ready.kv_bytes_per_token
-                self.kv.moved([req.request_id], offloaded=False)
+                nbytes = req.context_len * worker.ready.kv_bytes_per_token
+                self._send_all(self.kv.parked(req.request_id, worker.worker_id, nbytes))
         elif msg.reason == "error":
             self._fail(req, "internal", f"the worker could not run it: {msg.message}", now)
 
@@ -270,14 +269,7 @@ class BrokerCore:
         self, worker: WorkerState, request_ids: list[str], offloaded: bool = False
     ) -> None:
         """Parked KV left the worker's device: to its host tier (``offloaded``), or gone."""
-        self.kv.moved(request_ids, offloaded)
-        for request_id in request_ids:
-            worker.parked.pop(request_id, None)
-            if offloaded:
-                continue
-            req = self.requests.get(request_id)
-            if req is not None and req.kv_worker_id == worker.worker_id:
-                req.kv_worker_id = None
+        self.kv.evicted(worker.worker_id, request_ids, offloaded)
 
     def on_batch_done(self, worker: WorkerState, msg: p.BatchDone, now: float) -> None:
         batch = worker.finish_batch(msg.batch_id, msg.measured_s, now)
@@ -368,6 +360,14 @@ class BrokerCore:
         seen.update(d.request_ids)
         return True
 
+    def _missed_renewals(self, req: Request, num_generated: int) -> None:
+        """Renewals that reached the worker after the slice they extended had ended did not
+        happen: they are not counted as slices."""
+        missed = sum(1 for budget in req.renewed_from if budget >= num_generated)
+        req.num_slices -= missed
+        self.num_renewals -= missed
+        req.renewed_from.clear()
+
     def _runs_on(self, request_id: str, worker_id: str) -> bool:
         req = self.requests.get(request_id)
         return req is not None and req.state is RequestState.RUNNING and req.worker_id == worker_id
@@ -379,6 +379,7 @@ class BrokerCore:
             req = self.requests[request_id]
             done = len(req.generated) - req.generated_at_dispatch
             left = req.dispatch_steps - done
+            req.renewed_from.append(req.dispatch_steps)
             req.dispatch_steps += max(0, min(d.max_steps, req.max_new_tokens - left))
             req.num_slices += 1
             renewals.append((request_id, req.dispatch_steps))
@@ -395,15 +396,15 @@ class BrokerCore:
         items = []
         for request_id in d.request_ids:
             req = self.waiting.pop(request_id)
-            kv_source = self.kv.kv_source(self, req, d)  # pull from its holder, or free it there
+            kv_source = self._kv_source(req.request_id, d)
             req.state = RequestState.RUNNING
             req.worker_id, req.batch_id = d.worker_id, batch_id
             req.num_slices += 1
             req.generated_at_dispatch = len(req.generated)
             if req.first_dispatched_at is None:
                 req.first_dispatched_at = now
-            worker.parked.pop(request_id, None)
             req.dispatch_steps = min(d.max_steps, req.max_new_tokens)
+            req.renewed_from.clear()
             items.append(req.batch_item(req.dispatch_steps, keep_kv))
             items[-1].kv_source = kv_source
         batch = BatchState(batch_id, d.worker_id, d, set(d.request_ids), now, len(d.request_ids))
@@ -421,6 +422,15 @@ class BrokerCore:
             ),
         )
 
+    def _kv_source(self, request_id: str, d: Dispatch) -> str:
+        """The peer address the worker of ``d`` pulls the request's parked KV from, when the
+        policy chose a handoff (""; KV left elsewhere is freed there: it recomputes)."""
+        handoff = request_id in d.handoff_ids
+        source_id, commands = self.kv.dispatched(request_id, d.worker_id, handoff)
+        self._send_all(commands)
+        source = self.workers.get(source_id) if source_id else None
+        return source.ready.peer_addr if source is not None else ""
+
     def _waiting_view(self, req: Request) -> WaitingRequest:
         return WaitingRequest(
             request_id=req.request_id,
@@ -429,8 +439,8 @@ class BrokerCore:
             num_generated=len(req.generated),
             max_new_tokens=req.max_new_tokens,
             arrived_at=req.arrived_at,
-            kv_worker_id=req.kv_worker_id,
-            kv_on_host=req.request_id in self.kv.on_host,
+            kv_worker_id=self.kv.holder(req.request_id),
+            kv_on_host=self.kv.on_host(req.request_id),
         )
 
     def _worker_view(self, worker: WorkerState) -> WorkerView:
@@ -458,7 +468,7 @@ class BrokerCore:
             busy_until=worker.busy_until,
             num_queued_batches=len(worker.queued_batches()),
             running=tuple(running),
-            parked_kv_bytes=sum(worker.parked.values()),
+            parked_kv_bytes=self.kv.parked_bytes(worker.worker_id),
         )
 
     # -- request lifecycle -----------------------------------------------------------------
@@ -501,7 +511,6 @@ class BrokerCore:
     ) -> None:
         if req.state is RequestState.RUNNING and req.worker_id in self.workers:
             self._send(self.workers[req.worker_id], p.Abort(request_ids=[req.request_id]))
-        self._drop_parked(req)
         req.state = state
         req.finished_at = now
         tail = req.text.finish()
@@ -519,7 +528,6 @@ class BrokerCore:
         self.num_finished += state is RequestState.FINISHED
 
     def _fail(self, req: Request, code: str, message: str, now: float) -> None:
-        self._drop_parked(req)
         req.state = RequestState.FAILED
         req.finished_at = now
         self.outbox.append(
@@ -532,7 +540,7 @@ class BrokerCore:
         if self.requests.pop(req.request_id, None) is not None:
             self.num_queued_tokens -= req.queued_tokens
         self.waiting.pop(req.request_id, None)
-        self.kv.forget(self, req.request_id)
+        self._send_all(self.kv.forget(req.request_id))
         self.expiry.adopt(req.request_id)
         if req.worker_id in self.workers:
             batch = self.workers[req.worker_id].batches.get(req.batch_id)
@@ -540,8 +548,10 @@ class BrokerCore:
                 batch.request_ids.discard(req.request_id)
         self.done.append(req)
 
-    def _drop_parked(self, req: Request) -> None:
-        self.kv.drop(self, req)
+    def _send_all(self, commands: list[tuple[str, p.DropKV]]) -> None:
+        for worker_id, msg in commands:
+            if worker_id in self.workers:
+                self._send(self.workers[worker_id], msg)
 
     def _send(
         self, worker: WorkerState, msg: p.RunBatch | p.Renew | p.Abort | p.DropKV | p.Reset

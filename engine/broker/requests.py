@@ -44,10 +44,10 @@ class Request:
     state: RequestState = RequestState.WAITING
     worker_id: str | None = None  # where it runs now
     batch_id: int | None = None
-    kv_worker_id: str | None = None  # where its KV is parked between slices
     num_slices: int = 0
     generated_at_dispatch: int = 0  # len(generated) when its current batch was dispatched
     dispatch_steps: int = 0  # decode steps its current dispatch allows (its slice)
+    renewed_from: list[int] = field(default_factory=list)  # budgets its renewals extended
     first_dispatched_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -135,7 +135,8 @@ class Request:
             num_slices=self.num_slices,
         )
 
-    def info(self) -> p.RequestInfo:
+    def info(self, kv_holder: str | None = None) -> p.RequestInfo:
+        """Its row in the stats; ``kv_holder``: where its KV is parked, if anywhere."""
         ttft = None if self.first_token_at is None else self.first_token_at - self.arrived_at
         latency = None if self.finished_at is None else self.finished_at - self.arrived_at
         return p.RequestInfo(
@@ -144,7 +145,7 @@ class Request:
             prompt_tokens=len(self.prompt_ids),
             generated_tokens=len(self.generated),
             num_slices=self.num_slices,
-            worker_id=self.worker_id or self.kv_worker_id,
+            worker_id=self.worker_id or kv_holder,
             ttft_s=ttft,
             latency_s=latency,
         )

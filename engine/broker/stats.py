@@ -32,8 +32,8 @@ def worker_stats(core: BrokerCore, worker: WorkerState, now: float) -> p.WorkerS
         running=[b.info() for b in started],
         num_running_requests=len(running_ids),
         kv_used_bytes=hb.kv_used_bytes if hb else 0,
-        kv_parked_bytes=hb.kv_parked_bytes if hb else sum(worker.parked.values()),
-        kv_predicted_peak_bytes=live_peak + sum(worker.parked.values()),
+        kv_parked_bytes=hb.kv_parked_bytes if hb else core.kv.parked_bytes(worker.worker_id),
+        kv_predicted_peak_bytes=live_peak + core.kv.parked_bytes(worker.worker_id),
         kv_budget_bytes=worker.kv_budget_bytes,
         mem_used_bytes=hb.mem_used_bytes if hb else None,
         mem_total_bytes=worker.ready.mem_total_bytes,
@@ -74,7 +74,7 @@ def snapshot(core: BrokerCore, now: float, started_at: float) -> p.StatsSnapshot
         e2e_p50_s=_percentile(e2es, 0.5),
         e2e_p99_s=_percentile(e2es, 0.99),
         workers=[worker_stats(core, w, now) for w in core.workers.values()],
-        requests=[r.info() for r in shown],
+        requests=[r.info(core.kv.holder(r.request_id)) for r in shown],
         events=[p.LogEvent(at_s=t - started_at, level=lv, message=m) for t, lv, m in core.events][
             -50:
         ],

@@ -46,7 +46,6 @@ class WorkerState:
     last_seen_at: float
     batches: dict[int, BatchState] = field(default_factory=dict)  # dispatch order
     busy_until: float = 0.0
-    parked: dict[str, int] = field(default_factory=dict)  # request id -> parked KV bytes
     progress: int = 0
     progress_at: float = 0.0  # when progress last moved, or its first batch was dispatched
     session: int = 0  # from its Ready: RunBatch carries it, Reset names it

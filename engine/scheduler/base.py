@@ -92,8 +92,9 @@ class Policy(Protocol):
         workers: Sequence[WorkerView],
         now: float,
     ) -> list[Dispatch]:
-        """Return dispatches to apply now (possibly none). Contract: each request id at most
-        once; ``max_steps`` >= 1; memory: a sequential batch's predicted peak within the worker's
+        """Return dispatches to apply now (possibly none). Called while requests wait or run:
+        ``waiting`` may be empty (a policy may then renew running slices). Contract: each
+        request id at most once; ``max_steps`` >= 1; memory: a sequential batch's predicted peak within the worker's
         budget, and for a join dispatch the running set's reservations plus the new ones within
         it (optimistic ILS may instead admit on current usage: the worker preempts the newest
         request when a step would exceed the budget)."""

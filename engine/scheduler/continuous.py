@@ -10,16 +10,19 @@ never exceed a worker's budget, so nobody is preempted for memory (zero OOM by c
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 from engine.config import KVMode, SchedulerConfig
 from engine.scheduler.base import Dispatch, RunningRequest, WaitingRequest, WorkerView
 
+_BY_ARRIVAL = attrgetter("arrived_at", "request_id")
+
 
 def _arrival(r: WaitingRequest | tuple[str, RunningRequest]) -> tuple[float, str]:
-    request = r[1] if isinstance(r, tuple) else r
-    return (request.arrived_at, request.request_id)
+    return _BY_ARRIVAL(r[1] if isinstance(r, tuple) else r)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +172,10 @@ class ContinuousSCLSPolicy:
         slots = {w.worker_id: _Slot(w) for w in workers}
         aged_before = now - self.aging_s
         misses = 0
-        for r in sorted([*waiting, *ending], key=_arrival):
+        ordered = heapq.merge(
+            sorted(waiting, key=_BY_ARRIVAL), sorted(ending, key=_arrival), key=_arrival
+        )
+        for r in ordered:
             if isinstance(r, tuple):  # (worker id, running request): renew it, or let it end
                 self._renew(r[1], slots[r[0]], slots)
                 continue
@@ -195,6 +201,7 @@ class ContinuousSCLSPolicy:
             context_len = max(r.context_len for r in w.running)
             step_s = max(w.cost.time.decode_step_s(len(w.running), context_len), 1e-6)
             within = max(self.renew_within_steps, int(self.renew_lookahead_s / step_s))
+            within = min(within, max(1, self.slice_len // 2))  # a slice is renewed once
             out += [
                 (w.worker_id, r)
                 for r in w.running
@@ -223,23 +230,23 @@ class ContinuousSCLSPolicy:
         slot.renew(r.request_id, extra, peak)
 
     def _place(self, r: WaitingRequest, steps: int, slots: dict[str, _Slot], aged: bool) -> bool:
-        best: tuple[float, _Slot, _Grant, int] | None = None
+        best: tuple[float, _Slot, tuple[float, bool, bool], int] | None = None
         for slot in slots.values():
             if len(slot.rows) >= self.max_batch_size:
                 continue
-            if self._waits_for_holder(r, slot, slots, aged):
+            if r.kv_worker_id is not None and self._waits_for_holder(r, slot, slots, aged):
                 continue
             peak = slot.peak_with(r.context_len, steps)
             if peak > slot.memory.budget_bytes:
                 continue
-            grant = self._grant(r, steps, slot, slots)
-            end_s = grant.move_s + steps * slot.step_s(r.context_len)
+            move = self._move(r, slot, slots)
+            end_s = move[0] + steps * slot.step_s(r.context_len)
             if best is None or end_s < best[0]:
-                best = (end_s, slot, grant, peak)
+                best = (end_s, slot, move, peak)
         if best is None:
             return False
-        _, slot, grant, peak = best
-        slot.grant(grant, peak)
+        _, slot, (move_s, prefill, handoff), peak = best
+        slot.grant(_Grant(r, steps, move_s, prefill, handoff), peak)
         return True
 
     def _waits_for_holder(
@@ -256,26 +263,25 @@ class ContinuousSCLSPolicy:
             and holder != slot.worker_id
         )
 
-    def _grant(self, r: WaitingRequest, steps: int, slot: _Slot, slots: dict[str, _Slot]) -> _Grant:
+    def _move(
+        self, r: WaitingRequest, slot: _Slot, slots: dict[str, _Slot]
+    ) -> tuple[float, bool, bool]:
         """The cheapest way to have ``r``'s KV on ``slot``'s worker: kept, restored from its host
-        tier, handed off from its holder (auto mode), or recomputed (a prefill row)."""
+        tier, handed off from its holder (auto mode), or recomputed (a prefill row), as
+        (seconds, recomputed, handed off)."""
         cost = slot.view.cost
-        recompute_s = float(cost.time.row_prefill_s(r.context_len))
-        recompute = _Grant(r, steps, recompute_s, prefill=True, handoff=False)
+        recompute = (float(cost.time.row_prefill_s(r.context_len)), True, False)
         holder = r.kv_worker_id
         if self.kv_mode == "recompute" or holder is None or holder not in slots:
             return recompute
         nbytes = (r.context_len - 1) * cost.memory.kv_bytes_per_token
         if holder == slot.worker_id:
-            move_s = cost.kv.restore_s(nbytes) if r.kv_on_host else 0.0
-            handoff = False
+            move = (cost.kv.restore_s(nbytes) if r.kv_on_host else 0.0, False, False)
         elif self.kv_mode == "auto":
-            move_s, handoff = cost.kv.handoff_s(nbytes), True
+            move = (cost.kv.handoff_s(nbytes), False, True)
         else:
             return recompute
-        if move_s > recompute_s:
-            return recompute
-        return _Grant(r, steps, move_s, prefill=False, handoff=handoff)
+        return recompute if move[0] > recompute[0] else move
 
     def _fits_alone(self, r: WaitingRequest, steps: int, slots: dict[str, _Slot]) -> bool:
         return any(

@@ -96,7 +96,9 @@ def test_a_client_that_disappears_has_its_requests_cancelled_and_freed(eng, ctx)
     cancelled_after_s = time.monotonic() - closed_at
     assert 1.0 <= cancelled_after_s < 3.0  # the grace period, then at once
     worker = core.workers["w1"]
-    wait_for(lambda: worker.heartbeat.kv_used_bytes == 0 and not worker.parked, 5, "KV freed")
+    wait_for(
+        lambda: worker.heartbeat.kv_used_bytes == 0 and not core.kv.parked_ids("w1"), 5, "KV freed"
+    )
     assert core.num_queued_tokens == 0
     print(
         f"\nFIGURES clients: closed client's requests cancelled after {cancelled_after_s:.2f} s (grace 1 s)"

@@ -24,13 +24,21 @@ async def test_dashboard_shows_workers_and_finished_requests(tiny_model_dir) -> 
             async with AsyncClient(engine.client_addr, timeout_s=60) as client:
                 results = await asyncio.gather(
                     *(
-                        client.generate(prompt_ids=[3 + i, 4, 5], max_tokens=9, ignore_eos=True, request_id=f"live-{i}")
+                        client.generate(
+                            prompt_ids=[3 + i, 4, 5],
+                            max_tokens=9,
+                            ignore_eos=True,
+                            request_id=f"live-{i}",
+                        )
                         for i in range(6)
                     )
                 )
             assert all(len(r.token_ids) == 9 for r in results)
             await wait_for(
-                pilot, lambda: rendered_text(app.requests_table).count("finished") >= 6, "6 finished rows", 30
+                pilot,
+                lambda: rendered_text(app.requests_table).count("finished") >= 6,
+                "6 finished rows",
+                30,
             )
             table = rendered_text(app.requests_table)
             assert "live-0" in table and "live-5" in table
