@@ -21,7 +21,8 @@ DEFAULT_WORKLOAD = "synthetic:prompt=uniform:24:56,output=lognormal:80:0.8"
 def add_bench_parser(p: argparse.ArgumentParser) -> None:
     """The flags of ``run.py bench`` (plus the scheduling and worker flags of ``serve``)."""
     p.add_argument("--policies", default="sls,ils,scls", help="comma-separated: sls, ils, "
-                   "ils:reserve, ils:optimistic, scls, scls:keep, scls:recompute, scls:auto")  # fmt: skip
+                   "ils:reserve, ils:optimistic, scls, scls:keep, scls:recompute, scls:auto, "
+                   "scls:strict, scls:strict:keep, scls:strict:recompute, scls:strict:auto")  # fmt: skip
     p.add_argument("--peers", nargs="?", const="hf_generate,hf_generate_batch", default="",
                    help="also run transformers peers in-process (default both: "
                    "hf_generate,hf_generate_batch)")  # fmt: skip

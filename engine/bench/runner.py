@@ -31,6 +31,10 @@ POLICY_VARIANTS = {
     "scls:keep": {"kv_mode": "keep"},
     "scls:recompute": {"kv_mode": "recompute"},
     "scls:auto": {"kv_mode": "auto"},
+    "scls:strict": {"policy": "scls:strict"},
+    "scls:strict:keep": {"policy": "scls:strict", "kv_mode": "keep"},
+    "scls:strict:recompute": {"policy": "scls:strict", "kv_mode": "recompute"},
+    "scls:strict:auto": {"policy": "scls:strict", "kv_mode": "auto"},
 }
 
 
@@ -85,7 +89,8 @@ def check_entries(entries: Sequence[str]) -> tuple[str, ...]:
 
 def policy_config(base: SchedulerConfig, spec: str) -> SchedulerConfig:
     """The scheduler config of a policy spec such as "ils:optimistic" or "scls:recompute"."""
-    return replace(base, policy=spec.split(":")[0], **POLICY_VARIANTS[spec])  # type: ignore[arg-type]
+    fields = {"policy": spec.split(":")[0], **POLICY_VARIANTS[spec]}
+    return replace(base, **fields)  # type: ignore[arg-type]
 
 
 def worker_args(settings: BenchSettings) -> list[str]:
