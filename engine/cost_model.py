@@ -259,10 +259,21 @@ class TimeModel:
     # -- refinement and checks ------------------------------------------------------------
 
     def observe(
-        self, prefill_samples: Iterable[Sequence[float]], decode_samples: Iterable[Sequence[float]]
+        self,
+        prefill_samples: Iterable[Sequence[float]],
+        decode_samples: Iterable[Sequence[float]],
+        mixed_samples: Iterable[Sequence[float]] = (),
     ) -> None:
         """Refine from measured batches: refit on the anchors plus the recent window (relative
-        least squares, non-negative). Invalid samples (e.g. 0 seconds) are skipped with a log."""
+        least squares, non-negative). Invalid samples (e.g. 0 seconds) are skipped with a log.
+        A mixed step (decode rows n at context c, plus p prefill rows of length l, s seconds)
+        teaches what prefilling inside a step adds: ``s - T_decode(n, c)``, taken as a prefill
+        sample (p, l) when positive (that is what a request joining a running set costs)."""
+        prefill_samples = list(prefill_samples)
+        for n, c, p, length, seconds in mixed_samples:
+            extra_s = seconds - self.decode_step_s(int(n), int(c))
+            if extra_s > 0 and p > 0 and length > 0:
+                prefill_samples.append((int(p), int(length), extra_s))
         for idx, (samples, kind) in enumerate(
             ((prefill_samples, "prefill"), (decode_samples, "decode"))
         ):

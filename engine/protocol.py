@@ -431,6 +431,9 @@ class BatchDone(_W, tag="done"):
     restored_tokens: int = 0  # of reused_kv_tokens: restored from the host tier
     transfer_samples: list[tuple[int, float]] = []  # (bytes, seconds) of handoffs received
     copy_samples: list[tuple[int, float]] = []  # (bytes, seconds) of host-to-device restores
+    # (decode rows, their mean context, prefill rows, their mean length, seconds) of steps
+    # that prefilled new rows inside the decode forward
+    mixed_samples: list[tuple[int, int, int, int, float]] = []
 
 
 class KVEvicted(_W, tag="evicted"):

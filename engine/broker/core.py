@@ -273,7 +273,7 @@ class BrokerCore:
 
     def on_batch_done(self, worker: WorkerState, msg: p.BatchDone, now: float) -> None:
         batch = worker.finish_batch(msg.batch_id, msg.measured_s, now)
-        worker.cost.time.observe(msg.prefill_samples, msg.decode_samples)
+        worker.cost.time.observe(msg.prefill_samples, msg.decode_samples, msg.mixed_samples)
         worker.cost.kv.observe(msg.transfer_samples, msg.copy_samples)
         if batch is None:
             return

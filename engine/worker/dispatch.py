@@ -54,6 +54,7 @@ class DispatchStats:
     decode_samples: BoundedSamples = field(default_factory=BoundedSamples)
     transfer_samples: list[tuple[int, float]] = field(default_factory=list)  # (bytes, seconds)
     copy_samples: list[tuple[int, float]] = field(default_factory=list)  # host-to-device restores
+    mixed_samples: list[tuple[int, int, int, int, float]] = field(default_factory=list)
 
     def done(self, now: float) -> p.BatchDone:
         return p.BatchDone(
@@ -74,6 +75,7 @@ class DispatchStats:
             restored_tokens=self.restored_tokens,
             transfer_samples=self.transfer_samples[-MAX_SAMPLES:],
             copy_samples=self.copy_samples[-MAX_SAMPLES:],
+            mixed_samples=self.mixed_samples[-MAX_SAMPLES:],
         )
 
 

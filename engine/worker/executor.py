@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from engine import protocol as p
-from engine.worker.dispatch import DispatchStats, check_item, prefill_chunks, too_big
+from engine.worker.dispatch import MAX_SAMPLES, DispatchStats, check_item, prefill_chunks, too_big
 from engine.worker.kv_pool import DEFAULT_BLOCK_TOKENS, BlockTable
 from engine.worker.kv_reuse import KVArrived, KVFetchFailed, KVIntake
 from engine.worker.kv_store import KVStore, ParkedKV
@@ -333,39 +333,51 @@ class Executor:
         self._release(row.batch_id, row.request_id, reason, 0, False, message)
 
     def _blocks_for_next_step(self) -> int:
-        """New blocks the running rows need for their next step."""
-        bt = self.pool.block_tokens
-        return sum(1 for r in self._rows if r.table.num_tokens + 1 > len(r.table.blocks) * bt)
+        """New blocks the running rows need for their next step (after it, a row's KV covers
+        its whole context)."""
+        pool = self.pool
+        return sum(
+            max(0, pool.blocks_for(len(r.token_ids)) - len(r.table.blocks)) for r in self._rows
+        )
 
     def _too_big(self, row: _Row) -> str:
         return too_big(row.request_id, len(row.token_ids), self.info, self.kv_budget_bytes)
 
     def _start(self, cands: list[_Row]) -> None:
-        """Write reused KV held as tensors into its blocks, prefill the rows without KV, and
-        add them all to the running set."""
+        """Write reused KV held as tensors into its blocks and add the rows to the running set.
+        Rows without KV are prefilled inside the next step's forward (their whole context, the
+        other rows one token each), as many as fit ``max_prefill_tokens``; the rest first get
+        a prefill forward of their own."""
         for row in cands:
             if row.kv is not None:
                 assert row.kv.layers is not None
                 self.pool.write(row.table, row.kv.layers)
                 row.kv = None
-        pending = [r for r in cands if r.table.num_tokens < len(r.token_ids) - 1]
-        for chunk in prefill_chunks(
-            pending, lambda r: len(r.token_ids) - 1, self.max_prefill_tokens
-        ):
+        room = self.max_prefill_tokens - len(self._rows) - len(cands)
+        alone = []
+        for row in [r for r in cands if r.table.num_tokens < len(r.token_ids) - 1]:
+            n = len(row.token_ids) - 1
+            if n <= room:
+                room -= n
+                self._count_prefill(row)
+            else:
+                alone.append(row)
+        for chunk in prefill_chunks(alone, lambda r: len(r.token_ids) - 1, self.max_prefill_tokens):
             started_at = self._clock()
             self.runner.forward(self.pool, [(r.table, r.token_ids[:-1]) for r in chunk])
             self.runner.synchronize()
             elapsed_s = self._clock() - started_at
-            num_tokens = 0
             for row in chunk:
-                stats, n = self._stats[row.batch_id], len(row.token_ids) - 1
-                stats.prefill_tokens += n
-                stats.recomputed_tokens += max(0, row.item.num_generated - 1)
-                num_tokens += n
-            mean_len = round(num_tokens / len(chunk))
+                self._count_prefill(row)
+            mean_len = round(sum(len(r.token_ids) - 1 for r in chunk) / len(chunk))
             for batch_id in {r.batch_id for r in chunk}:
                 self._stats[batch_id].prefill_samples.add((len(chunk), mean_len, elapsed_s))
         self._rows += cands
+
+    def _count_prefill(self, row: _Row) -> None:
+        stats = self._stats[row.batch_id]
+        stats.prefill_tokens += len(row.token_ids) - 1
+        stats.recomputed_tokens += max(0, row.item.num_generated - 1)
 
     def _guard(self) -> None:
         """Before a step: every row gets a block for its next token, evicting parked KV, then
@@ -373,7 +385,7 @@ class Executor:
         while self._rows:
             if self._free_blocks(self._blocks_for_next_step()):
                 for row in self._rows:
-                    self.pool.allocate(row.table, row.table.num_tokens + 1)
+                    self.pool.allocate(row.table, len(row.token_ids))
                 return
             newest = max(range(len(self._rows)), key=lambda i: self._rows[i].seq)
             if len(self._rows) == 1:
@@ -382,20 +394,23 @@ class Executor:
                 self._leave({newest: ("preempted", "")})
 
     def _decode(self) -> None:
+        """One forward: each row's tokens not yet in its KV (the last one; a new row's whole
+        context), then one sampled token per row."""
         rows = self._rows
+        feeds = [(r.table, r.token_ids[r.table.num_tokens :]) for r in rows]
+        prefills = [len(tokens) for _, tokens in feeds if len(tokens) > 1]
+        decoded = [r for r, (_, tokens) in zip(rows, feeds, strict=True) if len(tokens) == 1]
         started_at = self._clock()
-        logits = self.runner.forward(self.pool, [(r.table, [r.token_ids[-1]]) for r in rows])
+        logits = self.runner.forward(self.pool, feeds)
         indices = [r.item.num_generated + r.num_new for r in rows]
         tokens = self.runner.sample(logits, [r.params for r in rows], indices)
         elapsed_s = self._clock() - started_at
         self.progress += 1
         total_bytes = self.kv_used_bytes
-        context_len = round(sum(r.table.num_tokens for r in rows) / len(rows))
         for batch_id in {r.batch_id for r in rows}:
-            stats = self._stats[batch_id]
-            stats.steps += 1
-            stats.peak_bytes = max(stats.peak_bytes, total_bytes)
-            stats.decode_samples.add((len(rows), context_len, elapsed_s))
+            self._stats[batch_id].steps += 1
+            self._stats[batch_id].peak_bytes = max(self._stats[batch_id].peak_bytes, total_bytes)
+        self._time_sample(decoded, prefills, elapsed_s, {r.batch_id for r in rows})
         leaving: dict[int, tuple[p.ReleaseReason, str]] = {}
         generated = []
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
@@ -409,6 +424,23 @@ class Executor:
         self._out.generated = p.Generated(tokens=generated)
         if leaving:
             self._leave(leaving)
+
+    def _time_sample(
+        self, decoded: list[_Row], prefills: list[int], elapsed_s: float, batch_ids: set[int]
+    ) -> None:
+        """The step as a time-model sample: decode (rows, mean context after the step), prefill
+        (rows, mean length), or mixed (both, in one forward)."""
+        n = len(decoded)
+        context_len = round(sum(r.table.num_tokens for r in decoded) / n) if n else 0
+        mean_len = round(sum(prefills) / len(prefills)) if prefills else 0
+        for batch_id in batch_ids:
+            stats = self._stats[batch_id]
+            if not prefills:
+                stats.decode_samples.add((n, context_len, elapsed_s))
+            elif not decoded:
+                stats.prefill_samples.add((len(prefills), mean_len, elapsed_s))
+            elif len(stats.mixed_samples) < MAX_SAMPLES:  # the first ones: joins come early
+                stats.mixed_samples.append((n, context_len, len(prefills), mean_len, elapsed_s))
 
     def _finish_reason(self, row: _Row, token: int) -> p.ReleaseReason | None:
         if token in self.info.eos_token_ids and not row.item.ignore_eos:

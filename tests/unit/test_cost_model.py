@@ -112,6 +112,22 @@ def test_observe_follows_a_slower_device() -> None:
     assert model.mape(decode_samples=measured) < 0.03
 
 
+def test_mixed_steps_teach_what_a_prefill_inside_a_step_costs() -> None:
+    """Steps that prefill joining rows inside the decode forward: what they add beyond the
+    decode step is learnt as prefill (the per-row terms that price a recompute)."""
+    truth = TimeModel(TRUE_PREFILL, TRUE_DECODE)
+    model = TimeModel(tuple(3 * p for p in TRUE_PREFILL), TRUE_DECODE)  # prefill 3x too slow
+    mixed = [
+        (n, c, p, ln, truth.decode_step_s(n, c) + truth.prefill_s(p, ln))
+        for n in (4, 12) for c in (100, 300) for p in (1, 2) for ln in (30, 120, 400)
+    ] * 12  # fmt: skip
+    before = abs(model.row_prefill_s(200) / truth.row_prefill_s(200) - 1)
+    for i in range(0, len(mixed), 16):
+        model.observe([], [], mixed[i : i + 16])
+    assert before > 1.0
+    assert abs(model.row_prefill_s(200) / truth.row_prefill_s(200) - 1) < 0.15
+
+
 def test_observe_skips_invalid_measurements(caplog: pytest.LogCaptureFixture) -> None:
     model = TimeModel.default()
     with caplog.at_level(logging.DEBUG, logger="engine.cost_model"):

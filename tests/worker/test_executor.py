@@ -40,8 +40,10 @@ def test_batched_greedy_equals_one_at_a_time(runner, executor):
     assert done.prefill_tokens == sum(len(t) - 1 for t in prompts)
     assert done.pad_tokens == 0  # ragged forwards: rows of 1 to 60 tokens, none padded
     assert done.invalid_tokens == 0 and done.recomputed_tokens == 0
-    assert len(done.prefill_samples) == 1 and len(done.decode_samples) == 20
-    assert done.decode_samples[0][:2] == (4, round((3 + 17 + 60 + 1) / 4))  # mean context
+    # the first step prefilled three rows inside the decode forward of the one-token row
+    assert not done.prefill_samples and len(done.decode_samples) == 19
+    assert done.mixed_samples[0][:4] == (1, 1, 3, round((3 + 17 + 60) / 3))
+    assert done.decode_samples[0][:2] == (4, round((4 + 18 + 61 + 2) / 4))  # mean context
     assert 0 < done.measured_peak_bytes <= BIG_BUDGET
 
 
@@ -211,7 +213,12 @@ def test_samples_are_bounded(runner, executor):
     executor.submit(make_run(1, [make_item("a", [5, 6], max_steps=150)]))
     done = drain(executor).done[1]
     assert done.steps == 150 and 32 <= len(done.decode_samples) <= 64
-    assert done.decode_samples[0][1] == 2 and done.decode_samples[-1][1] > 100
+    # the first step prefilled the prompt in its forward (a prefill sample), decoding began after
+    assert done.prefill_samples == [done.prefill_samples[0]] and done.prefill_samples[0][:2] == (
+        1,
+        2,
+    )
+    assert done.decode_samples[0][1] == 3 and done.decode_samples[-1][1] > 100
 
 
 def test_single_token_prompts_start_from_an_empty_cache(runner, executor):
