@@ -49,6 +49,9 @@ def add_bench_parser(p: argparse.ArgumentParser) -> None:
                    help="a run in which no request received a token for S seconds while some "
                    "were in flight is reported as stalled, with why (0: never); a peer run "
                    "stops there, an engine run goes on to --max-duration")  # fmt: skip
+    p.add_argument("--slow-worker", type=float, default=1.0, metavar="FACTOR",
+                   help="the last worker of every engine runs FACTOR times slower (each forward "
+                   "pass takes that much longer: a slower device beside faster ones)")  # fmt: skip
     g = p.add_argument_group("length scaling")
     g.add_argument("--prompt-divisor", type=float, default=1.0, help="divide prompt lengths")
     g.add_argument("--output-divisor", type=float, default=1.0, help="divide output lengths")
@@ -92,6 +95,8 @@ def _settings(args: argparse.Namespace):
         )
     if args.workers < 1 or args.repeats < 1 or args.max_duration <= 0:
         raise BenchError("--workers and --repeats must be at least 1, --max-duration above 0")
+    if not args.slow_worker >= 1.0:
+        raise BenchError(f"--slow-worker must be at least 1 (got {args.slow_worker})")
     entries = check_entries([*args.policies.split(","), *args.peers.split(",")])
     sched_args = argparse.Namespace(**{**vars(args), "policy": "scls"})
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
@@ -107,6 +112,7 @@ def _settings(args: argparse.Namespace):
         seed=args.seed,
         repeats=args.repeats,
         max_duration_s=args.max_duration,
+        slow_worker=args.slow_worker,
         stall_timeout_s=args.stall_timeout if args.stall_timeout > 0 else None,
         stats_interval_s=args.stats_interval,
         peer_batch_size=args.peer_batch_size,

@@ -3,9 +3,8 @@
 - ``python -m engine.bench.kv_figures table DIR [DIR ...]``: from ``run.py bench`` results, per
   entry: recomputed, reused, handed-off and restored tokens, handoff bytes, throughput, latency
   and load imbalance, as a Markdown table.
-- ``python -m engine.bench.kv_figures slow FACTOR BENCH-ARGS...``: ``run.py bench`` with the last
-  worker of every engine slowed FACTOR times (``--slowdown``: each forward pass takes that much
-  longer), to show whether work migrates away from it.
+
+(A slowed worker, to show whether work migrates away from it: ``run.py bench --slow-worker 2``.)
 """
 
 from __future__ import annotations
@@ -59,30 +58,10 @@ def table(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
-def bench_with_slow_worker(factor: float, bench_argv: list[str]) -> int:
-    from engine.bench.cli import bench_main
-    from engine.launcher import LocalEngine
-
-    original = LocalEngine.add_worker
-
-    def add_worker(self: LocalEngine, extra_args=()):  # the engine's last worker is the slow one
-        if len(self.procs) == self.num_workers - 1:
-            extra_args = [*extra_args, "--slowdown", str(factor)]
-        return original(self, extra_args)
-
-    LocalEngine.add_worker = add_worker  # type: ignore[method-assign]
-    try:
-        return bench_main(bench_argv)
-    finally:
-        LocalEngine.add_worker = original  # type: ignore[method-assign]
-
-
 def main(argv: list[str]) -> int:
     if len(argv) >= 2 and argv[0] == "table":
         print(table(argv[1:]))
         return 0
-    if len(argv) >= 2 and argv[0] == "slow":
-        return bench_with_slow_worker(float(argv[1]), argv[2:])
     print(__doc__, file=sys.stderr)
     return 2
 

@@ -58,6 +58,7 @@ class BenchSettings:
     seed: int = 0
     repeats: int = 1
     max_duration_s: float = 600.0
+    slow_worker: float = 1.0  # the last worker of every engine runs this many times slower
     stall_timeout_s: float | None = 60.0  # no token for this long while requests are in flight
     stats_interval_s: float = 0.25
     peer_batch_size: int | None = None
@@ -127,7 +128,11 @@ def run_policy(
     )
     started = time.monotonic()
     progress = Progress(f"{spec} #{repeat + 1}", len(items))
-    with LocalEngine(cfg, settings.num_workers, worker_args(settings)) as engine:
+    slow = settings.slow_worker > 1 and settings.num_workers > 1
+    with LocalEngine(cfg, settings.num_workers - slow, worker_args(settings)) as engine:
+        if slow:
+            engine.add_worker(["--slowdown", str(settings.slow_worker)])
+            engine.wait_for_workers(settings.num_workers)
         cpu_before, load_before = workers_cpu_s(engine.procs), os.getloadavg()[0]
         outcome = asyncio.run(
             run_load(
