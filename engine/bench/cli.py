@@ -47,8 +47,7 @@ def add_bench_parser(p: argparse.ArgumentParser) -> None:
                    help="seconds each run may take from its first request; the rest is cancelled")  # fmt: skip
     p.add_argument("--stall-timeout", type=float, default=60.0, metavar="S",
                    help="a run in which no request received a token for S seconds while some "
-                   "were in flight is reported as stalled, with why (0: never); a peer run "
-                   "stops there, an engine run goes on to --max-duration")  # fmt: skip
+                   "were in flight stops there and is reported as stalled, with why (0: never)")  # fmt: skip
     p.add_argument("--slow-worker", type=float, default=1.0, metavar="FACTOR",
                    help="the last worker of every engine runs FACTOR times slower (each forward "
                    "pass takes that much longer: a slower device beside faster ones)")  # fmt: skip

@@ -1,18 +1,21 @@
 """The load generator: sends streaming requests to a running engine on an arrival schedule (or a
 closed loop), stamps every stream delta with ``time.monotonic()``, and records the engine's
 stats stream alongside. Bounded in requests and in time: at the deadline, requests still in
-flight are cancelled on the engine and recorded as "timeout"."""
+flight are cancelled on the engine and recorded as "timeout"; a run in which no token came for
+--stall-timeout seconds while requests were in flight stops there ("stalled"). ``drive`` is the
+part that does not depend on how requests are sent."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.bench.progress import Progress
+from engine.bench.progress import Progress, StallWatch
 from engine.bench.records import RequestRecord, TimelineSample, WorkerSample
 from engine.client import AsyncClient, AsyncStatsSubscriber, EngineError, StatsSnapshot
 
@@ -40,6 +43,8 @@ class LoadItem:
 class LoadOutcome:
     records: list[RequestRecord]
     duration_s: float
+    cut_off_s: float | None = None  # see Driven
+    stall: dict[str, Any] | None = None
     timeline: list[TimelineSample] = field(default_factory=list)
     batches: list[dict[str, Any]] = field(default_factory=list)
     num_batches_missed: int = 0
@@ -126,8 +131,142 @@ def _struct_dict(obj: Any) -> dict[str, Any]:
     return msgspec.to_builtins(obj)
 
 
-async def _one(
-    client: AsyncClient, item: LoadItem, rec: RequestRecord, t0: float, tag: str
+#: Sends one request and fills its record (times in seconds from ``t0``): ``submitted_s`` when
+#: it is sent, a chunk per stream delta that carried tokens (``watch.tokens`` at each, so that
+#: a stall is seen), ``finished_s`` and ``finish_reason`` at the end. Cancelling it must stop
+#: the request on the server (leaving the stream does, for the client library and for HTTP).
+Sender = Callable[[LoadItem, RequestRecord, float, StallWatch], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Driven:
+    """What ``drive`` saw: the records, the run's duration, its cut-off (seconds from t0, None
+    when every request ended by itself) and, for a run stopped by a stall, why."""
+
+    records: list[RequestRecord]
+    duration_s: float
+    cut_off_s: float | None = None
+    stall: dict[str, Any] | None = None
+
+
+def new_records(
+    items: Sequence[LoadItem], send_times: Sequence[float] | None
+) -> list[RequestRecord]:
+    return [
+        RequestRecord(
+            index=it.index,
+            prompt_len=len(it.prompt_ids),
+            output_len=it.output_len,
+            scheduled_s=None if send_times is None else float(send_times[i]),
+            hidden_length=it.hidden_length,
+        )
+        for i, it in enumerate(items)
+    ]
+
+
+async def drive(
+    send: Sender,
+    items: Sequence[LoadItem],
+    send_times: Sequence[float] | None,
+    concurrency: int | None,
+    t0: float,
+    max_duration_s: float,
+    stall_timeout_s: float | None,
+    progress: Progress,
+) -> Driven:
+    """Send ``items`` with ``send`` (open loop at ``send_times`` offsets from ``t0``, or a
+    closed loop of ``concurrency`` when send_times is None) until every request ended,
+    ``max_duration_s`` passed (the rest: "timeout") or no token came for ``stall_timeout_s``
+    while requests were in flight (the rest: "stalled", with why). Requests still in flight
+    at the cut-off are cancelled on the server."""
+    records = new_records(items, send_times)
+    watch = StallWatch(stall_timeout_s, time.monotonic() - t0)
+
+    async def one(i: int) -> None:
+        watch.sent(time.monotonic() - t0)
+        try:
+            await send(items[i], records[i], t0, watch)
+        finally:
+            watch.ended()
+        progress.advance(records[i].success)
+
+    async def scheduled(i: int) -> None:
+        await asyncio.sleep(max(0.0, t0 + send_times[i] - time.monotonic()))  # type: ignore[index]
+        await one(i)
+
+    queue = list(reversed(range(len(items))))
+
+    async def user() -> None:
+        while queue:
+            i = queue.pop()
+            records[i].scheduled_s = time.monotonic() - t0
+            await one(i)
+
+    progress.start()
+    if send_times is None:
+        assert concurrency is not None and concurrency >= 1
+        tasks = [asyncio.create_task(user()) for _ in range(min(concurrency, len(items)))]
+    else:
+        tasks = [asyncio.create_task(scheduled(i)) for i in range(len(items))]
+    pending, stalled = await _wait(tasks, t0 + max_duration_s, watch, t0)
+    now_s = time.monotonic() - t0
+    stall = stall_report(watch, now_s) if stalled else None  # before the cancels end them
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    progress.finish()
+    if stall is not None:
+        progress.note(f"stopped: {stall['reason']}")
+        for rec in records:
+            if rec.submitted_s is not None and rec.finished_s is None:
+                rec.finish_reason = "stalled"
+    ends = [r.finished_s for r in records if r.finished_s is not None]
+    duration_s = max(ends) if ends else now_s
+    cut_off_s = None
+    if pending:
+        cut_off_s = now_s if stalled else max_duration_s
+        duration_s = max(duration_s, cut_off_s)
+    return Driven(records, duration_s, cut_off_s, stall)
+
+
+async def _wait(
+    tasks: list[asyncio.Task[None]], deadline: float, watch: StallWatch, t0: float
+) -> tuple[set[asyncio.Task[None]], bool]:
+    """The tasks still running at the deadline or at a stall (and whether it was a stall)."""
+    pending = set(tasks)
+    while pending:
+        now = time.monotonic()
+        if watch.stalled(now - t0):
+            return pending, True
+        if now >= deadline:
+            break
+        _, pending = await asyncio.wait(pending, timeout=min(0.25, deadline - now))
+    return pending, False
+
+
+def stall_report(watch: StallWatch, now_s: float) -> dict[str, Any]:
+    """Why a run was stopped: how long nothing came and how many requests were waiting."""
+    idle_s = now_s - watch.idle_since_s
+    return {
+        "since_s": watch.idle_since_s,
+        "idle_s": idle_s,
+        "num_in_flight": watch.num_in_flight,
+        "detected_s": now_s,
+        "reason": f"no token for {idle_s:.0f} s while {watch.num_in_flight} requests were in "
+        f"flight (since {watch.idle_since_s:.1f} s)",
+    }
+
+
+def take_tokens(item: LoadItem, rec: RequestRecord, at_s: float, num: int) -> None:
+    """Count ``num`` tokens that arrived at ``at_s``; those beyond ``output_len`` (generated
+    before a hidden length's cancel landed) are excess, not counted."""
+    used = min(num, item.output_len - rec.num_output_tokens)
+    rec.add_chunk(at_s, used)
+    rec.excess_tokens += num - used
+
+
+async def _send_zmq(
+    client: AsyncClient, tag: str, item: LoadItem, rec: RequestRecord, t0: float, watch: StallWatch
 ) -> None:
     rec.submitted_s = time.monotonic() - t0
     stream = client.stream(
@@ -142,10 +281,9 @@ async def _one(
     try:
         async with stream:
             async for delta in stream:
-                at_s, num = time.monotonic() - t0, len(delta.token_ids)
-                used = min(num, item.output_len - rec.num_output_tokens)
-                rec.add_chunk(at_s, used)
-                rec.excess_tokens += num - used
+                at_s = time.monotonic() - t0
+                take_tokens(item, rec, at_s, len(delta.token_ids))
+                watch.tokens(at_s)
                 if item.hidden_length and rec.num_output_tokens >= item.output_len:
                     rec.finish_reason, rec.finished_s = "length", at_s
                     return  # leaving the stream cancels the rest on the engine
@@ -159,45 +297,6 @@ async def _one(
         return
     rec.finish_reason = stream.result.finish_reason
     rec.num_slices = stream.result.num_slices
-
-
-async def _open_loop(
-    client: AsyncClient,
-    items: Sequence[LoadItem],
-    records: list[RequestRecord],
-    send_times: Sequence[float],
-    t0: float,
-    tag: str,
-    progress: Progress,
-) -> list[asyncio.Task[None]]:
-    async def scheduled(i: int) -> None:
-        await asyncio.sleep(max(0.0, t0 + send_times[i] - time.monotonic()))
-        await _one(client, items[i], records[i], t0, tag)
-        progress.advance(records[i].success)
-
-    return [asyncio.create_task(scheduled(i)) for i in range(len(items))]
-
-
-async def _closed_loop(
-    client: AsyncClient,
-    items: Sequence[LoadItem],
-    records: list[RequestRecord],
-    concurrency: int,
-    t0: float,
-    tag: str,
-    progress: Progress,
-) -> list[asyncio.Task[None]]:
-    queue = list(range(len(items)))
-    queue.reverse()
-
-    async def user() -> None:
-        while queue:
-            i = queue.pop()
-            records[i].scheduled_s = time.monotonic() - t0
-            await _one(client, items[i], records[i], t0, tag)
-            progress.advance(records[i].success)
-
-    return [asyncio.create_task(user()) for _ in range(min(concurrency, len(items)))]
 
 
 async def _settle(client: AsyncClient, timeout_s: float = 5.0) -> StatsSnapshot | None:
@@ -224,10 +323,12 @@ async def run_load(
     max_duration_s: float = 600.0,
     tag: str = "bench",
     progress: Progress | None = None,
+    stall_timeout_s: float | None = None,
 ) -> LoadOutcome:
-    """Send ``items`` (open loop at ``send_times`` offsets, or a closed loop of
+    """Send ``items`` to the engine (open loop at ``send_times`` offsets, or a closed loop of
     ``concurrency`` when send_times is None) and wait for all of them, at most
-    ``max_duration_s`` from the first send."""
+    ``max_duration_s`` from the first send; stop early when no token came for
+    ``stall_timeout_s`` while requests were in flight (None: never)."""
     progress = progress or Progress(tag, len(items))
     async with AsyncClient(client_addr, connect_timeout_s=30.0) as client:
         start = await client.stats(timeout_s=30.0)
@@ -235,42 +336,23 @@ async def run_load(
         t0 = time.monotonic() + 0.5  # time for the stats subscription to connect
         recorder = StatsRecorder(stats_addr, t0, after_id)
         recorder.start()
-        records = [
-            RequestRecord(
-                index=it.index,
-                prompt_len=len(it.prompt_ids),
-                output_len=it.output_len,
-                scheduled_s=None if send_times is None else float(send_times[i]),
-                hidden_length=it.hidden_length,
-            )
-            for i, it in enumerate(items)
-        ]
         await asyncio.sleep(max(0.0, t0 - time.monotonic()))
-        progress.start()
-        if send_times is None:
-            assert concurrency is not None and concurrency >= 1
-            tasks = await _closed_loop(client, items, records, concurrency, t0, tag, progress)
-        else:
-            tasks = await _open_loop(client, items, records, send_times, t0, tag, progress)
-        _, pending = await asyncio.wait(tasks, timeout=max_duration_s)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        progress.finish()
-        ends = [r.finished_s for r in records if r.finished_s is not None]
-        duration_s = max(ends) if ends else time.monotonic() - t0
-        if pending:
-            duration_s = max(duration_s, max_duration_s)
+        send = functools.partial(_send_zmq, client, tag)
+        driven = await drive(
+            send, items, send_times, concurrency, t0, max_duration_s, stall_timeout_s, progress
+        )
         end = await _settle(client)
         if end is not None:
             recorder.add(end, time.monotonic() - t0)
         await recorder.stop()
-    for rec in records:  # a request left early (hidden length) has no Finished to tell
+    for rec in driven.records:  # a request left early (hidden length) has no Finished to tell
         if rec.num_slices == 0:
             rec.num_slices = recorder.slices.get(rec.request_id, 0)
     return LoadOutcome(
-        records=records,
-        duration_s=duration_s,
+        records=driven.records,
+        duration_s=driven.duration_s,
+        cut_off_s=driven.cut_off_s,
+        stall=driven.stall,
         timeline=recorder.timeline,
         batches=[recorder.batches[k] for k in sorted(recorder.batches)],
         num_batches_missed=recorder.num_missed(),

@@ -139,33 +139,6 @@ def request_metrics(
     return out
 
 
-def find_stall(
-    records: Sequence[RequestRecord], timeout_s: float | None, end_s: float
-) -> dict[str, Any] | None:
-    """The first spell of at least ``timeout_s`` seconds in which no request received a token
-    while at least one was in flight (sent, not ended; a request not ended by ``end_s`` is in
-    flight until then), as {"since_s", "idle_s", "num_in_flight"}; None if there was none.
-    The same rule as progress.StallWatch, applied after the run."""
-    if not timeout_s or timeout_s <= 0:
-        return None
-    events: list[tuple[float, int]] = []  # (time, kind): 0 token, 1 sent, 2 ended
-    for r in records:
-        if r.submitted_s is None:
-            continue
-        events.append((r.submitted_s, 1))
-        events += [(t, 0) for t in r.chunk_times_s]
-        events.append((min(end_s, r.finished_s) if r.finished_s is not None else end_s, 2))
-    events.sort()
-    idle_since, in_flight = 0.0, 0
-    for at_s, kind in [*events, (end_s, 3)]:
-        if in_flight > 0 and at_s - idle_since >= timeout_s:
-            return {"since_s": idle_since, "idle_s": at_s - idle_since, "num_in_flight": in_flight}
-        if kind == 0 or (kind == 1 and in_flight == 0):
-            idle_since = at_s
-        in_flight += {1: 1, 2: -1}.get(kind, 0)
-    return None
-
-
 def effective_duration_s(run: RunResult) -> float:
     """The time throughputs divide by: ``run.duration_s``, and for a run cut short never less
     than its cut-off nor than the last moment anything happened in it (a run's unfinished

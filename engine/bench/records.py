@@ -95,7 +95,8 @@ class RunResult:
     ``cut_off_s``: when the run was cut short (seconds from its start: the --max-duration
     limit, or the moment a stall was detected), None when every request ended by itself;
     throughputs of a cut-short run divide by it. ``stall``: why the run made no progress
-    (see metrics.find_stall and peers.cache_state), None when it never stalled.
+    (see loadgen.stall_report, runner.engine_stall and peers.cache_state), None when it never
+    stalled.
     """
 
     name: str

@@ -16,7 +16,7 @@ from typing import Any
 from engine.bench.loadgen import LoadItem, run_load
 from engine.bench.peers import PEER_NAMES, PeerSettings, run_peer
 from engine.bench.progress import Progress
-from engine.bench.records import RequestRecord, RunResult, TimelineSample
+from engine.bench.records import RunResult, TimelineSample
 from engine.config import DEFAULT_KV_BUDGET_BYTES, BrokerConfig, SchedulerConfig
 
 log = logging.getLogger(__name__)
@@ -138,10 +138,10 @@ def run_policy(
             run_load(
                 engine.client_addr, engine.stats_addr, items, send_times, concurrency,
                 settings.max_duration_s, tag=f"{spec.replace(':', '-')}-{repeat}", progress=progress,
+                stall_timeout_s=settings.stall_timeout_s,
             )
         )  # fmt: skip
         cpu_s = workers_cpu_s(engine.procs) - cpu_before
-    cut = any(r.cut_short for r in outcome.records)
     return RunResult(
         name=spec,
         kind="policy",
@@ -157,42 +157,31 @@ def run_policy(
         workers_start=outcome.workers_start,
         workers_end=outcome.workers_end,
         extra={"metrics": {"cpu_s": cpu_s, "loadavg_1m": (load_before + os.getloadavg()[0]) / 2}},
-        cut_off_s=outcome.duration_s if cut else None,  # --max-duration when cut
-        stall=engine_stall(settings, outcome.records, outcome.timeline, outcome.duration_s),
+        cut_off_s=outcome.cut_off_s,
+        stall=engine_stall(outcome.stall, outcome.timeline),
     )
 
 
 def engine_stall(
-    settings: BenchSettings,
-    records: Sequence[RequestRecord],
-    timeline: Sequence[TimelineSample],
-    end_s: float,
+    stall: dict[str, Any] | None, timeline: Sequence[TimelineSample]
 ) -> dict[str, Any] | None:
-    """The first spell without a token while requests were in flight (metrics.find_stall),
-    with the broker's state when it had lasted ``stall_timeout_s``: requests waiting and
-    running, and per worker its state and KV used, parked and budget. Found after the run:
-    the load generator has no way to be stopped early, so such a run goes on to its
-    --max-duration cut-off."""
-    from engine.bench.metrics import find_stall
-
-    stall = find_stall(records, settings.stall_timeout_s, end_s)
+    """The load generator's stall report (loadgen.stall_report) with the broker's state when
+    it was detected: requests waiting and running, and per worker its state and KV used,
+    parked and budget."""
     if stall is None:
         return None
-    at_s = stall["since_s"] + (settings.stall_timeout_s or 0.0)
+    at_s = stall["detected_s"]
     sample = next((t for t in timeline if t.at_s >= at_s), timeline[-1] if timeline else None)
-    reason = (
-        f"no token for {stall['idle_s']:.0f} s while {stall['num_in_flight']} requests were in "
-        f"flight (since {stall['since_s']:.1f} s; found after the run)"
+    if sample is None:
+        return {**stall, "engine": {}}
+    workers = [dataclasses.asdict(w) for w in sample.workers]
+    state = {"num_waiting": sample.num_waiting, "num_running": sample.num_running}
+    kv = ", ".join(f"{w['kv_used_bytes']:,} of {w['kv_budget_bytes']:,} B" for w in workers)
+    reason = stall["reason"] + (
+        f"; broker: {sample.num_waiting} waiting, {sample.num_running} running, "
+        + (f"KV {kv}" if workers else "no worker")
     )
-    state: dict[str, Any] = {}
-    if sample is not None:
-        workers = [dataclasses.asdict(w) for w in sample.workers]
-        state = {"num_waiting": sample.num_waiting, "num_running": sample.num_running}
-        state["workers"] = workers
-        reason += f"; broker: {sample.num_waiting} waiting, {sample.num_running} running, KV " + (
-            ", ".join(f"{w['kv_used_bytes']:,} of {w['kv_budget_bytes']:,} B" for w in workers)
-        )
-    return {**stall, "detected_s": at_s, "reason": reason, "engine": state}
+    return {**stall, "reason": reason, "engine": {**state, "workers": workers}}
 
 
 def workers_cpu_s(procs: Sequence[Any]) -> float:

@@ -3,6 +3,7 @@ incomplete in every table, left out of the ratios, and the reason recorded."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import queue
@@ -12,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from engine.bench import metrics, peers, report
-from engine.bench.loadgen import LoadItem
+from engine.bench.loadgen import LoadItem, drive
 from engine.bench.progress import Progress, StallWatch
 from engine.bench.records import RequestRecord, RunResult
 
@@ -122,17 +123,6 @@ def test_stall_watch():
     watch.sent(200.0)  # the idle clock starts again with the first request of a spell
     assert not watch.stalled(209.0) and watch.stalled(210.0)
     assert not StallWatch(None).stalled(1e9) and not StallWatch(0).stalled(1e9)
-
-
-def test_find_stall():
-    done = [_finished(0, 1.0), _finished(1, 2.0)]
-    assert metrics.find_stall(done, 5.0, end_s=2.0) is None
-    stuck = _unfinished(2, submitted_s=0.5, chunks=[1.5])
-    stall = metrics.find_stall([*done, stuck], 5.0, end_s=30.0)
-    assert stall == {"since_s": 2.0, "idle_s": 28.0, "num_in_flight": 1}
-    late = _unfinished(3, submitted_s=20.0)  # sent after a quiet spell with nothing in flight
-    assert metrics.find_stall([*done, late], 5.0, end_s=24.0) is None
-    assert metrics.find_stall([*done, stuck], None, end_s=30.0) is None
 
 
 class _FakeManager:
@@ -256,23 +246,25 @@ def test_plots_draw_a_cut_short_run(tmp_path):
     assert "throughput.png" in {p.name for p in written}
 
 
-def test_engine_stall_is_found_after_the_run_with_the_broker_state():
+def test_engine_stall_report_carries_the_broker_state():
+    from engine.bench.loadgen import stall_report
     from engine.bench.records import TimelineSample, WorkerSample
-    from engine.bench.runner import BenchSettings, engine_stall
-    from engine.config import SchedulerConfig
+    from engine.bench.runner import engine_stall
 
-    settings = BenchSettings(("scls",), 2, "m", "float32", 1, None, False, SchedulerConfig(),
-                             stall_timeout_s=5.0)  # fmt: skip
-    records = [_finished(0, 1.0), _unfinished(1, submitted_s=0.0, chunks=[2.0])]
+    watch = StallWatch(5.0)
+    watch.sent(0.0, 2)
+    watch.ended()
+    watch.tokens(2.0)
+    stall = stall_report(watch, 7.0)
+    assert (stall["since_s"], stall["idle_s"], stall["num_in_flight"]) == (2.0, 5.0, 1)
     worker = WorkerSample("w0", True, 0.0, 3, 1, 1000, 0, 1000, 4096)
     timeline = [TimelineSample(t, 1, 1, [worker]) for t in (0.0, 6.0, 7.0, 20.0)]
-    stall = engine_stall(settings, records, timeline, end_s=30.0)
-    assert (stall["since_s"], stall["idle_s"], stall["detected_s"]) == (2.0, 28.0, 7.0)
-    assert (
-        stall["engine"]["num_waiting"] == 1 and stall["engine"]["workers"][0]["worker_id"] == "w0"
-    )
+    stall = engine_stall(stall, timeline)
+    assert stall["detected_s"] == 7.0 and stall["engine"]["num_waiting"] == 1
+    assert stall["engine"]["workers"][0]["worker_id"] == "w0"
+    assert "no token for 5 s while 1 requests were in flight (since 2.0 s)" in stall["reason"]
     assert "broker: 1 waiting, 1 running, KV 1,000 of 4,096 B" in stall["reason"]
-    assert engine_stall(settings, records[:1], timeline, end_s=30.0) is None
+    assert engine_stall(None, timeline) is None
 
 
 def test_transformers_offloads_count_as_the_peer_preemptions():
@@ -287,3 +279,57 @@ def test_transformers_offloads_count_as_the_peer_preemptions():
     run.extra = {"metrics": {"preemptions": 3}}
     summary = metrics.summarize(run, {}, slice_len=None)
     assert summary["preemptions"] == 3 and summary["oom_count"] == 3
+
+
+def test_drive_stops_a_stalled_run_and_says_why(capsys):
+    """Two requests end at once, two never get a token: the run stops after the stall timeout,
+    not at --max-duration, and the hung requests are "stalled" (cancelled on the server)."""
+    cancelled = []
+
+    async def send(item, rec, t0, watch):
+        rec.submitted_s = time.monotonic() - t0
+        rec.finish_reason = "timeout"
+        if item.index >= 2:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.append(item.index)
+                raise
+        at_s = time.monotonic() - t0
+        rec.add_chunk(at_s, item.output_len)
+        watch.tokens(at_s)
+        rec.finished_s, rec.finish_reason = at_s, "length"
+
+    items = [LoadItem(i, [1, 2], output_len=3) for i in range(4)]
+    started = time.monotonic()
+    driven = asyncio.run(drive(send, items, [0.0] * 4, None, started, 30.0, 0.3, Progress("t", 4)))
+    assert time.monotonic() - started < 5
+    assert [r.finish_reason for r in driven.records] == ["length", "length", "stalled", "stalled"]
+    assert sorted(cancelled) == [2, 3]
+    assert driven.stall["num_in_flight"] == 2 and driven.stall["idle_s"] >= 0.3
+    assert driven.duration_s == driven.cut_off_s == driven.stall["detected_s"] >= 0.3
+    assert "stopped: no token for" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_engine_run_stops_at_a_stall_with_the_broker_state(tiny_model_dir):
+    """The ZeroMQ load generator against a broker with no worker: nothing ever comes, and the
+    run stops after --stall-timeout instead of waiting for --max-duration."""
+    from engine_helpers import local_engine
+
+    from engine.bench.loadgen import run_load
+    from engine.bench.runner import engine_stall
+
+    items = [LoadItem(i, [5, 6, 7], output_len=4) for i in range(3)]
+    with local_engine(tiny_model_dir, num_workers=0) as engine:
+        started = time.monotonic()
+        outcome = asyncio.run(
+            run_load(engine.client_addr, engine.stats_addr, items, [0.0] * 3,
+                     max_duration_s=50.0, tag="stall", stall_timeout_s=1.0)
+        )  # fmt: skip
+    assert time.monotonic() - started < 20
+    assert [r.finish_reason for r in outcome.records] == ["stalled"] * 3
+    assert outcome.cut_off_s == outcome.duration_s == outcome.stall["detected_s"] < 5
+    stall = engine_stall(outcome.stall, outcome.timeline)
+    assert "while 3 requests were in flight" in stall["reason"]
+    assert stall["engine"]["workers"] == [] and stall["reason"].endswith(", no worker")
