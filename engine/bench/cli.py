@@ -8,8 +8,9 @@ import logging
 import os
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from engine import cli_args
 
@@ -20,12 +21,25 @@ DEFAULT_WORKLOAD = "synthetic:prompt=uniform:24:56,output=lognormal:80:0.8"
 
 def add_bench_parser(p: argparse.ArgumentParser) -> None:
     """The flags of ``run.py bench`` (plus the scheduling and worker flags of ``serve``)."""
-    p.add_argument("--policies", default="sls,ils,scls", help="comma-separated: sls, ils, "
+    p.add_argument("--policies", default=None, help="comma-separated: sls, ils, "
                    "ils:reserve, ils:optimistic, scls, scls:keep, scls:recompute, scls:auto, "
-                   "scls:strict, scls:strict:keep, scls:strict:recompute, scls:strict:auto")  # fmt: skip
+                   "scls:strict, scls:strict:keep, scls:strict:recompute, scls:strict:auto "
+                   "(default sls,ils,scls; none with --endpoint)")  # fmt: skip
     p.add_argument("--peers", nargs="?", const="hf_generate,hf_generate_batch", default="",
                    help="also run transformers peers in-process (default both: "
                    "hf_generate,hf_generate_batch)")  # fmt: skip
+    g = p.add_argument_group("OpenAI-compatible endpoints")
+    g.add_argument("--endpoint", action="append", default=[], metavar="[NAME=]URL",
+                   help="also drive this server's /v1/completions (streamed) with the same load: "
+                   "its OpenAI base URL, e.g. http://127.0.0.1:8000/v1; repeatable")  # fmt: skip
+    # Not --model: in bench that already names the engine's model, whose tokenizer also makes
+    # the prompts; this is only the name a server wants in each request's "model" field.
+    g.add_argument("--endpoint-model", default=None, metavar="NAME",
+                   help="the model name sent to the endpoints (default: the only one GET "
+                   "URL/models lists); prompts are made with --model's tokenizer")  # fmt: skip
+    g.add_argument("--endpoint-api-key-file", type=Path, default=None, metavar="FILE",
+                   help="a bearer key for the endpoints (first line; kept out of the process "
+                   "list and the results)")  # fmt: skip
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--workload", default=DEFAULT_WORKLOAD,
                    help="KIND:PATH (azure, burstgpt, mooncake, sharegpt) or synthetic:SPEC "
@@ -86,6 +100,7 @@ def add_bench_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace):
+    from engine.bench.endpoint import parse_endpoints
     from engine.bench.runner import BenchError, BenchSettings, check_entries
 
     if args.policy is not None:
@@ -96,7 +111,17 @@ def _settings(args: argparse.Namespace):
         raise BenchError("--workers and --repeats must be at least 1, --max-duration above 0")
     if not args.slow_worker >= 1.0:
         raise BenchError(f"--slow-worker must be at least 1 (got {args.slow_worker})")
-    entries = check_entries([*args.policies.split(","), *args.peers.split(",")])
+    endpoints = parse_endpoints(args.endpoint)
+    if endpoints and args.lengths == "hidden":
+        raise BenchError(
+            "--lengths hidden cancels each request at its length, which needs every stream "
+            "chunk's token count; OpenAI streams carry text only: use --lengths known with "
+            "--endpoint"
+        )
+    policies = args.policies if args.policies is not None else "" if endpoints else "sls,ils,scls"
+    entries = check_entries(
+        [*policies.split(","), *args.peers.split(",")], [e.name for e in endpoints]
+    )
     sched_args = argparse.Namespace(**{**vars(args), "policy": "scls"})
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     return BenchSettings(
@@ -117,12 +142,22 @@ def _settings(args: argparse.Namespace):
         peer_batch_size=args.peer_batch_size,
         peer_page_size=args.peer_page_size,
         peer_max_batch_tokens=args.peer_max_batch_tokens,
+        endpoints=endpoints,
+        endpoint_api_key_file=args.endpoint_api_key_file and str(args.endpoint_api_key_file),
         log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
     )
 
 
-def prepare(args: argparse.Namespace, max_gen_len: int) -> tuple[Any, Any, list, Any]:
-    """(workload after scaling, arrival spec, load items, send times) from the flags."""
+class Prepared(NamedTuple):
+    workload: Any  # after scaling
+    arrival: Any
+    items: list[Any]  # LoadItem
+    send_times: Any
+    prompts: Any  # the PromptMaker (decode: the prompts as text, for endpoints)
+
+
+def prepare(args: argparse.Namespace, max_gen_len: int) -> Prepared:
+    """The workload, arrival spec, load items and send times from the flags."""
     from engine.bench.arrivals import default_arrival, parse_arrival, send_times
     from engine.bench.loadgen import LoadItem
     from engine.bench.prompts import PromptMaker
@@ -162,7 +197,26 @@ def prepare(args: argparse.Namespace, max_gen_len: int) -> tuple[Any, Any, list,
         LoadItem(r.index, maker.make(r.index, r.prompt_len, r.prompt_ids), r.output_len, max_tokens)
         for r in workload.requests
     ]
-    return workload, arrival, items, times
+    return Prepared(workload, arrival, items, times, maker)
+
+
+def _resolve_endpoints(args: argparse.Namespace, settings, prepared: Prepared):
+    """The settings with every endpoint resolved (its model and what it accepts, from a few
+    probe requests, before any run starts), and the prompts as text if one needs them."""
+    from engine.bench.endpoint import read_api_key, resolve_all
+
+    if not settings.endpoints:
+        return settings, None
+    api_key = read_api_key(args.endpoint_api_key_file)
+    endpoints = resolve_all(
+        settings.endpoints, args.endpoint_model, api_key, prepared.items, prepared.prompts.decode
+    )
+    for ep in endpoints:
+        print(f"bench: endpoint {ep.describe()}", flush=True)
+    texts = None
+    if any(ep.prompt == "text" for ep in endpoints):
+        texts = [prepared.prompts.decode(it.prompt_ids) for it in prepared.items]
+    return replace(settings, endpoints=endpoints), texts
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -177,7 +231,9 @@ def run_bench(args: argparse.Namespace) -> int:
         baseline = (args.baseline or settings.entries[0]).lower()
         if baseline not in settings.entries:
             raise BenchError(f"--baseline {baseline!r} is not among {', '.join(settings.entries)}")
-        workload, arrival, items, times = prepare(args, settings.scheduler.max_gen_len)
+        prepared = prepare(args, settings.scheduler.max_gen_len)
+        workload, arrival, items, times, _ = prepared
+        settings, prompt_texts = _resolve_endpoints(args, settings, prepared)
     except (BenchError, MetricsError, WorkloadError, ValueError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
@@ -213,7 +269,7 @@ def run_bench(args: argparse.Namespace) -> int:
         results.append(result)
         write(partial=True)
 
-    run_all(settings, items, times, arrival.concurrency, on_result)
+    run_all(settings, items, times, arrival.concurrency, on_result, prompt_texts)
     doc = write(partial=False)
     text = report.markdown(doc)
     (out_dir / "results.md").write_text(text, encoding="utf-8")

@@ -3,7 +3,7 @@ closed loop), stamps every stream delta with ``time.monotonic()``, and records t
 stats stream alongside. Bounded in requests and in time: at the deadline, requests still in
 flight are cancelled on the engine and recorded as "timeout"; a run in which no token came for
 --stall-timeout seconds while requests were in flight stops there ("stalled"). ``drive`` is the
-part that does not depend on how requests are sent."""
+part every load generator shares (engine/bench/endpoint.py sends the same load over HTTP)."""
 
 from __future__ import annotations
 

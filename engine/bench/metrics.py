@@ -301,9 +301,13 @@ def summarize(
     out = request_metrics(run.requests, effective_duration_s(run), goodput_ms)
     out["cut_off_s"] = run.cut_off_s
     out["stall"] = run.stall
-    out.update(engine_metrics(run, slice_len))
+    engine = engine_metrics(run, slice_len)
+    if run.kind == "endpoint":  # a server seen from outside: only its failed requests are known
+        engine = {k: v if k == "error_requests" else None for k, v in engine.items()}
+    out.update(engine)
     out.update(run.extra.get("metrics", {}))
-    out["oom_count"] = sum(out[k] for k in OOM_PARTS)  # with a peer's own preemption count
+    parts = [out[k] for k in OOM_PARTS]  # with a peer's own preemption count
+    out["oom_count"] = sum(parts) if all(v is not None for v in parts) else None
     cpu_s = out.get("cpu_s")
     out["output_tokens_per_cpu_s"] = out["total_output_tokens"] / cpu_s if cpu_s else None
     return out

@@ -85,7 +85,7 @@ class TimelineSample:
 
 @dataclass(slots=True)
 class RunResult:
-    """One policy (or peer) run of the workload.
+    """One policy, peer or endpoint run of the workload.
 
     ``batches``: the engine's BatchRecords of this run (as dicts), deduplicated by batch id;
     ``num_batches_missed``: batch ids that finished but whose record never reached the
@@ -100,7 +100,7 @@ class RunResult:
     """
 
     name: str
-    kind: str  # "policy" | "peer"
+    kind: str  # "policy" | "peer" | "endpoint"
     repeat: int
     config: dict[str, Any]
     requests: list[RequestRecord]

@@ -83,6 +83,10 @@ NOTES = [
     "workers generated past it before the cancel landed.",
     "Peak KV: measured_peak_bytes and predicted_peak_bytes of the engine's batch records; "
     "peak_kv_used_bytes from the workers' heartbeats.",
+    "Endpoint entries (--endpoint): streamed /v1/completions over HTTP; a stream chunk with "
+    "text counts as one token when it arrives (TTFT, ITL), the stream's usage corrects the "
+    "total; engine metrics (workers, slices, KV, CPU) are n/a, as the server is seen from "
+    "outside.",
 ]
 
 
@@ -243,21 +247,40 @@ def _workload_lines(workload: Mapping[str, Any], arrival: Mapping[str, Any]) -> 
     return lines
 
 
+def _setup_lines(cfg: Mapping[str, Any]) -> list[str]:
+    """The engines' settings (when an engine or peer ran) and each endpoint's."""
+    sched = cfg.get("scheduler", {})
+    endpoints = cfg.get("endpoints") or []
+    lines = []
+    if len(cfg.get("entries") or ()) > len(endpoints):
+        lines.append(
+            f"- {cfg.get('num_workers')} workers x {cfg.get('threads_per_worker')} torch "
+            f"thread(s), model `{cfg.get('model')}` ({cfg.get('dtype')}), KV budget "
+            f"{cfg.get('kv_budget_bytes_effective', 0) / 2**20:.0f} MiB per worker; slice "
+            f"{sched.get('slice_len')}, max_gen_len {sched.get('max_gen_len')}, kv_mode "
+            f"{sched.get('kv_mode')}, ils_admission {sched.get('ils_admission')}"
+        )
+    for ep in endpoints:
+        control = " + ".join(ep.get("length_control") or ()) or "nothing (it may stop early)"
+        lines.append(
+            f"- endpoint `{ep.get('name')}`: {ep.get('url')}, model `{ep.get('model')}`, "
+            f"prompts as {str(ep.get('prompt')).replace('_', ' ')} made with the tokenizer of "
+            f"`{cfg.get('model')}`, lengths forced with {control}"
+            + ("" if ep.get("usage") else ", no usage in the stream: tokens counted by chunks")
+        )
+    lines.append(f"- seed {cfg.get('seed')}, {cfg.get('repeats')} repeat(s)")
+    return lines
+
+
 def markdown(doc: Mapping[str, Any]) -> str:
     """The Markdown report of a document made by build_document."""
     cfg = doc["config"]
-    sched = cfg.get("scheduler", {})
     head = [
         "# Benchmark results",
         "",
         f"`{doc['command']}`",
         "",
-        f"- {cfg.get('num_workers')} workers x {cfg.get('threads_per_worker')} torch thread(s), "
-        f"model `{cfg.get('model')}` ({cfg.get('dtype')}), KV budget "
-        f"{cfg.get('kv_budget_bytes_effective', 0) / 2**20:.0f} MiB per worker; slice "
-        f"{sched.get('slice_len')}, max_gen_len {sched.get('max_gen_len')}, kv_mode "
-        f"{sched.get('kv_mode')}, ils_admission {sched.get('ils_admission')}; seed "
-        f"{cfg.get('seed')}, {cfg.get('repeats')} repeat(s)",
+        *_setup_lines(cfg),
         *_workload_lines(doc["workload"], doc["arrival"]),
     ]
     if doc.get("goodput_targets_ms"):

@@ -1,11 +1,12 @@
 """Runs one workload side by side: a fresh LocalEngine per policy run (same worker settings),
-then the peers in this process; repeats are interleaved (A B C, A B C, ...) so that drifts of a
-shared machine spread over every entry."""
+the peers in this process, then any OpenAI-compatible endpoints over HTTP; repeats are
+interleaved (A B C, A B C, ...) so that drifts of a shared machine spread over every entry."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -13,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from engine.bench.endpoint import Endpoint, read_api_key, run_endpoint_load
 from engine.bench.loadgen import LoadItem, run_load
 from engine.bench.peers import PEER_NAMES, PeerSettings, run_peer
 from engine.bench.progress import Progress
@@ -44,8 +46,8 @@ class BenchError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class BenchSettings:
-    """What every entry of one benchmark shares. ``entries``: policy specs (POLICY_VARIANTS)
-    and peer names (PEER_NAMES), in run order."""
+    """What every entry of one benchmark shares. ``entries``: policy specs (POLICY_VARIANTS),
+    peer names (PEER_NAMES) and the names of ``endpoints``, in run order."""
 
     entries: tuple[str, ...]
     num_workers: int
@@ -64,6 +66,8 @@ class BenchSettings:
     peer_batch_size: int | None = None
     peer_page_size: int = 32
     peer_max_batch_tokens: int = 1024
+    endpoints: tuple[Endpoint, ...] = ()
+    endpoint_api_key_file: str | None = None  # the path only: results.json records settings
     log_level: str = "WARNING"
 
     def describe(self) -> dict[str, Any]:
@@ -73,16 +77,25 @@ class BenchSettings:
         return out
 
 
-def check_entries(entries: Sequence[str]) -> tuple[str, ...]:
+def check_entries(entries: Sequence[str], endpoints: Sequence[str] = ()) -> tuple[str, ...]:
+    """Policy specs and peer names, then endpoint names: each known, and each once."""
     names = tuple(e.strip().lower() for e in entries if e.strip())
     unknown = [n for n in names if n not in POLICY_VARIANTS and n not in PEER_NAMES]
+    taken = [n for n in endpoints if n in POLICY_VARIANTS or n in PEER_NAMES]
+    if taken:
+        raise BenchError(
+            f"--endpoint name {', '.join(taken)} is a policy or peer: write OTHER_NAME=URL"
+        )
+    names += tuple(endpoints)
     if unknown:
         raise BenchError(
             f"unknown policy or peer {', '.join(unknown)}: use {', '.join(POLICY_VARIANTS)} "
             f"(and --peers for {', '.join(PEER_NAMES)})"
         )
     if not names:
-        raise BenchError("nothing to run: pass --policies sls,ils,scls and/or --peers")
+        raise BenchError(
+            "nothing to run: pass --policies sls,ils,scls, --peers and/or --endpoint URL"
+        )
     if len(set(names)) != len(names):
         raise BenchError(f"an entry appears twice in {', '.join(names)}: list each once")
     return names
@@ -228,18 +241,53 @@ def run_peer_entry(
     load_before = os.getloadavg()[0]
     outcome = run_peer(name, peer, items, send_times, concurrency, progress)
     outcome.extra.setdefault("metrics", {})["loadavg_1m"] = (load_before + os.getloadavg()[0]) / 2
+    config = {"peer": dataclasses.asdict(peer)}
+    return _result(name, "peer", repeat, config, outcome, started, outcome.extra)
+
+
+def _result(
+    name: str, kind: str, repeat: int, config: dict, outcome: Any, started: float, extra: dict
+) -> RunResult:
+    """A run without an engine of the bench's own (a peer or an endpoint): ``outcome`` has
+    records, duration_s, cut_off_s and stall."""
     return RunResult(
         name=name,
-        kind="peer",
+        kind=kind,
         repeat=repeat,
-        config={"peer": dataclasses.asdict(peer)},
+        config=config,
         requests=outcome.records,
         duration_s=outcome.duration_s,
         wall_s=time.monotonic() - started,
-        extra=outcome.extra,
+        extra=extra,
         cut_off_s=outcome.cut_off_s,
         stall=outcome.stall,
     )
+
+
+def run_endpoint_entry(
+    settings: BenchSettings,
+    name: str,
+    items: Sequence[LoadItem],
+    send_times: Sequence[float] | None,
+    concurrency: int | None,
+    repeat: int,
+    prompt_texts: Sequence[str] | None = None,
+) -> RunResult:
+    """The load sent to an OpenAI-compatible server (resolved by endpoint.resolve_all)."""
+    endpoint = next(e for e in settings.endpoints if e.name == name)
+    api_key = read_api_key(settings.endpoint_api_key_file)
+    started, load_before = time.monotonic(), os.getloadavg()[0]
+    tag = f"{name}-{repeat}-{os.urandom(3).hex()}"  # a server may refuse a live id twice
+    outcome = asyncio.run(
+        run_endpoint_load(
+            endpoint, api_key, items, prompt_texts, send_times, concurrency,
+            settings.max_duration_s, settings.stall_timeout_s, tag,
+            Progress(f"{name} #{repeat + 1}", len(items)),
+        )
+    )  # fmt: skip
+    config = {"endpoint": dataclasses.asdict(endpoint)}
+    extra = {"metrics": {"loadavg_1m": (load_before + os.getloadavg()[0]) / 2}}
+    return _result(name, "endpoint", repeat, config, outcome, started, extra)
 
 
 def report_failures(result: RunResult, max_shown: int = 3) -> None:
@@ -269,12 +317,17 @@ def run_all(
     send_times: Sequence[float] | None,
     concurrency: int | None,
     on_result: Callable[[RunResult], None] | None = None,
+    prompt_texts: Sequence[str] | None = None,
 ) -> list[RunResult]:
-    """Every entry, ``repeats`` times, interleaved; ``on_result`` sees each run as it ends."""
+    """Every entry, ``repeats`` times, interleaved; ``on_result`` sees each run as it ends.
+    ``prompt_texts``: the items' prompts decoded, for endpoints that take text."""
+    runners: dict[str, Callable[..., RunResult]] = dict.fromkeys(PEER_NAMES, run_peer_entry)
+    for endpoint in settings.endpoints:
+        runners[endpoint.name] = functools.partial(run_endpoint_entry, prompt_texts=prompt_texts)
     results = []
     for repeat in range(settings.repeats):
         for name in settings.entries:
-            run = run_peer_entry if name in PEER_NAMES else run_policy
+            run = runners.get(name, run_policy)
             result = run(settings, name, items, send_times, concurrency, repeat)
             report_failures(result)
             results.append(result)
