@@ -50,7 +50,7 @@ class _Slot:
         self.sum_context = sum(c for c, _ in self.rows)
         self.max_context = max((c for c, _ in self.rows), default=0)
         self.grants: list[_Grant] = []
-        self.renewed: list[str] = []
+        self.renewed: dict[str, int] = {}  # request id -> steps its slice grew by
 
     @property
     def worker_id(self) -> str:
@@ -61,6 +61,27 @@ class _Slot:
         if self.memory.block_tokens:  # rows own their blocks: reservations add up
             return self.peak_bytes + self.memory.reservation_bytes(context_len, steps)
         return self.memory.reservations_peak_bytes([*self.rows, (context_len, steps)])
+
+    def fitting_steps(self, context_len: int, want: int, least: int, request_id: str = "") -> int:
+        """The most steps in [least, want] for which a new reservation (or, given
+        ``request_id``, a running one grown by that many) fits the budget; 0 if none does."""
+        budget = self.memory.budget_bytes
+
+        def fits(m: int) -> bool:
+            peak = (
+                self.renewal_peak(request_id, m) if request_id else self.peak_with(context_len, m)
+            )
+            return peak <= budget
+
+        if fits(want):
+            return want
+        if least >= want or not fits(least):
+            return 0
+        lo, hi = least, want  # fits(lo) and not fits(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
 
     def renewal_peak(self, request_id: str, extra: int) -> int:
         """The honest peak if a running request's reservation grew by ``extra`` steps."""
@@ -77,7 +98,7 @@ class _Slot:
         i = self.index[request_id]
         self.rows[i] = (self.rows[i][0], self.rows[i][1] + extra)
         self.peak_bytes = peak_bytes
-        self.renewed.append(request_id)
+        self.renewed[request_id] = extra
 
     def step_s(self, context_len: int) -> float:
         """Predicted decode step of the running set with one more row of ``context_len``."""
@@ -96,36 +117,54 @@ class _Slot:
         self.max_context = max(self.max_context, context_len)
         self.grants.append(grant)
 
-    def renewal(self, slice_len: int) -> Dispatch:
-        return Dispatch(
-            worker_id=self.worker_id,
-            request_ids=tuple(self.renewed),
-            max_steps=slice_len,
-            join=True,
-            padded_len=self.max_context,
-            predicted_s=slice_len * self.time.decode_step_s(len(self.rows), self.max_context),
-            predicted_peak_bytes=self.peak_bytes,
-            renew=True,
-        )
+    def renewals(self) -> list[Dispatch]:
+        """One renewal dispatch per distinct growth (the broker grows each request by
+        ``max_steps``, capped by what it may still generate: the policy's own figure)."""
+        by_extra: dict[int, list[str]] = {}
+        for request_id, extra in self.renewed.items():
+            by_extra.setdefault(extra, []).append(request_id)
+        step_s = self.time.decode_step_s(len(self.rows), self.max_context)
+        return [
+            Dispatch(
+                worker_id=self.worker_id,
+                request_ids=tuple(ids),
+                max_steps=extra,
+                join=True,
+                padded_len=self.max_context,
+                predicted_s=extra * step_s,
+                predicted_peak_bytes=self.peak_bytes,
+                renew=True,
+            )
+            for extra, ids in sorted(by_extra.items(), reverse=True)
+        ]
 
-    def dispatch(self) -> Dispatch:
-        max_steps = max(g.steps for g in self.grants)
+    def dispatches(self, slice_len: int) -> list[Dispatch]:
+        """The grants as join dispatches: the full slices in one (each request's budget is
+        ``min(max_steps, max_new_tokens)``), each shortened slice length in one of its own."""
+        groups: dict[int, list[_Grant]] = {}
+        for g in self.grants:
+            full = g.steps == min(slice_len, g.request.max_new_tokens)
+            groups.setdefault(0 if full else g.steps, []).append(g)
+        return [self._dispatch(grants) for _, grants in sorted(groups.items())]
+
+    def _dispatch(self, grants: list[_Grant]) -> Dispatch:
+        max_steps = max(g.steps for g in grants)
         slice_s = self.time.slice_s(
             len(self.rows),
             self.max_context,
             max_steps,
-            prefill_rows=sum(g.prefill for g in self.grants),
+            prefill_rows=sum(g.prefill for g in grants),
             step_lens=[min(m, max_steps) for _, m in self.rows],
         )
         return Dispatch(
             worker_id=self.worker_id,
-            request_ids=tuple(g.request.request_id for g in self.grants),
+            request_ids=tuple(g.request.request_id for g in grants),
             max_steps=max_steps,
             join=True,
-            padded_len=max(g.request.context_len for g in self.grants),
-            predicted_s=slice_s + sum(g.move_s for g in self.grants),
+            padded_len=max(g.request.context_len for g in grants),
+            predicted_s=slice_s + sum(g.move_s for g in grants),
             predicted_peak_bytes=self.peak_bytes,
-            handoff_ids=tuple(g.request.request_id for g in self.grants if g.handoff),
+            handoff_ids=tuple(g.request.request_id for g in grants if g.handoff),
         )
 
 
@@ -146,6 +185,7 @@ class ContinuousSCLSPolicy:
         max_misses: int = 64,
         renew_within_steps: int = 2,
         renew_lookahead_s: float = 0.02,
+        min_slice_fraction: float = 0.25,
     ) -> None:
         self.slice_len = slice_len
         self.max_batch_size = max_batch_size
@@ -155,6 +195,9 @@ class ContinuousSCLSPolicy:
         # left in its slice: early enough that the renewal reaches the worker before it ends.
         self.renew_within_steps = renew_within_steps
         self.renew_lookahead_s = renew_lookahead_s
+        # When a whole slice does not fit, a shorter one of at least this many steps does
+        # (elastic slices): a request runs on, or starts, instead of waiting at a boundary.
+        self.min_steps = max(1, round(slice_len * min_slice_fraction))
         # A round stops after this many requests in a row found no room (bounds planning time
         # with thousands waiting; the rest are looked at again next round).
         self.max_misses = max_misses
@@ -188,8 +231,8 @@ class ContinuousSCLSPolicy:
             misses += 1
             if misses > self.max_misses or all(self._full(s) for s in slots.values()):
                 break
-        plan = [s.renewal(self.slice_len) for s in slots.values() if s.renewed]
-        return plan + [s.dispatch() for s in slots.values() if s.grants]
+        plan = [d for s in slots.values() for d in s.renewals()]
+        return plan + [d for s in slots.values() for d in s.dispatches(self.slice_len)]
 
     def _ending(self, workers: Sequence[WorkerView]) -> list[tuple[str, RunningRequest]]:
         """Running requests whose slice ends within ``renew_within_steps`` and that will not be
@@ -212,10 +255,11 @@ class ContinuousSCLSPolicy:
     def _renew(self, r: RunningRequest, slot: _Slot, slots: dict[str, _Slot]) -> None:
         """Renew where it runs when the longer reservation fits there and no other worker would
         end its next slice sooner (counting the move); else it comes back at its boundary."""
-        extra = min(self.slice_len, r.max_new_tokens - r.slice_steps_left)
-        peak = slot.renewal_peak(r.request_id, extra)
-        if peak > slot.memory.budget_bytes:
+        want = min(self.slice_len, r.max_new_tokens - r.slice_steps_left)
+        extra = slot.fitting_steps(r.context_len, want, min(want, self.min_steps), r.request_id)
+        if extra == 0:
             return
+        peak = slot.renewal_peak(r.request_id, extra)
         here_s = extra * slot.time.decode_step_s(len(slot.rows), slot.max_context)
         if self.kv_mode == "auto":
             nbytes = r.context_len * slot.memory.kv_bytes_per_token
@@ -236,17 +280,20 @@ class ContinuousSCLSPolicy:
                 continue
             if r.kv_worker_id is not None and self._waits_for_holder(r, slot, slots, aged):
                 continue
-            peak = slot.peak_with(r.context_len, steps)
-            if peak > slot.memory.budget_bytes:
+            granted = slot.fitting_steps(r.context_len, steps, min(steps, self.min_steps))
+            if granted == 0:
                 continue
             move = self._move(r, slot, slots)
+            # a full slice's worth of steps: a shorter one is renewed as room comes back
             end_s = move[0] + steps * slot.step_s(r.context_len)
             if best is None or end_s < best[0]:
-                best = (end_s, slot, move, peak)
+                best = (end_s, slot, move, granted)
         if best is None:
             return False
-        _, slot, (move_s, prefill, handoff), peak = best
-        slot.grant(_Grant(r, steps, move_s, prefill, handoff), peak)
+        _, slot, (move_s, prefill, handoff), granted = best
+        slot.grant(
+            _Grant(r, granted, move_s, prefill, handoff), slot.peak_with(r.context_len, granted)
+        )
         return True
 
     def _waits_for_holder(
@@ -284,8 +331,9 @@ class ContinuousSCLSPolicy:
         return recompute if move[0] > recompute[0] else move
 
     def _fits_alone(self, r: WaitingRequest, steps: int, slots: dict[str, _Slot]) -> bool:
+        least = min(steps, self.min_steps)
         return any(
-            s.memory.reservation_bytes(r.context_len, steps) <= s.memory.budget_bytes
+            s.memory.reservation_bytes(r.context_len, least) <= s.memory.budget_bytes
             for s in slots.values()
         )
 

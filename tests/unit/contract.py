@@ -43,11 +43,13 @@ def check_plan(
             assert rid in d.request_ids, f"handoff of {rid}, which is not in the batch"
             assert by_id[rid].kv_worker_id in set(workers) - {d.worker_id}, f"handoff of {rid}"
         if d.join:
-            _check_join(policy, d, worker, members, renewed.get(d.worker_id, {}))
+            _check_join(policy, d, worker, members)
         else:
             sequential[d.worker_id] += 1
             _check_sequential(policy, d, worker, members, now)
     assert all(n == 1 for n in sequential.values()), f"several batches for one worker: {sequential}"
+    if isinstance(policy, ContinuousSCLSPolicy):
+        _check_reservations(plan, by_id, workers, renewed)
 
 
 def _check_sequential(
@@ -76,41 +78,32 @@ def _check_renewals(
     policy: Policy, plan: Sequence[Dispatch], workers: dict[str, WorkerView]
 ) -> dict[str, dict[str, int]]:
     """Renewals extend slices of requests running on that worker that end soon and are not
-    done by then; returns each worker's renewed requests and their new steps left."""
+    done by then, by at most S steps; returns each worker's renewed requests and their new
+    steps left."""
     out: dict[str, dict[str, int]] = {}
     for d in plan:
         if not d.renew:
             continue
         assert isinstance(policy, ContinuousSCLSPolicy), f"{policy.name} renewed a slice"
-        assert d.max_steps == policy.slice_len and d.worker_id not in out
+        assert 1 <= d.max_steps <= policy.slice_len
         running = {r.request_id: r for r in workers[d.worker_id].running}
-        out[d.worker_id] = {}
+        renewed = out.setdefault(d.worker_id, {})
         for rid in d.request_ids:
             r = running[rid]  # KeyError: not running there
+            assert rid not in renewed, "renewed twice"
             assert 0 < r.slice_steps_left <= max(policy.renew_within_steps, policy.slice_len)
             assert r.max_new_tokens > r.slice_steps_left, "renewed a request about to finish"
-            extra = min(policy.slice_len, r.max_new_tokens - r.slice_steps_left)
-            out[d.worker_id][rid] = r.slice_steps_left + extra
-        worker = workers[d.worker_id]
-        rows = [
-            (r.context_len, out[d.worker_id].get(r.request_id, r.steps_left))
-            for r in worker.running
-        ]
-        if not any(x.join and x.worker_id == d.worker_id and not x.renew for x in plan):
-            assert d.predicted_peak_bytes == expected_peak(worker.cost.memory, rows)
-        assert d.predicted_peak_bytes <= worker.cost.memory.budget_bytes
+            extra = min(d.max_steps, r.max_new_tokens - r.slice_steps_left)
+            renewed[rid] = r.slice_steps_left + extra
     return out
 
 
 def _check_join(
-    policy: Policy,
-    d: Dispatch,
-    worker: WorkerView,
-    members: list[WaitingRequest],
-    renewed: dict[str, int],
+    policy: Policy, d: Dispatch, worker: WorkerView, members: list[WaitingRequest]
 ) -> None:
-    if isinstance(policy, ContinuousSCLSPolicy):
-        _check_reservations(policy, d, worker, members, renewed)
+    if isinstance(policy, ContinuousSCLSPolicy):  # reservations: checked per worker after
+        assert 1 <= d.max_steps <= policy.slice_len
+        assert d.max_steps == max(min(d.max_steps, r.max_new_tokens) for r in members)
         return
     assert isinstance(policy, ILSPolicy), f"{policy.name} made a join dispatch"
     mem = worker.cost.memory
@@ -139,21 +132,26 @@ def expected_peak(mem, rows: Sequence[tuple[int, int]]) -> int:
 
 
 def _check_reservations(
-    policy: ContinuousSCLSPolicy,
-    d: Dispatch,
-    worker: WorkerView,
-    members: list[WaitingRequest],
-    renewed: dict[str, int],
+    plan: Sequence[Dispatch],
+    by_id: dict[str, WaitingRequest],
+    workers: dict[str, WorkerView],
+    renewed: dict[str, dict[str, int]],
 ) -> None:
-    """Continuous SCLS: each newcomer reserves one slice; with the reservations already held
-    (renewed ones included) the running set's honest peak stays within the budget."""
-    mem = worker.cost.memory
-    steps = [min(policy.slice_len, r.max_new_tokens) for r in members]
-    assert 1 <= d.max_steps <= policy.slice_len
-    assert d.max_steps == max(steps)
-    rows = [(r.context_len, renewed.get(r.request_id, r.steps_left)) for r in worker.running]
-    rows += [(r.context_len, m) for r, m in zip(members, steps, strict=True)]
-    assert len(rows) <= policy.max_batch_size, "running set above max_batch_size"
-    peak = expected_peak(mem, rows)
-    assert d.predicted_peak_bytes == peak
-    assert peak <= mem.budget_bytes, "reservations above the budget"
+    """Continuous SCLS: per worker, the reservations held (renewed ones grown), plus each
+    newcomer's (min(max_steps, what it may generate) steps), recomputed independently: their
+    honest peak is what every dispatch to that worker predicts, and within the budget."""
+    for worker_id, worker in workers.items():
+        mine = [d for d in plan if d.worker_id == worker_id]
+        if not mine:
+            continue
+        grown = renewed.get(worker_id, {})
+        rows = [(r.context_len, grown.get(r.request_id, r.steps_left)) for r in worker.running]
+        for d in mine:
+            if d.join and not d.renew:
+                rows += [
+                    (by_id[rid].context_len, min(d.max_steps, by_id[rid].max_new_tokens))
+                    for rid in d.request_ids
+                ]
+        peak = expected_peak(worker.cost.memory, rows)
+        assert all(d.predicted_peak_bytes == peak for d in mine), (peak, mine)
+        assert peak <= worker.cost.memory.budget_bytes, "reservations above the budget"
