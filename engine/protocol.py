@@ -231,6 +231,7 @@ class StatsSnapshot(msgspec.Struct, tag="stats", tag_field="type", kw_only=True)
     events: list[LogEvent]  # most recent last, bounded
     batches: list[BatchRecord]  # most recent last, bounded
     num_rejected: int = 0  # submissions refused as "overloaded" since start
+    num_preempted: int = 0  # requests a worker's memory guard sent back since start
     draining: bool = False  # the broker is shutting down: it accepts no new request
 
 

@@ -105,7 +105,9 @@ class StatsRecorder:
             )
             for w in snap.workers
         ]
-        self.timeline.append(TimelineSample(at_s, snap.num_waiting, snap.num_running, workers))
+        self.timeline.append(
+            TimelineSample(at_s, snap.num_waiting, snap.num_running, workers, snap.num_preempted)
+        )
         for record in snap.batches:
             if record.batch_id > self.after_batch_id:
                 self.batches.setdefault(record.batch_id, _struct_dict(record))

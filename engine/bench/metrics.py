@@ -207,17 +207,21 @@ def _sum(batches: Sequence[Mapping[str, Any]], key: str) -> int:
 
 def failure_counts(run: RunResult, slice_len: int | None) -> dict[str, int]:
     """What the benchmark counts as OOM-like events: batches a worker failed, workers lost,
-    requests that ended in an error, and preemptions (dispatches beyond the plan, inferred
-    from each finished request's slice count: the broker publishes no preemption counter)."""
+    requests that ended in an error, and preemptions (the broker's counter, from the stats
+    snapshots; without any snapshot, inferred from each finished request's slice count)."""
     messages = [str(e.get("message", "")) for e in run.events]
-    preemptions = sum(
-        max(
-            0,
-            r.num_slices - expected_dispatches(run.name, r.output_len, slice_len, r.hidden_length),
+    if run.timeline:  # the broker counts them (one engine per run: from zero)
+        preemptions = max(s.num_preempted for s in run.timeline)
+    else:  # no snapshot: inferred from each finished request's slice count
+        preemptions = sum(
+            max(
+                0,
+                r.num_slices
+                - expected_dispatches(run.name, r.output_len, slice_len, r.hidden_length),
+            )
+            for r in run.requests
+            if r.success and r.num_slices > 0
         )
-        for r in run.requests
-        if r.success and r.num_slices > 0
-    )
     counts = {
         "worker_failures": sum("failed batch" in m for m in messages),
         "workers_lost": sum(" lost (" in m for m in messages),

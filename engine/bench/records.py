@@ -81,6 +81,7 @@ class TimelineSample:
     num_waiting: int
     num_running: int
     workers: list[WorkerSample]
+    num_preempted: int = 0  # the broker's count since it started
 
 
 @dataclass(slots=True)

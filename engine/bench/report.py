@@ -72,8 +72,8 @@ NOTES = [
     "dispatch_s: the broker's sum of measured dispatch durations (overlaps under ILS).",
     "load_imbalance = max/mean - 1 of per-worker busy_s; busy_cv = std/mean.",
     "oom_count = worker_failures (batches a worker failed) + workers_lost + error_requests + "
-    "preemptions (dispatches beyond one per slice, inferred from each finished request's slice "
-    "count: the broker publishes no preemption counter).",
+    "preemptions (the broker's num_preempted: requests a worker's memory guard sent back; a "
+    "peer's own count).",
     "output_tokens_per_cpu_s: output tokens per CPU second (user + system) of the worker "
     "processes during the load (peers: of the benchmark process); loadavg_1m: the machine's "
     "1-minute load average around the run (2 cores: above 2, other work competed).",

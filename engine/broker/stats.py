@@ -80,5 +80,6 @@ def snapshot(core: BrokerCore, now: float, started_at: float) -> p.StatsSnapshot
         ],
         batches=list(core.batch_records)[-64:],
         num_rejected=core.num_rejected,
+        num_preempted=core.num_preempted,
         draining=core.draining,
     )

@@ -81,11 +81,12 @@ def test_imbalance():
     assert metrics.imbalance([]) == (None, None)
 
 
-def _sample(at_s, busy0, busy1):
+def _sample(at_s, busy0, busy1, num_preempted=0):
     def worker(worker_id, busy):
         return WorkerSample(worker_id, busy, 0.0, 0, 1, 10, 0, 20, 190)
 
-    return TimelineSample(at_s, 0, 0, [worker("w0", busy0), worker("w1", busy1)])
+    workers = [worker("w0", busy0), worker("w1", busy1)]
+    return TimelineSample(at_s, 0, 0, workers, num_preempted)
 
 
 def _batch(batch_id, pad, recomputed, early, measured, predicted):
@@ -100,7 +101,7 @@ def test_engine_metrics(records):
     run = RunResult(
         name="scls", kind="policy", repeat=0, config={}, requests=records, duration_s=4.0,
         wall_s=9.0,
-        timeline=[_sample(0.0, True, True), _sample(1.0, True, False), _sample(2.0, False, False)],
+        timeline=[_sample(0.0, True, True), _sample(1.0, True, False, 2), _sample(2.0, False, False, 2)],
         batches=[_batch(1, 5, 0, True, 100, 150), _batch(2, 3, 4, False, 200, 180)],
         events=[{"at_s": 1.0, "level": "error", "message": "worker w1 failed batch 3: boom"}],
         workers_start={"w0": {"busy_s": 1.0, "generated_tokens": 0.0}},
@@ -118,9 +119,12 @@ def test_engine_metrics(records):
     assert (m["pad_tokens"], m["recomputed_tokens"], m["reused_kv_tokens"]) == (8, 4, 2)
     assert m["early_return_ratio"] == 0.5
     assert m["mean_slices_per_request"] == 2.0  # r0: 3 slices, r1: 1 (r2 failed)
-    # r0 asked for 4 tokens in slices of 2: 2 dispatches planned, 3 made -> 1 preemption
-    assert (m["preemptions"], m["worker_failures"], m["error_requests"]) == (1, 1, 1)
-    assert m["oom_count"] == 3
+    # the broker's counter says 2 (the slice counts alone would have suggested 1)
+    assert (m["preemptions"], m["worker_failures"], m["error_requests"]) == (2, 1, 1)
+    assert m["oom_count"] == 4
+    # without any snapshot: inferred, r0 asked for 4 tokens in slices of 2 and got 3 dispatches
+    run.timeline = []
+    assert metrics.engine_metrics(run, slice_len=2)["preemptions"] == 1
     assert (m["peak_measured_bytes"], m["peak_predicted_bytes"]) == (200, 180)
     assert m["kv_budget_bytes"] == 190 and m["peak_kv_used_bytes"] == 10
     assert m["num_batches_over_budget"] == 1 and m["num_batches_over_prediction"] == 1
