@@ -3,15 +3,12 @@ a batch that become its BatchDone message."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from engine import protocol as p
 from engine.worker.model_loader import ModelInfo
 
 MAX_SAMPLES = 64
-T = TypeVar("T")
 
 
 class BoundedSamples:
@@ -104,21 +101,3 @@ def too_big(request_id: str, num_tokens: int, info: ModelInfo, kv_budget_bytes: 
         f"request {request_id} needs {need} bytes of KV cache for {num_tokens} tokens; the "
         f"worker's KV budget is {kv_budget_bytes} bytes: raise --kv-budget"
     )
-
-
-def prefill_chunks(rows: list[T], length: Callable[[T], int], max_tokens: int) -> list[list[T]]:
-    """Rows with tokens to prefill (``length`` > 0), in order, cut so that a ragged forward
-    holds at most ``max_tokens`` tokens (a longer row goes alone)."""
-    chunks: list[list[T]] = []
-    num_tokens = 0
-    for row in rows:
-        n = length(row)
-        if n <= 0:
-            continue
-        if chunks and num_tokens + n <= max_tokens:
-            chunks[-1].append(row)
-            num_tokens += n
-        else:
-            chunks.append([row])
-            num_tokens = n
-    return chunks

@@ -30,6 +30,10 @@ Semantics (the contract the broker plans against):
   the host tier where it fits and pays (StepResult.offloaded), else it is gone
   (StepResult.evicted: those requests recompute). A policy whose reservations fit the budget
   (SCLS, reserve ILS, SLS) never sees a preemption.
+- One forward per step, ragged: each running row feeds its last token; a row without KV is
+  prefilled in the same forwards, in chunks, within ``max_step_tokens`` per step (chunked
+  prefill: a long prompt never stalls the running rows for long); it samples its first token
+  in the step that feeds the end of its context.
 - BatchDone per dispatch when its last request left. Counters (tokens): ``prefill_tokens`` all
   prefilled tokens; ``pad_tokens`` is always 0 (ragged forwards pad nothing); ``recomputed_tokens`` prefilled
   tokens that the request had generated before (``max(0, num_generated - 1)`` per prefilled row:
@@ -49,11 +53,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from engine import protocol as p
-from engine.worker.dispatch import MAX_SAMPLES, DispatchStats, check_item, prefill_chunks, too_big
+from engine.worker.dispatch import MAX_SAMPLES, DispatchStats, check_item, too_big
 from engine.worker.kv_pool import DEFAULT_BLOCK_TOKENS, BlockTable
 from engine.worker.kv_reuse import KVArrived, KVFetchFailed, KVIntake
 from engine.worker.kv_store import KVStore, ParkedKV
 from engine.worker.runner import Runner, SamplingParams
+
+# Tokens one step feeds at most: rows' last tokens plus chunks of prompts being prefilled. On
+# this CPU 512 tokens take about a second; a GPU takes several thousand in the time of a step.
+DEFAULT_STEP_TOKENS = 512
 
 
 @dataclass(slots=True)
@@ -90,7 +98,7 @@ class Executor:
         self,
         runner: Runner,
         kv_budget_bytes: int,
-        max_prefill_tokens: int = 4096,
+        max_step_tokens: int = DEFAULT_STEP_TOKENS,
         clock: Callable[[], float] = time.perf_counter,
         store: KVStore | None = None,
         block_tokens: int = DEFAULT_BLOCK_TOKENS,
@@ -98,7 +106,7 @@ class Executor:
         self.runner = runner
         self.info = runner.info
         self.kv_budget_bytes = kv_budget_bytes
-        self.max_prefill_tokens = max_prefill_tokens  # tokens per prefill forward
+        self.max_step_tokens = max_step_tokens  # tokens fed per step, prefill chunks included
         self.pool = runner.new_pool(kv_budget_bytes, block_tokens)
         self._clock = clock
         self._store = store if store is not None else KVStore()
@@ -345,34 +353,29 @@ class Executor:
 
     def _start(self, cands: list[_Row]) -> None:
         """Write reused KV held as tensors into its blocks and add the rows to the running set.
-        Rows without KV are prefilled inside the next step's forward (their whole context, the
-        other rows one token each), as many as fit ``max_prefill_tokens``; the rest first get
-        a prefill forward of their own."""
+        Rows without KV are prefilled by the next steps' forwards (see ``_feeds``)."""
         for row in cands:
             if row.kv is not None:
                 assert row.kv.layers is not None
                 self.pool.write(row.table, row.kv.layers)
                 row.kv = None
-        room = self.max_prefill_tokens - len(self._rows) - len(cands)
-        alone = []
-        for row in [r for r in cands if r.table.num_tokens < len(r.token_ids) - 1]:
-            n = len(row.token_ids) - 1
-            if n <= room:
-                room -= n
+            elif row.table.num_tokens < len(row.token_ids) - 1:
                 self._count_prefill(row)
-            else:
-                alone.append(row)
-        for chunk in prefill_chunks(alone, lambda r: len(r.token_ids) - 1, self.max_prefill_tokens):
-            started_at = self._clock()
-            self.runner.forward(self.pool, [(r.table, r.token_ids[:-1]) for r in chunk])
-            self.runner.synchronize()
-            elapsed_s = self._clock() - started_at
-            for row in chunk:
-                self._count_prefill(row)
-            mean_len = round(sum(len(r.token_ids) - 1 for r in chunk) / len(chunk))
-            for batch_id in {r.batch_id for r in chunk}:
-                self._stats[batch_id].prefill_samples.add((len(chunk), mean_len, elapsed_s))
         self._rows += cands
+
+    def _feeds(self) -> list[list[int]]:
+        """What each row feeds this step, within ``max_step_tokens`` in all: a running row its
+        last token; a row still prefilling the next chunk of its context, oldest rows first
+        (a prompt longer than the budget takes several steps: chunked prefill, so that one
+        long prompt never stalls the running rows for long). Every row feeds at least one."""
+        room = self.max_step_tokens - len(self._rows)
+        feeds = []
+        for row in self._rows:
+            todo = row.token_ids[row.table.num_tokens :]
+            take = min(len(todo), 1 + max(0, room))
+            room -= take - 1
+            feeds.append(todo[:take])
+        return feeds
 
     def _count_prefill(self, row: _Row) -> None:
         stats = self._stats[row.batch_id]
@@ -394,26 +397,30 @@ class Executor:
                 self._leave({newest: ("preempted", "")})
 
     def _decode(self) -> None:
-        """One forward: each row's tokens not yet in its KV (the last one; a new row's whole
-        context), then one sampled token per row."""
-        rows = self._rows
-        feeds = [(r.table, r.token_ids[r.table.num_tokens :]) for r in rows]
-        prefills = [len(tokens) for _, tokens in feeds if len(tokens) > 1]
-        decoded = [r for r, (_, tokens) in zip(rows, feeds, strict=True) if len(tokens) == 1]
+        """One forward of every row's feed (``_feeds``), then one sampled token for each row
+        whose whole context is now in its KV (a row mid-prefill samples nothing yet)."""
+        feeds = self._feeds()
+        prefills = [len(tokens) for tokens in feeds if len(tokens) > 1]
+        decoded = [r for r, tokens in zip(self._rows, feeds, strict=True) if len(tokens) == 1]
         started_at = self._clock()
-        logits = self.runner.forward(self.pool, feeds)
+        logits = self.runner.forward(
+            self.pool, [(r.table, tokens) for r, tokens in zip(self._rows, feeds, strict=True)]
+        )
+        ready = [i for i, r in enumerate(self._rows) if r.table.num_tokens == len(r.token_ids)]
+        rows = [self._rows[i] for i in ready]
         indices = [r.item.num_generated + r.num_new for r in rows]
-        tokens = self.runner.sample(logits, [r.params for r in rows], indices)
+        tokens = self.runner.sample(logits[ready], [r.params for r in rows], indices)
         elapsed_s = self._clock() - started_at
         self.progress += 1
         total_bytes = self.kv_used_bytes
-        for batch_id in {r.batch_id for r in rows}:
+        batch_ids = {r.batch_id for r in self._rows}
+        for batch_id in batch_ids:
             self._stats[batch_id].steps += 1
             self._stats[batch_id].peak_bytes = max(self._stats[batch_id].peak_bytes, total_bytes)
-        self._time_sample(decoded, prefills, elapsed_s, {r.batch_id for r in rows})
+        self._time_sample(decoded, prefills, elapsed_s, batch_ids)
         leaving: dict[int, tuple[p.ReleaseReason, str]] = {}
         generated = []
-        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+        for i, row, token in zip(ready, rows, tokens, strict=True):
             row.token_ids.append(token)
             row.num_new += 1
             self._stats[row.batch_id].generated_tokens += 1

@@ -261,3 +261,22 @@ def test_renew_extends_a_running_slice_without_a_stop(runner, executor):
     assert first.tokens["a"] + rest.tokens["a"] == solo_greedy(runner, prompt, 10)
     assert rest.released["a"].reason == "budget" and rest.released["a"].num_generated == 10
     assert len(rest.all_released) == 1 and rest.done[1].steps == 10
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(runner):
+    """With 16 tokens a step, a 60-token prompt joining a running row takes four steps to
+    prefill; the running row gets a token at every one of them; both equal one-at-a-time."""
+    executor = Executor(runner, BIG_BUDGET, max_step_tokens=16)
+    short, long = make_prompts(42, [5, 60])
+    executor.submit(make_run(1, [make_item("s", short, max_steps=12)], join=True))
+    first = drain_steps(executor, 2)
+    executor.submit(make_run(2, [make_item("l", long, max_steps=6)], join=True))
+    during = drain_steps(executor, 4)
+    assert len(during.tokens["s"]) == 4  # never stalled by the long prompt
+    assert len(during.tokens.get("l", [])) == 1  # its first token once its context is in
+    rest = drain(executor)
+    assert first.tokens["s"] + during.tokens["s"] + rest.tokens["s"] == solo_greedy(
+        runner, short, 12
+    )
+    assert during.tokens["l"] + rest.tokens["l"] == solo_greedy(runner, long, 6)
+    assert rest.done[2].prefill_tokens == 59
