@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.bench.loadgen import LoadItem
+from engine.bench.loadgen import LoadItem, new_records
 from engine.bench.progress import Progress, StallWatch
 from engine.bench.records import RequestRecord
 
@@ -141,16 +141,10 @@ def _pad_id(loaded) -> int:
 
 
 def _records(items: Sequence[LoadItem], send_times: Sequence[float] | None) -> list[RequestRecord]:
-    return [
-        RequestRecord(
-            index=it.index,
-            prompt_len=len(it.prompt_ids),
-            output_len=it.output_len,
-            scheduled_s=None if send_times is None else float(send_times[i]),
-            request_id=f"peer-{it.index}",
-        )
-        for i, it in enumerate(items)
-    ]
+    records = new_records(items, send_times)
+    for record in records:
+        record.request_id = f"peer-{record.index}"
+    return records
 
 
 def static_batch_size(settings: PeerSettings, items: Sequence[LoadItem], kv_bytes: int) -> int:
