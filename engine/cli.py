@@ -1,90 +1,24 @@
-"""The one launcher: serve | broker | worker | generate | tui | demo | profile | bench | keys | http."""
+"""The one launcher: serve | broker | worker | generate | chat | tui | demo | profile | bench |
+keys | http. Every mistake ends in one line and an exit status (engine/cli_base.py)."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import os
 import sys
 
-from engine import cli_args
+from engine import cli_args, logs
+from engine.cli_base import (
+    CommandError,
+    Parser,
+    UsageError,
+    positive_float,
+    positive_int,
+    run_command,
+)
+from engine.cli_client import add_request_flags, run_chat, run_generate
+from engine.cli_serve import run_broker, run_serve
 
-DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from engine.broker.main import serve_broker
-    from engine.http.cli import serve_gateway_argv
-    from engine.supervisor import spawn, stop_all
-
-    cfg = cli_args.broker_config(args, args.bind, args.port)
-    procs = []
-    num_threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
-
-    def start_workers(server) -> None:
-        worker_addr = server.addresses["workers"].replace("0.0.0.0", "127.0.0.1")
-        for i in range(args.workers):
-            device = f"cuda:{i}" if args.device == "cuda" else args.device
-            argv = [
-                "worker",
-                "--connect",
-                worker_addr,
-                "--device",
-                device,
-                "--model",
-                args.model,
-                "--dtype",
-                args.dtype,
-                "--threads",
-                str(num_threads),
-                "--log-level",
-                args.log_level,
-            ]
-            if args.kv_budget:
-                argv += ["--kv-budget", str(args.kv_budget)]
-            if args.host_kv_budget is not None:
-                argv += ["--host-kv-budget", str(args.host_kv_budget)]
-            if args.no_profile:
-                argv.append("--no-profile")
-            procs.append(spawn(argv + _serve_curve_args(cfg.curve_dir, "workers", "serve-worker")))
-        addrs = server.addresses
-        http_curve = _serve_curve_args(cfg.curve_dir, "clients", "serve-http")
-        for http_argv in serve_gateway_argv(args, addrs, http_curve):  # a client, like the tui
-            procs.append(spawn(http_argv))
-        print(
-            f'engine: clients connect to {addrs["clients"]}  (run.py generate "..." --connect {addrs["clients"]})',
-            flush=True,
-        )
-        print(
-            f"engine: workers connect to {addrs['workers']}; stats published on {addrs['stats']} (run.py tui)",
-            flush=True,
-        )
-        print(
-            f"engine: policy {cfg.scheduler.policy}, {args.workers} worker(s) on {args.device}; Ctrl-C stops all",
-            flush=True,
-        )
-
-    try:
-        asyncio.run(serve_broker(cfg, on_ready=start_workers))
-    finally:
-        stop_all(procs)
-    return 0
-
-
-def _serve_curve_args(curve_dir: str | None, folder: str, name: str) -> list[str]:
-    """`serve --curve DIR`: its workers use DIR/workers/serve-worker, its HTTP gateway
-    DIR/clients/serve-http (each created once)."""
-    if curve_dir is None:
-        return []
-    from pathlib import Path
-
-    from engine.curve import create_key_pair
-
-    secret = Path(curve_dir) / folder / f"{name}.key_secret"
-    if not secret.exists():
-        create_key_pair(secret.parent, name)
-    return ["--curve-key", str(secret), "--broker-key", str(Path(curve_dir) / "broker.key")]
+DEFAULT_STATS_CONNECT = "tcp://127.0.0.1:5557"
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -103,8 +37,7 @@ def _keys(args: argparse.Namespace) -> int:
             public, secret = create_key_pair(folder, name)
             print(f"created {public} (public) and {secret} (private, mode 0600)")
     except CurveError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        raise CommandError(str(exc)) from None
     print(
         f"broker:  run.py broker --curve {root}\n"
         f"worker:  run.py worker --curve-key {root}/workers/NAME.key_secret --broker-key {root}/broker.key\n"
@@ -115,74 +48,13 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def _broker(args: argparse.Namespace) -> int:
-    from engine.broker.main import serve_broker
-
-    cfg = cli_args.broker_config(args, args.bind, args.port)
-
-    def announce(server) -> None:
-        print(
-            f"broker: clients {server.addresses['clients']}, workers {server.addresses['workers']}, "
-            f"stats {server.addresses['stats']}",
-            flush=True,
-        )
-
-    asyncio.run(serve_broker(cfg, on_ready=announce))
-    return 0
-
-
 def _worker(args: argparse.Namespace) -> int:
+    from engine.models import resolve_model
     from engine.worker.main import run_worker
 
+    resolve_model(args.model)  # a wrong --model is said before torch loads
     cfg = cli_args.worker_config(args, args.connect, args.device, args.threads)
     return run_worker(cfg)
-
-
-def _generate(args: argparse.Namespace) -> int:
-    from engine.client import Client, EngineError
-
-    params = dict(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        stop=args.stop or (),
-        ignore_eos=args.ignore_eos,
-        timeout_s=args.timeout,
-    )
-    prompt = (
-        {"messages": [{"role": "user", "content": args.prompt}]}
-        if args.chat
-        else {"prompt": args.prompt}
-    )
-    curve = None
-    if args.curve_key:
-        from engine.curve import ClientKeys
-
-        curve = ClientKeys.load(args.curve_key, args.broker_key or "")
-    try:
-        with Client(args.connect, curve=curve) as client:
-            if args.stream:
-                stream = client.stream(**prompt, **params)
-                for delta in stream:
-                    print(delta.text, end="", flush=True)
-                print()
-                result = stream.result
-            else:
-                result = client.generate(**prompt, **params)
-                print(result.text, flush=True)
-    except EngineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    u, t = result.usage, result.timings
-    ttft = f"{t.first_token_s * 1000:.0f} ms" if t.first_token_s is not None else "n/a"
-    print(
-        f"[{result.finish_reason}; {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens; "
-        f"first token {ttft}; total {t.finished_s:.2f} s; {result.num_slices} slice(s)]",
-        file=sys.stderr,
-    )
-    return 0
 
 
 def _tui(args: argparse.Namespace) -> int:
@@ -193,19 +65,42 @@ def _tui(args: argparse.Namespace) -> int:
         from engine.curve import ClientKeys
 
         curve = ClientKeys.load(args.curve_key, args.broker_key or "")
-    run_dashboard(args.connect, curve)
+    if not sys.stdout.isatty():
+        raise UsageError("the dashboard needs a terminal: run it in one (or use `run.py generate`)")
+    run_dashboard(_stats_address(args.connect, curve), curve)
     return 0
+
+
+def _stats_address(addr: str, curve) -> str:
+    """The broker's stats address: ``addr`` itself, or, when ``addr`` is its client address,
+    the stats address the broker announces there (docs/PROTOCOL.md, GetStats)."""
+    import asyncio
+
+    from engine.client.stats import find_stats_address
+
+    found = asyncio.run(find_stats_address(addr, curve=curve))
+    if found is not None and found != addr:
+        print(
+            f"tui: {addr} is the broker's client address; its stats are at {found}", file=sys.stderr
+        )
+    return found or addr
 
 
 def _demo(args: argparse.Namespace) -> int:
     from engine.demo import run_demo
+    from engine.launcher import EngineStartError
 
-    return run_demo(args)
+    try:
+        return run_demo(args)
+    except EngineStartError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _profile(args: argparse.Namespace) -> int:
+    from engine.models import resolve_model
     from engine.worker.main import run_profile
 
+    resolve_model(args.model)
     return run_profile(cli_args.worker_config(args, "", args.device, args.threads))
 
 
@@ -221,85 +116,92 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"scls-engine {version('scls-engine')}"
+    except PackageNotFoundError:
+        return "scls-engine (not installed: run `make install`)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from engine.bench.cli import add_bench_parser
     from engine.http.cli import add_http_parser, add_serve_flags
 
-    ap = argparse.ArgumentParser(prog="run.py", description="SCLS LLM serving engine")
-    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = Parser(prog="run.py", description="SCLS LLM serving engine")
+    ap.add_argument("--version", action="version", version=_version())
+    _add_log_flags(ap, argparse.SUPPRESS)
+    ap.set_defaults(log_level="INFO", log_format="text")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
 
     def command(name: str, func, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument(
-            "--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
-        )
+        _add_log_flags(p, argparse.SUPPRESS)
         p.set_defaults(func=func)
         return p
 
-    p = command("serve", _serve, "start a broker and N workers as child processes")
-    p.add_argument("--workers", type=int, default=2)
+    p = command("serve", run_serve, "start a broker and N workers as child processes")
+    p.add_argument("--workers", type=positive_int, default=2, help="worker processes to start")
     p.add_argument("--device", default="cpu", help='"cpu" or "cuda" (one worker per GPU)')
-    p.add_argument("--bind", default="127.0.0.1", help="interface to bind (default loopback only)")
-    p.add_argument(
-        "--port", type=int, default=5555, help="client port; workers use PORT+1, stats PORT+2"
-    )
+    cli_args.add_bind_flags(p, "client port; workers use PORT+1, stats PORT+2 (0: any free ports)")
     cli_args.add_scheduler_flags(p)
     cli_args.add_worker_flags(p)
     cli_args.add_broker_flags(p)
     add_serve_flags(p)
 
-    p = command("broker", _broker, "run the broker alone (workers join with `worker --connect`)")
-    p.add_argument("--bind", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5555, help="client port (0: any free ports)")
+    p = command("broker", run_broker, "run the broker alone (workers join with `worker --connect`)")
+    cli_args.add_bind_flags(p, "client port; workers use PORT+1, stats PORT+2 (0: any free ports)")
     p.add_argument("--model", default="embedded", help="model whose tokenizer the broker uses")
     cli_args.add_scheduler_flags(p)
     cli_args.add_broker_flags(p)
 
     p = command("worker", _worker, "run one model worker that joins a broker")
-    p.add_argument("--connect", default="tcp://127.0.0.1:5556", help="the broker's worker address")
-    p.add_argument("--device", default="cpu", help='"cpu" or "cuda:N"')
-    p.add_argument("--worker-id", default=None)
     p.add_argument(
-        "--drain-timeout", type=float, default=30.0, help="on SIGTERM: seconds to finish its work"
+        "--connect",
+        type=cli_args.connect_arg("tcp://127.0.0.1:5556"),
+        default="tcp://127.0.0.1:5556",
+        help="the broker's worker address (its client port + 1), HOST:PORT or tcp://HOST:PORT",
     )
+    p.add_argument("--device", default="cpu", help='"cpu" or "cuda:N"')
+    p.add_argument("--worker-id", default=None, help="its name (default: host-pid-device)")
+    p.add_argument(
+        "--drain-timeout", type=positive_float, default=30.0, help="on SIGTERM: seconds to finish its work"
+    )  # fmt: skip
     cli_args.add_worker_flags(p)
     cli_args.add_curve_client_flags(p)
 
-    p = command("generate", _generate, "send one prompt and print the answer")
-    p.add_argument("prompt")
-    p.add_argument("--connect", default=DEFAULT_CONNECT)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--stream", action="store_true")
+    p = command("generate", run_generate, "send one prompt and print the answer")
+    p.add_argument("prompt", help="the prompt; - reads it from stdin, @FILE from a file")
+    add_request_flags(p)
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument(
-        "--raw",
-        dest="chat",
-        action="store_false",
-        help="send the prompt as is, without the chat template",
-    )
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds")
-    cli_args.add_curve_client_flags(p)
+        "--raw", dest="chat", action="store_false", help="send the prompt as is, without the chat template"
+    )  # fmt: skip
+
+    p = command("chat", run_chat, "an interactive conversation that keeps its history")
+    add_request_flags(p)
 
     p = command("tui", _tui, "the live dashboard")
-    p.add_argument("--connect", default="tcp://127.0.0.1:5557", help="the broker's stats address")
+    p.add_argument(
+        "--connect",
+        type=cli_args.connect_arg(DEFAULT_STATS_CONNECT),
+        default=DEFAULT_STATS_CONNECT,
+        help="the broker's stats address, or its client address (the stats address is then asked)",
+    )
     cli_args.add_curve_client_flags(p)
 
     p = command("demo", _demo, "start the engine, send a scripted load and show it live")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--num-requests", type=int, default=24)
-    p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--workers", type=positive_int, default=2, help="worker processes")
+    p.add_argument("--num-requests", type=positive_int, default=24, help="requests to send")
+    p.add_argument("--port", type=_demo_port, default=5555, help="client port (PORT+1, PORT+2 too)")
     p.add_argument("--plain", action="store_true", help="plain lines instead of the dashboard")
     cli_args.add_scheduler_flags(p)
     cli_args.add_worker_flags(p)
 
     p = command("profile", _profile, "profile this device and fit the time model (cached)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help='"cpu" or "cuda:N"')
     cli_args.add_worker_flags(p)
 
     p = command("keys", _keys, "create CURVE key pairs for a broker started with --curve")
@@ -315,12 +217,37 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _add_log_flags(p: argparse.ArgumentParser, default) -> None:
+    """--log-level and --log-format, before or after the command (the command's wins)."""
+    p.add_argument(
+        "--log-level",
+        default=default,
+        choices=logs.LOG_LEVELS,
+        help="DEBUG also shows the traceback of an error (default: INFO)",
+    )
+    p.add_argument(
+        "--log-format",
+        default=default,
+        choices=logs.LOG_FORMATS,
+        help="json: one JSON object per line (default: text)",
+    )
+
+
+def _demo_port(text: str) -> int:
+    from engine.cli_base import port
+
+    value = port(text)
+    if not 1 <= value <= 65533:
+        raise argparse.ArgumentTypeError(
+            f"must be in 1..65533 (PORT+1 and PORT+2 are used too), got {value}"
+        )
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return args.func(args)
+    logs.configure(args.log_level, args.log_format)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 import re
 
+from engine import addresses
+from engine.cli_base import (
+    UsageError,
+    non_negative_float,
+    non_negative_int,
+    port,
+    positive_int,
+)
 from engine.config import BrokerConfig, SchedulerConfig, WorkerConfig
+
+DEFAULT_PORT = 5555
 
 _UNITS = {
     "": 1,
@@ -32,12 +42,64 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def positive_bytes(text: str) -> int:
+    value = parse_bytes(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 bytes, got {text!r}")
+    return value
+
+
+def connect_arg(example: str):
+    """An argparse type: an address to connect to, as ``tcp://HOST:PORT``."""
+
+    def convert(text: str) -> str:
+        try:
+            return addresses.connect_address(text, example)
+        except addresses.AddressError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = "address"
+    return convert
+
+
+def bind_arg(text: str) -> str:
+    """An argparse type: an address to bind, as ``tcp://HOST:PORT`` (PORT may be ``*``)."""
+    try:
+        return addresses.bind_address(text)
+    except addresses.AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_bind_flags(ap: argparse.ArgumentParser, port_help: str) -> None:
+    """``--bind HOST[:PORT]`` and ``--port``: the broker's three ports start at PORT."""
+    ap.add_argument(
+        "--bind",
+        default="127.0.0.1",
+        help="interface to bind: 127.0.0.1 (this machine only), 0.0.0.0 (every interface); "
+        "HOST:PORT or tcp://HOST:PORT also sets the port",
+    )
+    ap.add_argument(
+        "--port", type=port, default=None, help=f"{port_help} (default: {DEFAULT_PORT})"
+    )
+
+
 def add_scheduler_flags(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("scheduling")
-    g.add_argument("--policy", choices=["scls", "scls:strict", "ils", "sls"], default="scls")
-    g.add_argument("--slice-len", type=int, default=64, help="SCLS: decode steps per slice (S)")
     g.add_argument(
-        "--max-gen-len", type=int, default=1024, help="maximal generation length L (tokens)"
+        "--policy",
+        choices=["scls", "scls:strict", "ils", "sls"],
+        default="scls",
+        help="scls: continuous slice-level scheduling; scls:strict: the paper's, a batch per "
+        "slice; ils: continuous batching; sls: static batches",
+    )
+    g.add_argument(
+        "--slice-len", type=positive_int, default=64, help="SCLS: decode steps per slice (S)"
+    )
+    g.add_argument(
+        "--max-gen-len",
+        type=positive_int,
+        default=1024,
+        help="maximal generation length L (tokens)",
     )
     g.add_argument(
         "--kv-mode",
@@ -46,11 +108,24 @@ def add_scheduler_flags(ap: argparse.ArgumentParser) -> None:
         help="between slices: auto (the cheapest of keeping, offloading, handing off to another "
         "worker or recomputing each KV cache), keep (on its worker), or recompute (re-prefill)",
     )
-    g.add_argument("--ils-admission", choices=["reserve", "optimistic"], default="reserve")
     g.add_argument(
-        "--max-concurrency", type=int, default=None, help="ILS: cap on running requests per worker"
+        "--ils-admission",
+        choices=["reserve", "optimistic"],
+        default="reserve",
+        help="ILS: reserve max_tokens per request at admission, or admit on current usage",
     )
-    g.add_argument("--max-batch-size", type=int, default=256)
+    g.add_argument(
+        "--max-concurrency",
+        type=positive_int,
+        default=None,
+        help="ILS: cap on running requests per worker (default: what memory allows)",
+    )
+    g.add_argument(
+        "--max-batch-size",
+        type=positive_int,
+        default=256,
+        help="most requests in one batch or running set",
+    )
 
 
 def add_broker_flags(ap: argparse.ArgumentParser) -> None:
@@ -58,26 +133,26 @@ def add_broker_flags(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("reliability and security")
     g.add_argument(
         "--max-queued-requests",
-        type=int,
+        type=non_negative_int,
         default=4096,
         help="accepted, unfinished requests beyond which a Submit is refused 'overloaded' (0: no limit)",
     )
     g.add_argument(
         "--max-queued-tokens",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="prompt plus max_tokens of accepted, unfinished requests beyond which a Submit is "
         "refused 'overloaded' (0: no limit)",
     )
     g.add_argument(
         "--client-grace",
-        type=float,
+        type=non_negative_float,
         default=5.0,
         help="seconds a closed client connection's requests run on, so that it can resume them",
     )
     g.add_argument(
         "--drain-timeout",
-        type=float,
+        type=non_negative_float,
         default=30.0,
         help="on SIGTERM: seconds to finish accepted requests before stopping",
     )
@@ -108,14 +183,24 @@ def add_worker_flags(ap: argparse.ArgumentParser) -> None:
         default="embedded",
         help='"embedded" (SmolLM2-135M-Instruct), a transformers model directory, or a .gguf file',
     )
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    g.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="weights and KV cache (float32: batched greedy decoding equals one at a time)",
+    )
     g.add_argument(
         "--kv-budget",
-        type=parse_bytes,
+        type=positive_bytes,
         default=None,
         help="KV-cache budget per worker, e.g. 512MiB (CPU default 2GiB; GPU: free memory)",
     )
-    g.add_argument("--threads", type=int, default=None, help="torch threads per worker (CPU)")
+    g.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch threads per worker (CPU; default: the cores shared among the workers)",
+    )
     g.add_argument(
         "--no-profile",
         action="store_true",
@@ -129,6 +214,7 @@ def add_worker_flags(ap: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--peer-bind",
+        type=bind_arg,
         default="tcp://127.0.0.1:*",
         help="where this worker serves KV caches to other workers (port * picks a free one)",
     )
@@ -136,9 +222,11 @@ def add_worker_flags(ap: argparse.ArgumentParser) -> None:
 
 
 def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
-    for name in ("slice_len", "max_gen_len", "max_batch_size"):
+    for name in ("slice_len", "max_gen_len", "max_batch_size"):  # callers without the parser
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+            raise UsageError(
+                f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+            )
     return SchedulerConfig(
         policy=args.policy,
         slice_len=args.slice_len,
@@ -148,6 +236,27 @@ def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
         max_concurrency=args.max_concurrency,
         max_batch_size=args.max_batch_size,
     )
+
+
+def bind_and_port(args: argparse.Namespace) -> tuple[str, int]:
+    """``--bind HOST[:PORT]`` and ``--port``: (host, client port); raises UsageError when the
+    two disagree or the port leaves no room for PORT+1 and PORT+2."""
+    try:
+        host, bound_port = addresses.bind_host(args.bind)
+    except addresses.AddressError as exc:
+        raise UsageError(f"--bind {exc}") from None
+    if bound_port is not None and args.port is not None and bound_port != args.port:
+        raise UsageError(
+            f"--bind {args.bind} names port {bound_port} but --port is {args.port}: give one"
+        )
+    client_port = bound_port if bound_port is not None else args.port
+    client_port = DEFAULT_PORT if client_port is None else client_port
+    if client_port > addresses.MAX_PORT - 2:
+        raise UsageError(
+            f"--port {client_port} leaves no room for the worker and stats ports (PORT+1 and "
+            f"PORT+2): use at most {addresses.MAX_PORT - 2}"
+        )
+    return host, client_port
 
 
 def broker_config(args: argparse.Namespace, host: str, port: int) -> BrokerConfig:

@@ -127,6 +127,23 @@ def resolve_model(spec: str) -> ModelSpec:
     )
 
 
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def kv_layout(config: Any) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of a transformers config: what one token's KV is made of."""
+    num_heads = int(config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    return int(config.num_hidden_layers), int(num_kv_heads), int(head_dim)
+
+
+def kv_bytes_per_token(config: Any, dtype: str) -> int:
+    """KV-cache bytes one token occupies over all layers (keys and values) in ``dtype``."""
+    num_layers, num_kv_heads, head_dim = kv_layout(config)
+    return 2 * num_layers * num_kv_heads * head_dim * DTYPE_BYTES[dtype]
+
+
 def _as_spec(spec: str | ModelSpec) -> ModelSpec:
     return spec if isinstance(spec, ModelSpec) else resolve_model(spec)
 

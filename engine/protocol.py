@@ -37,6 +37,9 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     content: str
 
 
+DEFAULT_MAX_TOKENS = 256  # a Submit that leaves max_tokens out; the CLI's default too
+
+
 class Submit(msgspec.Struct, tag="submit", tag_field="type", kw_only=True, omit_defaults=True):
     """Generate from exactly one of ``prompt`` (text), ``prompt_ids`` or ``messages`` (chat)."""
 
@@ -44,7 +47,7 @@ class Submit(msgspec.Struct, tag="submit", tag_field="type", kw_only=True, omit_
     prompt: str | None = None
     prompt_ids: list[int] | None = None
     messages: list[ChatMessage] | None = None
-    max_tokens: int = 256
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0  # 0 is greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 disables top-k
@@ -128,6 +131,7 @@ ERROR_CODES = (
     "deadline_exceeded",  # the request did not finish within its deadline_s
     "shutting_down",  # the broker is draining: it accepts nothing new, or stopped the request
     "internal",  # the engine failed this request (a worker could not run it); not the client's fault
+    "resumed_elsewhere",  # a resubmission from another connection took this request over
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +213,19 @@ class LogEvent(msgspec.Struct, kw_only=True):
     message: str
 
 
+class EngineInfo(msgspec.Struct, kw_only=True):
+    """What this engine serves and the limits a request must respect (docs/PROTOCOL.md, 10)."""
+
+    model: str  # the broker's model spec (its tokenizer; every worker serves the same model)
+    max_context_len: int  # prompt plus max_tokens must fit (the smallest of every worker's)
+    vocab_size: int  # prompt_ids must be in [0, vocab_size)
+    max_gen_len: int  # the most max_tokens a request may ask for
+    max_client_frame_bytes: int  # the largest frame a client may send
+    max_queued_requests: int | None  # None: no limit
+    max_queued_tokens: int | None  # None: no limit
+    stats_addr: str  # where the broker publishes snapshots, as bound (0.0.0.0: any interface)
+
+
 class StatsSnapshot(msgspec.Struct, tag="stats", tag_field="type", kw_only=True):
     uptime_s: float
     policy: str
@@ -233,6 +250,8 @@ class StatsSnapshot(msgspec.Struct, tag="stats", tag_field="type", kw_only=True)
     num_rejected: int = 0  # submissions refused as "overloaded" since start
     num_preempted: int = 0  # requests a worker's memory guard sent back since start
     draining: bool = False  # the broker is shutting down: it accepts no new request
+    info: EngineInfo | None = None  # the model and limits; None from an older broker
+    num_rejected_by_code: dict[str, int] = {}  # refused frames (first reply an Error), by code
 
 
 ClientReply = Accepted | Delta | Finished | Error | StatsSnapshot

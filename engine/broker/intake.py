@@ -25,6 +25,13 @@ def resume(
     if req is not None:
         if req.client_id == client_id or req.fingerprint != fp or req.owner != owner:
             return False  # the same connection, or another request: duplicate_request_id
+        taken_over = p.Error(
+            code="resumed_elsewhere",
+            message=f"request {request_id!r} was resubmitted from another connection, which "
+            "receives the rest of it",
+            request_id=request_id,
+        )  # the final reply on the first connection, if it is still there to read it
+        core.outbox.append(ToClient(req.client_id, taken_over))
         req.client_id, req.stream = client_id, stream
         core.expiry.adopt(request_id)
         text, token_ids, prompt_len = req.text.emitted, list(req.generated), len(req.prompt_ids)

@@ -8,9 +8,10 @@ import logging
 import signal
 from collections.abc import Callable
 
+from engine.addresses import port_taken
 from engine.broker.admission import QueueLimits
 from engine.broker.core import BrokerCore
-from engine.broker.server import BrokerServer
+from engine.broker.server import BrokerServer, bind_failure
 from engine.broker.validation import Limits
 from engine.config import BrokerConfig
 from engine.scheduler.factory import make_policy
@@ -30,6 +31,16 @@ def build_server(cfg: BrokerConfig, codec: TextCodec | None = None) -> BrokerSer
     policy = make_policy(cfg.scheduler)
     core = BrokerCore(cfg.scheduler, policy, codec.decode, limits, queue_limits, cfg.client_grace_s)
     return BrokerServer(cfg, core, codec)
+
+
+def check_addresses_free(cfg: BrokerConfig) -> None:
+    """Raise BrokerStartError when one of the broker's TCP ports is already taken."""
+    for domain, addr in (
+        ("clients", cfg.client_addr), ("workers", cfg.worker_addr), ("stats", cfg.stats_addr)
+    ):  # fmt: skip
+        why = port_taken(addr)
+        if why is not None:
+            raise bind_failure(addr, domain, why)
 
 
 async def serve_broker(
@@ -53,6 +64,7 @@ async def serve_broker(
             loop.add_signal_handler(sig, on_signal)
         except (RuntimeError, ValueError):  # not the main thread: the caller owns the events
             pass
+    check_addresses_free(cfg)  # before the tokenizer loads: a taken port is said at once
     codec = await asyncio.to_thread(TextCodec.load, cfg.model)
     server = build_server(cfg, codec)
     task = asyncio.create_task(server.run(stop, drain))

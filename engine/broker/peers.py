@@ -29,8 +29,9 @@ class PeerTracker:
     names the connection currently bound to its descriptor.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, curve: bool = False) -> None:
         self.name = name
+        self.curve = curve  # the broker speaks CURVE: a failed handshake may be a wrong key
         self._by_fd: dict[int, bytes] = {}
         self._fd_of: dict[bytes, int] = {}
         self._logged_at = -_LOG_EVERY_S
@@ -55,11 +56,19 @@ class PeerTracker:
             if routing_id is not None:
                 self._fd_of.pop(routing_id, None)
             return routing_id
-        if kind in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and not self.curve:
+            # Without CURVE this is a connection that closed during its handshake (a client
+            # that exited at once, a port probe): nothing to act on, so not a warning.
+            log.debug("a connection on the %s socket closed during its handshake", self.name)
+        elif kind in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
             self.num_refused += 1
-            self._log_refusal(
-                f"handshake failed (ZMTP error {value:#x}): the peer does not speak CURVE with this broker's key"
+            why = (
+                "the peer does not speak CURVE with this broker's key"
+                if self.curve
+                else "the peer speaks another protocol or socket type (HTTP, a CURVE client, "
+                "a SUB socket on the client port?)"
             )
+            self._log_refusal(f"handshake failed (ZMTP error {value:#x}): {why}")
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             self.num_refused += 1  # the authenticator logged the key
         return None

@@ -8,6 +8,7 @@ slow clients (outbox.py), CURVE (curve.py), and the drain on SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 
@@ -32,6 +33,17 @@ CHARS_PER_TOKEN = 16  # a text prompt longer than this times the context is refu
 _RESET_EVERY_S = 1.0  # a stranger sending heartbeats is told to reset at most this often
 
 
+class BrokerStartError(RuntimeError):
+    """The broker cannot start (an address taken or unusable); the message says what to change."""
+
+
+def bind_failure(addr: str, domain: str, why: str) -> BrokerStartError:
+    return BrokerStartError(
+        f"cannot listen for {domain} on {addr}: {why}: pass another --port (0: any free "
+        "ports), or stop the process that holds it"
+    )
+
+
 class BrokerServer:
     """Binds the client ROUTER, the worker ROUTER and the stats PUB, and runs the core."""
 
@@ -43,11 +55,16 @@ class BrokerServer:
         self.auth = Authenticator(self.ctx, cfg.curve_dir) if cfg.curve_dir else None
         if self.auth is not None:
             self.auth.start()
-        max_frame = p.MAX_CLIENT_FRAME_BYTES
-        self.clients = self._socket(zmq.ROUTER, cfg.client_addr, "clients", lambda s: links.client_router(s, max_frame))  # fmt: skip
-        self.workers = self._socket(zmq.ROUTER, cfg.worker_addr, "workers", links.worker_router)
-        self.stats = self._socket(zmq.PUB, cfg.stats_addr, "stats", lambda s: s.setsockopt(zmq.SNDHWM, 16))  # fmt: skip
-        self.client_peers, self.worker_peers = PeerTracker("clients"), PeerTracker("workers")
+        try:
+            self._bind_all(cfg)
+        except BaseException:
+            if self.auth is not None:
+                self.auth.stop()
+            self.ctx.destroy(linger=0)
+            raise
+        curve = self.auth is not None
+        self.client_peers = PeerTracker("clients", curve)
+        self.worker_peers = PeerTracker("workers", curve)
         self.client_monitor = self.clients.get_monitor_socket(MONITOR_EVENTS)
         self.worker_monitor = self.workers.get_monitor_socket(MONITOR_EVENTS)
         # Sync views of the same sockets: every send is non-blocking (outbox.py holds the rest).
@@ -56,9 +73,16 @@ class BrokerServer:
         self._reset_sent: dict[bytes, float] = {}
         self.num_bad_frames = 0
         self._snapshot_cache: tuple[float, p.StatsSnapshot] | None = None
+        self.rejected_by_code: collections.Counter[str] = collections.Counter()
         self.started_at = time.monotonic()
         self.draining_since: float | None = None
         self.ready = asyncio.Event()
+
+    def _bind_all(self, cfg: BrokerConfig) -> None:
+        max_frame = p.MAX_CLIENT_FRAME_BYTES
+        self.clients = self._socket(zmq.ROUTER, cfg.client_addr, "clients", lambda s: links.client_router(s, max_frame))  # fmt: skip
+        self.workers = self._socket(zmq.ROUTER, cfg.worker_addr, "workers", links.worker_router)
+        self.stats = self._socket(zmq.PUB, cfg.stats_addr, "stats", lambda s: s.setsockopt(zmq.SNDHWM, 16))  # fmt: skip
 
     def _socket(self, kind: int, addr: str, domain: str, tune) -> zmq.asyncio.Socket:
         sock = self.ctx.socket(kind)
@@ -66,7 +90,10 @@ class BrokerServer:
         tune(sock)
         if self.auth is not None:
             self.auth.serve_on(sock, domain)
-        sock.bind(addr)
+        try:
+            sock.bind(addr)
+        except zmq.ZMQError as exc:
+            raise bind_failure(addr, domain, exc.strerror) from None
         return sock
 
     @property
@@ -282,13 +309,32 @@ class BrokerServer:
             if isinstance(item, ToWorker):
                 self._send_worker(item.identity, item.msg)
             else:
+                if item.droppable and isinstance(item.msg, p.Error):  # a frame refused
+                    self.rejected_by_code[item.msg.code] += 1
                 self.outbox.send(item.client_id, item.msg, item.droppable)
 
     def _snapshot(self, now: float) -> p.StatsSnapshot:
         """One snapshot per tick however many GetStats came in it (a flood costs one)."""
         if self._snapshot_cache is None or self._snapshot_cache[0] != now:
-            self._snapshot_cache = (now, snapshot(self.core, now, self.started_at))
+            snap = snapshot(
+                self.core, now, self.started_at, self._engine_info(), self.rejected_by_code
+            )
+            self._snapshot_cache = (now, snap)
         return self._snapshot_cache[1]
+
+    def _engine_info(self) -> p.EngineInfo:
+        """What a client may learn through GetStats (context and vocabulary: see snapshot)."""
+        limits = self.core.limits
+        return p.EngineInfo(
+            model=self.cfg.model,
+            max_context_len=limits.max_context_len,
+            vocab_size=limits.vocab_size,
+            max_gen_len=limits.max_gen_len,
+            max_client_frame_bytes=p.MAX_CLIENT_FRAME_BYTES,
+            max_queued_requests=self.cfg.max_queued_requests,
+            max_queued_tokens=self.cfg.max_queued_tokens,
+            stats_addr=self.addresses["stats"],
+        )
 
     def _drained(self, now: float) -> bool:
         """Draining: True once every accepted request ended, or at the drain deadline."""

@@ -46,7 +46,15 @@ def worker_stats(core: BrokerCore, worker: WorkerState, now: float) -> p.WorkerS
     )
 
 
-def snapshot(core: BrokerCore, now: float, started_at: float) -> p.StatsSnapshot:
+def snapshot(
+    core: BrokerCore,
+    now: float,
+    started_at: float,
+    info: p.EngineInfo | None = None,
+    rejected_by_code: dict[str, int] | None = None,
+) -> p.StatsSnapshot:
+    """``info``: what the engine serves and its limits (the server knows its addresses);
+    ``rejected_by_code``: the frames it refused, by error code."""
     cfg = core.cfg
     recent = [r for r in core.done if r.finished_at is not None and r.finished_at >= now - WINDOW_S]
     finished = [r for r in recent if r.state is RequestState.FINISHED]
@@ -82,4 +90,6 @@ def snapshot(core: BrokerCore, now: float, started_at: float) -> p.StatsSnapshot
         num_rejected=core.num_rejected,
         num_preempted=core.num_preempted,
         draining=core.draining,
+        info=info,
+        num_rejected_by_code=dict(rejected_by_code or {}),
     )

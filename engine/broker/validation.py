@@ -36,8 +36,13 @@ class Limits:
 
 
 def check_prompt_fields(msg: p.Submit, max_prompt_chars: int | None = None) -> None:
-    """Exactly one prompt form, and (given ``max_prompt_chars``) no text so long that no model
+    """A non-empty request_id if any, exactly one prompt form, and (given ``max_prompt_chars``) no text so long that no model
     context could hold it: checked before tokenization, which would cost the broker's time."""
+    if msg.request_id == "":
+        raise SubmitError(
+            "invalid_request",
+            "request_id is empty: give a non-empty id (a uuid4 hex), or leave it out to get one",
+        )
     given = [
         name for name in ("prompt", "prompt_ids", "messages") if getattr(msg, name) is not None
     ]
@@ -100,6 +105,9 @@ def validate_submit(msg: p.Submit, prompt_ids: list[int], limits: Limits) -> Non
         )
     if msg.seed is not None and not 0 <= msg.seed < 2**63:
         raise SubmitError(bad, f"seed must be in [0, 2**63); got {msg.seed}")
+    empty = [i for i, stop in enumerate(msg.stop) if not stop]
+    if empty:
+        raise SubmitError(bad, f"stop[{empty[0]}] is empty: every stop string needs a character")
     if any(not 0 <= t < limits.vocab_size for t in prompt_ids):
         raise SubmitError(bad, f"prompt_ids must be token ids in [0, {limits.vocab_size})")
     total = len(prompt_ids) + msg.max_tokens

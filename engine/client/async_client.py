@@ -65,6 +65,7 @@ class AsyncClient:
         self._conn = Connection(
             addr, send_timeout_s=self.connect_timeout_s, context=context, curve=curve
         )
+        self.addr = self._conn.addr  # tcp://HOST:PORT, whichever form was given
         self._inflight: dict[str, Inflight] = {}
         self._stats_waiters: deque[asyncio.Future[StatsSnapshot]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -360,6 +361,7 @@ class AsyncClient:
                 "flight; its reply is lost: send it again once the broker is back "
                 "(`python run.py serve`)",
                 request_id,
+                reason="lost",
             )
 
         self._fail_all(lost)
@@ -376,7 +378,8 @@ class AsyncClient:
                 waiter.set_exception(make_error(None))
 
     def _no_answer(self, request_id: str) -> Disconnected:
-        if self._conn.connected:
+        reason = "no_answer" if self._conn.connected else "unreachable"
+        if reason == "no_answer":
             message = (
                 f"the peer at {self.addr} accepted the connection but did not answer request "
                 f"{request_id!r} within connect_timeout_s={self.connect_timeout_s:g} s: is it "
@@ -389,4 +392,4 @@ class AsyncClient:
                 f"{self.connect_timeout_s:g} s (nothing accepted the connection): start one "
                 "with `python run.py serve`, or pass the address it listens on."
             )
-        return Disconnected(self.addr, message, request_id)
+        return Disconnected(self.addr, message, request_id, reason=reason)

@@ -10,6 +10,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from engine.addresses import connect_address
 from engine.client.errors import Disconnected
 from engine.curve import ClientKeys
 
@@ -37,7 +38,7 @@ class Connection:
         context: zmq.asyncio.Context | None = None,
         curve: ClientKeys | None = None,
     ) -> None:
-        self.addr = addr
+        self.addr = addr = connect_address(addr, DEFAULT_ADDR)  # HOST:PORT too; AddressError
         self.send_timeout_s = send_timeout_s
         self.connected = False
         self._own_context = context is None
@@ -73,10 +74,13 @@ class Connection:
 
     def send_nowait(self, frame: bytes) -> None:
         """Queue a frame without waiting (a Cancel); if the queue is full it is dropped, logged."""
+        level = logging.WARNING if self.connected else logging.DEBUG  # no broker: nothing to stop
         try:
-            self._sock.send(frame, zmq.NOBLOCK).add_done_callback(_log_send_failure)
+            self._sock.send(frame, zmq.NOBLOCK).add_done_callback(
+                lambda future: _log_send_failure(future, level)
+            )
         except zmq.ZMQError as exc:
-            log.warning("could not queue a frame for %s: %s", self.addr, exc)
+            log.log(level, "could not queue a frame for %s: %s", self.addr, exc)
 
     async def read_forever(
         self, on_frame: Callable[[bytes], None], on_lost: Callable[[], None]
@@ -112,6 +116,6 @@ class Connection:
             self._ctx.term()
 
 
-def _log_send_failure(future: asyncio.Future) -> None:
+def _log_send_failure(future: asyncio.Future, level: int = logging.WARNING) -> None:
     if not future.cancelled() and future.exception() is not None:
-        log.warning("could not queue a frame: %s", future.exception())
+        log.log(level, "could not queue a frame: %s", future.exception())

@@ -75,12 +75,20 @@ class RequestTimeout(EngineError, TimeoutError):
 
 
 class Disconnected(EngineError, ConnectionError):
-    """No broker answered at ``addr``, or the connection to it was lost mid-request."""
+    """No broker answered at ``addr``, or the connection to it was lost mid-request.
 
-    def __init__(self, addr: str, message: str, request_id: str | None = None) -> None:
+    ``reason``: "unreachable" (nothing accepted the connection in time), "no_answer" (a peer
+    accepted it but did not answer: not the broker's client address?) or "lost" (the
+    connection closed while the request was in flight).
+    """
+
+    def __init__(
+        self, addr: str, message: str, request_id: str | None = None, reason: str = "unreachable"
+    ) -> None:
         super().__init__(message)
         self.addr = addr
         self.request_id = request_id
+        self.reason = reason
 
 
 class ClientClosed(EngineError):

@@ -8,6 +8,7 @@ import logging
 import zmq
 import zmq.asyncio
 
+from engine.addresses import connect_address
 from engine.client.inflight import check_timeout
 from engine.curve import ClientKeys
 from engine.protocol import ProtocolError, StatsSnapshot, decode_client_reply
@@ -33,7 +34,7 @@ class AsyncStatsSubscriber:
         context: zmq.asyncio.Context | None = None,
         curve: ClientKeys | None = None,
     ) -> None:
-        self.addr = addr
+        self.addr = addr = connect_address(addr, DEFAULT_STATS_ADDR)  # HOST:PORT too
         self._own_context = context is None
         self._ctx = context if context is not None else zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.SUB)
@@ -85,3 +86,31 @@ class AsyncStatsSubscriber:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
+
+
+async def find_stats_address(
+    addr: str, *, timeout_s: float = 1.5, curve: ClientKeys | None = None
+) -> str | None:
+    """The stats address of the broker whose *client* address is ``addr``, or None when no
+    broker answers GetStats there (``addr`` is then a stats address, or no broker is up yet).
+
+    The broker announces where it publishes (``StatsSnapshot.info.stats_addr``, as bound); the
+    host is taken from ``addr``, since a broker bound to 0.0.0.0 is reached by another name.
+    An older broker that announces nothing gets the default layout, the client port + 2.
+    """
+    from engine.addresses import tcp_host_port, with_port_offset
+    from engine.client.async_client import AsyncClient
+    from engine.client.errors import EngineError
+
+    client = AsyncClient(addr, connect_timeout_s=timeout_s, curve=curve)
+    try:
+        snap = await client.stats(timeout_s=timeout_s)
+    except EngineError:
+        return None
+    finally:
+        await client.close()
+    announced = tcp_host_port(snap.info.stats_addr) if snap.info is not None else None
+    here = tcp_host_port(addr)
+    if announced is None or here is None:
+        return with_port_offset(addr, 2) if snap.info is None else snap.info.stats_addr
+    return f"tcp://{here[0]}:{announced[1]}"

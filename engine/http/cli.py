@@ -4,10 +4,11 @@ conversion into a GatewayConfig, and the child command line `serve` starts."""
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
-from engine.cli_args import add_curve_client_flags
+from engine.addresses import with_port_offset
+from engine.cli_args import add_curve_client_flags, connect_arg
+from engine.cli_base import port, positive_float
 from engine.http.config import GatewayConfig
 
 DEFAULT_HTTP_PORT = 8000
@@ -15,14 +16,20 @@ DEFAULT_HTTP_PORT = 8000
 
 def add_http_parser(p: argparse.ArgumentParser) -> None:
     """Flags of `run.py http`."""
-    p.add_argument("--connect", default="tcp://127.0.0.1:5555", help="the broker's client address")
+    p.add_argument(
+        "--connect",
+        type=connect_arg("tcp://127.0.0.1:5555"),
+        default="tcp://127.0.0.1:5555",
+        help="the broker's client address, HOST:PORT or tcp://HOST:PORT",
+    )
     p.add_argument(
         "--stats-connect",
+        type=connect_arg("tcp://127.0.0.1:5557"),
         default=None,
         help="the broker's stats address (default: the --connect port + 2)",
     )
-    p.add_argument("--bind", default="127.0.0.1", help="interface to listen on (default loopback)")
-    p.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT, help="0: any free port")
+    p.add_argument("--bind", default="127.0.0.1", help="interface to listen on (loopback)")
+    p.add_argument("--port", type=port, default=DEFAULT_HTTP_PORT, help="0: any free port")
     p.add_argument(
         "--model",
         default="embedded",
@@ -33,7 +40,7 @@ def add_http_parser(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--request-timeout",
-        type=float,
+        type=positive_float,
         default=600.0,
         help="seconds a request may run before the engine stops it",
     )
@@ -45,11 +52,11 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     """Flags of `run.py serve` that start a gateway beside the engine."""
     g = p.add_argument_group("HTTP API and metrics (a gateway process beside the engine)")
     g.add_argument(
-        "--http-port", type=int, default=None, help="serve the OpenAI-compatible API on this port"
+        "--http-port", type=port, default=None, help="serve the OpenAI-compatible API on this port"
     )
     g.add_argument(
         "--metrics-port",
-        type=int,
+        type=port,
         default=None,
         help="serve Prometheus /metrics on this port (without --http-port: metrics only)",
     )
@@ -98,12 +105,12 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
 
 def stats_address(client_addr: str) -> str:
     """tcp://HOST:PORT -> tcp://HOST:PORT+2, the broker's default layout."""
-    match = re.fullmatch(r"(tcp://.+):(\d+)", client_addr)
-    if match is None:
+    found = with_port_offset(client_addr, 2)
+    if found is None:
         raise ValueError(
             f"cannot derive the stats address from --connect {client_addr!r}: pass --stats-connect"
         )
-    return f"{match.group(1)}:{int(match.group(2)) + 2}"
+    return found
 
 
 def run_http(args: argparse.Namespace) -> int:
@@ -143,6 +150,7 @@ def serve_gateway_argv(
         "--connect", addrs["clients"].replace("0.0.0.0", "127.0.0.1"),
         "--stats-connect", addrs["stats"].replace("0.0.0.0", "127.0.0.1"),
         "--bind", args.bind, "--model", args.model, "--log-level", args.log_level,
+        "--log-format", getattr(args, "log_format", "text"),
     ]  # fmt: skip
     if args.served_model_name:
         common += ["--served-model-name", args.served_model_name]

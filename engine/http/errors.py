@@ -19,6 +19,7 @@ STATUS_OF_CODE = {
     "deadline_exceeded": 504,
     "shutting_down": 503,
     "internal": 500,
+    "resumed_elsewhere": 409,
 }
 
 _TYPE_OF_STATUS = {

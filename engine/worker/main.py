@@ -17,6 +17,7 @@ from engine import protocol as p
 from engine.config import DEFAULT_KV_BUDGET_BYTES, WorkerConfig
 from engine.cost_model import CostModelError, TimeModel
 from engine.models import models_cache_root
+from engine.start_checks import check_kv_budget
 from engine.worker.executor import Executor
 from engine.worker.kv_pool import DEFAULT_BLOCK_TOKENS
 from engine.worker.kv_setup import kv_store_factory
@@ -85,6 +86,7 @@ def build(cfg: WorkerConfig) -> tuple[Callable[[], Executor], p.Ready]:
     loaded = load_model(cfg.model, cfg.device, cfg.dtype)
     runner = Runner(loaded, slowdown=cfg.slowdown)
     budget = kv_budget_bytes(cfg, loaded.device)
+    check_kv_budget(loaded.info.kv_bytes_per_token, budget, max_gen_len=None)  # UsageError
     params = None
     if cfg.profile:
         try:

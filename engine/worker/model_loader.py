@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from engine.models import ModelSpec, is_converted, resolve_model
+from engine.models import ModelSpec, is_converted, kv_layout, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +88,15 @@ def model_info(name: str, config, generation_config, dtype: torch.dtype) -> Mode
             f"model {name!r} has {sorted(set(layer_types))} attention layers; this runner serves "
             "full-attention decoders only (Llama, Qwen2 without sliding window, ...)"
         )
-    num_heads = int(config.num_attention_heads)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    num_layers, num_kv_heads, head_dim = kv_layout(config)
     eos: list[int] = []
     for value in (getattr(generation_config, "eos_token_id", None), config.eos_token_id):
         eos += [i for i in _int_ids(value) if i not in eos]
     return ModelInfo(
         name=name,
-        num_layers=int(config.num_hidden_layers),
-        num_kv_heads=int(getattr(config, "num_key_value_heads", None) or num_heads),
-        head_dim=int(head_dim),
+        num_layers=num_layers,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
         dtype_bytes=torch.empty((), dtype=dtype).element_size(),
         vocab_size=int(config.vocab_size),
         max_context_len=int(getattr(config, "max_position_embeddings", None) or 2**31 - 1),

@@ -3,6 +3,8 @@ InvalidRequest (a ValueError and a RequestRejected with code "invalid_request").
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from engine import protocol as p
@@ -69,6 +71,10 @@ def test_wrong_timeouts_are_refused(kwargs):
         AsyncClient("tcp://127.0.0.1:1", **kwargs)
 
 
-def test_a_wrong_address_is_refused():
-    with pytest.raises(ValueError, match="cannot connect to 'localhost:5555'"):
-        AsyncClient("localhost:5555")
+def test_a_wrong_address_is_refused_and_host_port_accepted():
+    for wrong in ("http://localhost:5555", "localhost", "localhost:99999", "a b:1"):
+        with pytest.raises(ValueError, match="use HOST:PORT or tcp://HOST:PORT"):
+            AsyncClient(wrong)
+    client = AsyncClient("localhost:5555")  # the command line's form works here too
+    assert client.addr == "tcp://localhost:5555"
+    asyncio.run(client.close())

@@ -37,6 +37,8 @@ def strategy(t: msgspec.inspect.Type) -> st.SearchStrategy:
         return st.one_of([strategy(x) for x in t.types])
     if isinstance(t, mi.ListType):
         return st.lists(strategy(t.item_type), max_size=3)
+    if isinstance(t, mi.DictType):
+        return st.dictionaries(strategy(t.key_type), strategy(t.value_type), max_size=3)
     if isinstance(t, mi.TupleType):
         return st.tuples(*(strategy(x) for x in t.item_types))
     if isinstance(t, mi.LiteralType):

@@ -48,7 +48,11 @@ class StatusHeader(Widget):
         if self.link == LINK_STALE and self.data_age_s is not None:
             line.append(f": no data for {fmt_s(self.data_age_s)}", style)
         if self.link == LINK_DISCONNECTED:
-            line.append(f"  waiting for a broker at {self.address or '?'}", "dim")
+            line.append(
+                f"  waiting for a broker's stats at {self.address or '?'} (its client port + 2, "
+                "e.g. tcp://127.0.0.1:5557; --connect takes either)",
+                "dim",
+            )
         elif self.address:
             line.append(f"  {self.address}", "dim")
         if self.paused:
