@@ -7,6 +7,7 @@ import os
 import platform
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,11 +73,30 @@ def time_model(
     if cached is not None:
         log.info("time model from %s", path)
         return cached
-    log.info("profiling %s on %s (once; cached in %s)", loaded.info.name, loaded.device, path)
-    prefill, decode = profile(runner)
+    log.info(
+        "profiling %s on %s: the first start on this machine only (cached in %s)",
+        loaded.info.name, loaded.device, path,
+    )  # fmt: skip
+    started_at = time.monotonic()
+    prefill, decode = profile(runner, on_progress=progress_logger(started_at))
     model = TimeModel.fit(prefill, decode)
     model.save(path)
+    log.info("profiled in %.1f s", time.monotonic() - started_at)
     return model
+
+
+def progress_logger(started_at: float, every_s: float = 3.0) -> Callable[[int, int], None]:
+    """A profiler progress callback: a log line every ``every_s`` seconds (a terminal shows
+    the start is moving, a log file does not fill up)."""
+    last = [started_at]
+
+    def on_progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s and done < total:
+            last[0] = now
+            log.info("profiling: %d/%d shapes, %.0f s", done, total, now - started_at)
+
+    return on_progress
 
 
 def build(cfg: WorkerConfig) -> tuple[Callable[[], Executor], p.Ready]:
@@ -141,16 +161,16 @@ def run_profile(cfg: WorkerConfig) -> int:
     num_threads = set_threads(cfg)
     loaded = load_model(cfg.model, cfg.device, cfg.dtype)
     runner = Runner(loaded)
-    prefill, decode = profiler.profile(runner)
+    started_at = time.monotonic()
+    prefill, decode = profiler.profile(runner, on_progress=progress_logger(started_at))
+    profile_s = time.monotonic() - started_at
     test_pre = profiler.profile_prefill(runner, profiler.HELDOUT_PREFILL_GRID, seed=1)
-    test_dec = profiler.profile_decode(
-        runner, profiler.HELDOUT_DECODE_BATCH_SIZES, profiler.HELDOUT_DECODE_CONTEXT_LENS, seed=1
-    )
+    test_dec = profiler.profile_decode(runner, profiler.HELDOUT_DECODE_GRID, seed=1)
     model = TimeModel.fit(prefill, decode)
     print(
+        f"profile: {len(prefill)} prefill + {len(decode)} decode shapes in {profile_s:.1f} s; "
         f"held-out MAPE: prefill {model.mape(test_pre, ()):.1%} over {len(test_pre)} shapes, "
-        f"decode {model.mape((), test_dec):.1%} over {len(test_dec)} shapes "
-        f"(fitted on {len(prefill)} + {len(decode)} other shapes)"
+        f"decode {model.mape((), test_dec):.1%} over {len(test_dec)} shapes"
     )
     path = profile_path(loaded, num_threads)
     model.save(path)

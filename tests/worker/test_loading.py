@@ -112,9 +112,12 @@ def test_unsupported_dtype_and_sliding_window_models(tiny_loaded):
 
 def test_profile_of_the_tiny_model_is_quick(runner):
     started_at = time.perf_counter()
-    prefill, decode = profile(runner)
+    seen: list[tuple[int, int]] = []
+    prefill, decode = profile(runner, on_progress=lambda done, total: seen.append((done, total)))
     assert time.perf_counter() - started_at < 10
-    assert len(prefill) >= 8 and len(decode) >= 12
+    assert len(prefill) >= 6 and len(decode) >= 10
+    assert seen == [(i, len(prefill) + len(decode)) for i in range(1, len(seen) + 1)]
+    assert len(seen) == len(prefill) + len(decode)
     assert all(n >= 1 and length >= 1 and s > 0 for n, length, s in prefill + decode)
     assert {n for n, _, _ in decode} >= {1, 32}
 
