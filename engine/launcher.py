@@ -79,7 +79,7 @@ class LocalEngine:
         self._thread.start()
         self._ready.wait(self.start_timeout_s)
         if self._error is not None or self.server is None:
-            raise EngineStartError(f"the broker did not start: {self._error!r}")
+            raise EngineStartError(f"the broker did not start: {self._error}")
         for _ in range(self.num_workers):
             self.add_worker()
         self.wait_for_workers(self.num_workers)
