@@ -236,7 +236,8 @@ class EngineLoop:
             )
         )
         self.tokens: list[list[int]] = [[] for _ in token_lists]
-        self.step()  # admission: prefill, then the first decode step
+        while not all(self.tokens):  # prefill (in chunks of the step's token budget) until
+            self.step()  # every row has sampled its first token: then only decode steps
 
     @property
     def forward_s(self) -> float | None:

@@ -31,9 +31,9 @@ Semantics (the contract the broker plans against):
   (StepResult.evicted: those requests recompute). A policy whose reservations fit the budget
   (SCLS, reserve ILS, SLS) never sees a preemption.
 - One forward per step, ragged: each running row feeds its last token; a row without KV is
-  prefilled in the same forwards, in chunks, within ``max_step_tokens`` per step (chunked
-  prefill: a long prompt never stalls the running rows for long); it samples its first token
-  in the step that feeds the end of its context.
+  prefilled in the same forwards, in chunks of ``prefill_chunk_tokens`` at fixed offsets,
+  within ``max_step_tokens`` per step (chunked prefill: a long prompt never stalls the running
+  rows for long); it samples its first token in the step that feeds the end of its context.
 - BatchDone per dispatch when its last request left. Counters (tokens): ``prefill_tokens`` all
   prefilled tokens; ``pad_tokens`` is always 0 (ragged forwards pad nothing); ``recomputed_tokens`` prefilled
   tokens that the request had generated before (``max(0, num_generated - 1)`` per prefilled row:
@@ -62,6 +62,7 @@ from engine.worker.runner import Runner, SamplingParams
 # Tokens one step feeds at most: rows' last tokens plus chunks of prompts being prefilled. On
 # this CPU 512 tokens take about a second; a GPU takes several thousand in the time of a step.
 DEFAULT_STEP_TOKENS = 512
+DEFAULT_PREFILL_CHUNK_TOKENS = 256
 
 
 @dataclass(slots=True)
@@ -99,6 +100,7 @@ class Executor:
         runner: Runner,
         kv_budget_bytes: int,
         max_step_tokens: int = DEFAULT_STEP_TOKENS,
+        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
         clock: Callable[[], float] = time.perf_counter,
         store: KVStore | None = None,
         block_tokens: int = DEFAULT_BLOCK_TOKENS,
@@ -107,6 +109,7 @@ class Executor:
         self.info = runner.info
         self.kv_budget_bytes = kv_budget_bytes
         self.max_step_tokens = max_step_tokens  # tokens fed per step, prefill chunks included
+        self.prefill_chunk_tokens = prefill_chunk_tokens  # a prompt is prefilled in such chunks
         self.pool = runner.new_pool(kv_budget_bytes, block_tokens)
         self._clock = clock
         self._store = store if store is not None else KVStore()
@@ -364,17 +367,28 @@ class Executor:
         self._rows += cands
 
     def _feeds(self) -> list[list[int]]:
-        """What each row feeds this step, within ``max_step_tokens`` in all: a running row its
-        last token; a row still prefilling the next chunk of its context, oldest rows first
-        (a prompt longer than the budget takes several steps: chunked prefill, so that one
-        long prompt never stalls the running rows for long). Every row feeds at least one."""
-        room = self.max_step_tokens - len(self._rows)
+        """What each row feeds this step: a running row its last token; a row still being
+        prefilled the next chunk of its context, cut at fixed multiples of
+        ``prefill_chunk_tokens`` (so that a row's chunks, hence its numbers, do not depend on
+        the other rows), oldest rows first while the step's ``max_step_tokens`` last, and
+        always at least the oldest one (chunked prefill: a long prompt never stalls the
+        running rows for long). An empty feed sits this step out."""
+        todos = [r.token_ids[r.table.num_tokens :] for r in self._rows]
+        room = self.max_step_tokens - sum(1 for t in todos if len(t) <= 1)
         feeds = []
-        for row in self._rows:
-            todo = row.token_ids[row.table.num_tokens :]
-            take = min(len(todo), 1 + max(0, room))
-            room -= take - 1
-            feeds.append(todo[:take])
+        first = True
+        for row, todo in zip(self._rows, todos, strict=True):
+            if len(todo) <= 1:
+                feeds.append(todo)
+                continue
+            chunk = self.prefill_chunk_tokens
+            take = todo[: chunk - row.table.num_tokens % chunk]
+            if first or len(take) <= room:
+                feeds.append(take)
+                room -= len(take)
+                first = False
+            else:
+                feeds.append([])
         return feeds
 
     def _count_prefill(self, row: _Row) -> None:
@@ -399,17 +413,17 @@ class Executor:
     def _decode(self) -> None:
         """One forward of every row's feed (``_feeds``), then one sampled token for each row
         whose whole context is now in its KV (a row mid-prefill samples nothing yet)."""
-        feeds = self._feeds()
-        prefills = [len(tokens) for tokens in feeds if len(tokens) > 1]
-        decoded = [r for r, tokens in zip(self._rows, feeds, strict=True) if len(tokens) == 1]
+        feeds = zip(self._rows, self._feeds(), strict=True)
+        fed = [(i, r, tokens) for i, (r, tokens) in enumerate(feeds) if tokens]
+        prefills = [len(tokens) for _, _, tokens in fed if len(tokens) > 1]
+        decoded = [r for _, r, tokens in fed if len(tokens) == 1]
         started_at = self._clock()
-        logits = self.runner.forward(
-            self.pool, [(r.table, tokens) for r, tokens in zip(self._rows, feeds, strict=True)]
-        )
-        ready = [i for i, r in enumerate(self._rows) if r.table.num_tokens == len(r.token_ids)]
+        logits = self.runner.forward(self.pool, [(r.table, tokens) for _, r, tokens in fed])
+        done = [k for k, (_, r, _) in enumerate(fed) if r.table.num_tokens == len(r.token_ids)]
+        ready = [fed[k][0] for k in done]
         rows = [self._rows[i] for i in ready]
         indices = [r.item.num_generated + r.num_new for r in rows]
-        tokens = self.runner.sample(logits[ready], [r.params for r in rows], indices)
+        tokens = self.runner.sample(logits[done], [r.params for r in rows], indices)
         elapsed_s = self._clock() - started_at
         self.progress += 1
         total_bytes = self.kv_used_bytes

@@ -264,9 +264,10 @@ def test_renew_extends_a_running_slice_without_a_stop(runner, executor):
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(runner):
-    """With 16 tokens a step, a 60-token prompt joining a running row takes four steps to
-    prefill; the running row gets a token at every one of them; both equal one-at-a-time."""
-    executor = Executor(runner, BIG_BUDGET, max_step_tokens=16)
+    """In chunks of 16 tokens, a 60-token prompt joining a running row takes four steps to
+    prefill; the running row gets a token at every one of them; both equal one-at-a-time
+    (served alone the prompt is cut into the same chunks: fixed offsets)."""
+    executor = Executor(runner, BIG_BUDGET, max_step_tokens=17, prefill_chunk_tokens=16)
     short, long = make_prompts(42, [5, 60])
     executor.submit(make_run(1, [make_item("s", short, max_steps=12)], join=True))
     first = drain_steps(executor, 2)
