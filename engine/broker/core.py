@@ -12,6 +12,7 @@ from engine import protocol as p
 from engine.broker import admission, intake
 from engine.broker.expiry import Expiry
 from engine.broker.kv_ledger import KVLedger
+from engine.broker.request_log import log_request_end
 from engine.broker.requests import Request, RequestState
 from engine.broker.resume import FinishedCache, FinishedEntry, fingerprint
 from engine.broker.text import Decode
@@ -513,6 +514,7 @@ class BrokerCore:
             self._send(self.workers[req.worker_id], p.Abort(request_ids=[req.request_id]))
         req.state = state
         req.finished_at = now
+        log_request_end(req, reason)
         tail = req.text.finish()
         if notify and req.stream and tail:
             self.outbox.append(
@@ -530,6 +532,7 @@ class BrokerCore:
     def _fail(self, req: Request, code: str, message: str, now: float) -> None:
         req.state = RequestState.FAILED
         req.finished_at = now
+        log_request_end(req, "error", code=code)
         self.outbox.append(
             ToClient(req.client_id, p.Error(code=code, message=message, request_id=req.request_id))
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from engine import protocol as p
 from engine.broker.core import BrokerCore, ToClient, ToWorker
 from engine.broker.validation import Limits
@@ -109,6 +111,22 @@ def test_request_runs_slice_by_slice_and_finishes_once():
     assert len(result.token_ids) == 10
     assert result.num_slices == 3  # 4 + 4 + 2
     assert not core.requests
+
+
+def test_every_ended_request_gets_one_log_line(caplog):
+    core = make_core()
+    core.add_worker(b"id1", ready(), 0.0)
+    with caplog.at_level(logging.INFO, logger="engine.requests"):
+        core.submit(b"c1", p.Submit(request_id="r", prompt_ids=[1, 2], max_tokens=2), [1, 2], 0.0)
+        core.schedule(1.0)
+        _, to_workers = drain(core)
+        run_batch(core, core.workers["w1"], to_workers[0].msg, 2.0)
+        core.submit(b"c1", p.Submit(request_id="gone", prompt_ids=[1], max_tokens=5), [1], 3.0)
+        core.cancel(b"c1", "gone", 4.0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "engine.requests"]
+    assert len(lines) == 2
+    assert lines[0].startswith("request r length: 2 prompt + 2 output tokens")
+    assert lines[1].startswith("request gone cancelled")
 
 
 def test_lost_worker_requeues_with_generated_tokens():
