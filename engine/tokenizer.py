@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from engine import protocol as p
-from engine.broker.validation import SubmitError
+from engine.errors import SubmitError
 
 
 class TextCodec:

@@ -16,10 +16,11 @@ from engine.broker.request_log import log_request_end
 from engine.broker.requests import Request, RequestState
 from engine.broker.resume import FinishedCache, FinishedEntry, fingerprint
 from engine.broker.text import Decode
-from engine.broker.validation import Limits, SubmitError
+from engine.broker.validation import Limits
 from engine.broker.workers import BatchState, WorkerState
 from engine.config import SchedulerConfig
 from engine.cost_model import CostModel
+from engine.errors import SubmitError
 from engine.kv_cost import KVMoveModel
 from engine.scheduler.base import Dispatch, Policy, RunningRequest, WaitingRequest, WorkerView
 

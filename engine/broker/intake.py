@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 from engine import protocol as p
 from engine.broker import admission
-from engine.broker.validation import SubmitError, validate_submit
+from engine.broker.validation import validate_submit
+from engine.errors import SubmitError
 
 if TYPE_CHECKING:
     from engine.broker.core import BrokerCore

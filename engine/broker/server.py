@@ -21,9 +21,10 @@ from engine.broker.core import BrokerCore, ToClient, ToWorker
 from engine.broker.outbox import ClientOutbox
 from engine.broker.peers import MONITOR_EVENTS, PeerTracker
 from engine.broker.stats import snapshot
-from engine.broker.validation import SubmitError, check_prompt_fields, peek_request_id
+from engine.broker.validation import check_prompt_fields, peek_request_id
 from engine.config import BrokerConfig
 from engine.curve import Authenticator
+from engine.errors import SubmitError
 from engine.tokenizer import TextCodec
 
 log = logging.getLogger(__name__)

@@ -10,9 +10,9 @@ import time
 
 from prometheus_client import CollectorRegistry
 
-from engine.broker.validation import SubmitError  # pure: the tokenizer's own error type
 from engine.client import AsyncClient, AsyncStatsSubscriber, StatsSnapshot
 from engine.curve import ClientKeys
+from engine.errors import SubmitError
 from engine.http.config import GatewayConfig
 from engine.http.engine_metrics import EngineStats
 from engine.http.errors import APIError, bad_request

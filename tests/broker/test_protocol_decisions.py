@@ -7,7 +7,8 @@ import pytest
 from test_core import drain, make_core, ready, run_batch
 
 from engine import protocol as p
-from engine.broker.validation import SubmitError, check_prompt_fields
+from engine.broker.validation import check_prompt_fields
+from engine.errors import SubmitError
 
 
 def submit(core, client: bytes, request_id: str, now: float = 0.0, **fields) -> None:
