@@ -186,6 +186,7 @@ class ContinuousSCLSPolicy:
         renew_within_steps: int = 2,
         renew_lookahead_s: float = 0.02,
         min_slice_fraction: float = 0.25,
+        tie_tolerance: float = 0.05,
     ) -> None:
         self.slice_len = slice_len
         self.max_batch_size = max_batch_size
@@ -198,6 +199,7 @@ class ContinuousSCLSPolicy:
         # When a whole slice does not fit, a shorter one of at least this many steps does
         # (elastic slices): a request runs on, or starts, instead of waiting at a boundary.
         self.min_steps = max(1, round(slice_len * min_slice_fraction))
+        self.tie_tolerance = tie_tolerance  # relative: placements this close count as tied
         # A round stops after this many requests in a row found no room (bounds planning time
         # with thousands waiting; the rest are looked at again next round).
         self.max_misses = max_misses
@@ -274,7 +276,11 @@ class ContinuousSCLSPolicy:
         slot.renew(r.request_id, extra, peak)
 
     def _place(self, r: WaitingRequest, steps: int, slots: dict[str, _Slot], aged: bool) -> bool:
-        best: tuple[float, _Slot, tuple[float, bool, bool], int] | None = None
+        """Grant ``r`` a slice on the worker where it would end soonest. Workers within
+        ``tie_tolerance`` of the soonest count as tied (their fitted models differ by noise):
+        the one with fewer rows, then the one whose dispatched work ends first, takes it, so
+        that idle workers share a light load instead of the nominally fastest taking all."""
+        options: list[tuple[float, _Slot, tuple[float, bool, bool], int]] = []
         for slot in slots.values():
             if len(slot.rows) >= self.max_batch_size:
                 continue
@@ -286,11 +292,14 @@ class ContinuousSCLSPolicy:
             move = self._move(r, slot, slots)
             # a full slice's worth of steps: a shorter one is renewed as room comes back
             end_s = move[0] + steps * slot.step_s(r.context_len)
-            if best is None or end_s < best[0]:
-                best = (end_s, slot, move, granted)
-        if best is None:
+            options.append((end_s, slot, move, granted))
+        if not options:
             return False
-        _, slot, (move_s, prefill, handoff), granted = best
+        soonest = min(o[0] for o in options) * (1 + self.tie_tolerance)
+        _, slot, (move_s, prefill, handoff), granted = min(
+            (o for o in options if o[0] <= soonest),
+            key=lambda o: (len(o[1].rows), o[1].view.busy_until, o[0]),
+        )
         slot.grant(
             _Grant(r, granted, move_s, prefill, handoff), slot.peak_with(r.context_len, granted)
         )
