@@ -295,3 +295,24 @@ def worker_config(
         curve_secret_key=getattr(args, "curve_key", None),
         curve_server_key=getattr(args, "broker_key", None),
     )
+
+
+def worker_flags(cfg: WorkerConfig) -> list[str]:
+    """`run.py worker` flags that give a worker started by another command (``serve``, the demo,
+    the benchmark) this config, except where it connects (``--connect``: the launcher's) and its
+    identity and keys: the one place that turns a worker's config back into its command line
+    (``worker_config`` is its inverse; tests/cli checks the round trip)."""
+    flags = ["--model", cfg.model, "--device", cfg.device, "--dtype", cfg.dtype]
+    if cfg.kv_budget_bytes is not None:
+        flags += ["--kv-budget", str(cfg.kv_budget_bytes)]
+    if cfg.num_threads is not None:
+        flags += ["--threads", str(cfg.num_threads)]
+    if cfg.host_kv_budget_bytes is not None:
+        flags += ["--host-kv-budget", str(cfg.host_kv_budget_bytes)]
+    if not cfg.profile:
+        flags.append("--no-profile")
+    if cfg.peer_bind != WorkerConfig.peer_bind:
+        flags += ["--peer-bind", cfg.peer_bind]
+    if cfg.slowdown != 1.0:
+        flags += ["--slowdown", str(cfg.slowdown)]
+    return flags

@@ -156,18 +156,9 @@ def worker_argv(args: argparse.Namespace, worker_addr: str, index: int) -> list[
     """`run.py worker` flags for worker ``index`` of `serve`."""
     num_threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     device = f"cuda:{index}" if args.device == "cuda" else args.device
-    argv = [
-        "worker", "--connect", worker_addr, "--device", device, "--model", args.model,
-        "--dtype", args.dtype, "--threads", str(num_threads), "--log-level", args.log_level,
-        "--log-format", args.log_format,
-    ]  # fmt: skip
-    if args.kv_budget:
-        argv += ["--kv-budget", str(args.kv_budget)]
-    if args.host_kv_budget is not None:
-        argv += ["--host-kv-budget", str(args.host_kv_budget)]
-    if args.no_profile:
-        argv.append("--no-profile")
-    return argv
+    worker = cli_args.worker_config(args, worker_addr, device, num_threads)
+    logs = ["--log-level", args.log_level, "--log-format", args.log_format]
+    return ["worker", "--connect", worker_addr, *cli_args.worker_flags(worker), *logs]
 
 
 def serve_curve_args(curve_dir: str | None, folder: str, name: str) -> list[str]:

@@ -66,12 +66,8 @@ def run_demo(args: argparse.Namespace) -> int:
         model=args.model,
         scheduler=sched,
     )
-    threads = args.threads or 1
-    worker_args = ["--model", args.model, "--dtype", args.dtype, "--threads", str(threads)]
-    if args.kv_budget:
-        worker_args += ["--kv-budget", str(args.kv_budget)]
-    if args.no_profile:
-        worker_args.append("--no-profile")
+    worker = cli_args.worker_config(args, connect="", device="cpu", threads=args.threads or 1)
+    worker_args = cli_args.worker_flags(worker)
     print(
         f"demo: starting a broker and {args.workers} workers on model {args.model!r} "
         "(the first start converts the embedded model, about 20 s) ...",

@@ -19,7 +19,8 @@ from engine.bench.loadgen import LoadItem, run_load
 from engine.bench.peers import PEER_NAMES, PeerSettings, run_peer
 from engine.bench.progress import Progress
 from engine.bench.records import RunResult, TimelineSample
-from engine.config import DEFAULT_KV_BUDGET_BYTES, BrokerConfig, SchedulerConfig
+from engine.cli_args import worker_flags
+from engine.config import DEFAULT_KV_BUDGET_BYTES, BrokerConfig, SchedulerConfig, WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +109,14 @@ def policy_config(base: SchedulerConfig, spec: str) -> SchedulerConfig:
 
 
 def worker_args(settings: BenchSettings) -> list[str]:
-    args = [
-        "--model", settings.model, "--dtype", settings.dtype,
-        "--threads", str(settings.threads_per_worker), "--log-level", settings.log_level,
-    ]  # fmt: skip
-    if settings.kv_budget_bytes is not None:
-        args += ["--kv-budget", str(settings.kv_budget_bytes)]
-    if not settings.profile:
-        args.append("--no-profile")
-    return args
+    worker = WorkerConfig(
+        model=settings.model,
+        dtype=settings.dtype,
+        kv_budget_bytes=settings.kv_budget_bytes,
+        num_threads=settings.threads_per_worker,
+        profile=settings.profile,
+    )
+    return [*worker_flags(worker), "--log-level", settings.log_level]
 
 
 def run_policy(

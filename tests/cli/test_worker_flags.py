@@ -1,0 +1,39 @@
+"""One function turns a worker's config into its command line (serve, the demo and the
+benchmark all use it): parsing those flags gives the same config back."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from engine import cli_args
+from engine.cli import build_parser
+from engine.config import WorkerConfig
+
+CONFIGS = [
+    WorkerConfig(),
+    WorkerConfig(
+        model="/models/m",
+        device="cuda:1",
+        dtype="bfloat16",
+        kv_budget_bytes=48 << 20,
+        num_threads=3,
+        host_kv_budget_bytes=0,
+        profile=False,
+        peer_bind="tcp://0.0.0.0:*",
+        slowdown=2.0,
+    ),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_worker_flags_round_trip(cfg: WorkerConfig) -> None:
+    argv = ["worker", "--connect", cfg.connect, *cli_args.worker_flags(cfg)]
+    args = build_parser().parse_args(argv)
+    back = cli_args.worker_config(args, args.connect, args.device, args.threads)
+    fields = ("model", "device", "dtype", "kv_budget_bytes", "num_threads")
+    fields += ("host_kv_budget_bytes", "profile", "peer_bind", "slowdown")
+    assert {f: getattr(back, f) for f in fields} == {f: getattr(cfg, f) for f in fields}, (
+        dataclasses.asdict(back)
+    )
