@@ -258,11 +258,10 @@ class Executor:
 
     def _admit(self) -> None:
         if self._joining:  # a join whose handed-off KV is on the way waits; the others join
-            runs = []
-            for run in list(self._joining):
-                if self._intake.blocking_s(run) <= 0:
-                    runs.append(run)
-                    self._joining.remove(run)
+            runs, waiting = [], []
+            for run in self._joining:
+                (runs if self._intake.blocking_s(run) <= 0 else waiting).append(run)
+            self._joining = waiting
             if not runs:
                 return
         elif not self._rows and self._queued:
@@ -419,11 +418,16 @@ class Executor:
         decoded = [r for _, r, tokens in fed if len(tokens) == 1]
         started_at = self._clock()
         logits = self.runner.forward(self.pool, [(r.table, tokens) for _, r, tokens in fed])
-        done = [k for k, (_, r, _) in enumerate(fed) if r.table.num_tokens == len(r.token_ids)]
-        ready = [fed[k][0] for k in done]
-        rows = [self._rows[i] for i in ready]
+        # rows whose whole context is in their KV now: (index in fed, index in rows, row)
+        full = [
+            (k, i, r) for k, (i, r, _) in enumerate(fed) if r.table.num_tokens == len(r.token_ids)
+        ]
+        ready = [i for _, i, _ in full]
+        rows = [r for _, _, r in full]
         indices = [r.item.num_generated + r.num_new for r in rows]
-        tokens = self.runner.sample(logits[done], [r.params for r in rows], indices)
+        tokens = self.runner.sample(
+            logits[[k for k, _, _ in full]], [r.params for r in rows], indices
+        )
         elapsed_s = self._clock() - started_at
         self.progress += 1
         total_bytes = self.kv_used_bytes

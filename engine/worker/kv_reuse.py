@@ -100,10 +100,10 @@ class KVIntake:
         included), when this worker holds KV covering exactly ``token_ids[:-1]``; any other
         entry of it is stale and freed. Host entries come back as device tensors."""
         entry = self.store.take(item.request_id)
-        if entry is not None and entry.token_ids != tuple(item.token_ids[:-1]):
-            self.store.free(entry)
-            return None
         if entry is None:
+            return None
+        if entry.token_ids != tuple(item.token_ids[:-1]):
+            self.store.free(entry)
             return None
         if entry.tier == "host":
             assert entry.layers is not None
