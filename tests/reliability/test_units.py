@@ -172,15 +172,10 @@ def test_peer_tracker_names_the_connection_that_closed():
 
 
 def test_the_broker_core_and_its_rules_import_neither_zmq_nor_torch():
-    import ast
-    from pathlib import Path
+    from layering import ENGINE, imported_modules
 
-    broker = Path(__file__).resolve().parents[2] / "engine" / "broker"
     names = ["core", "intake", "admission", "expiry", "resume", "requests", "workers", "validation"]
-    for path in (broker / f"{name}.py" for name in names):
-        for node in ast.walk(ast.parse(path.read_text())):
-            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                modules = [node.module]
-            for module in modules:
-                assert module.split(".")[0] not in {"zmq", "torch"}, f"{path.name} imports {module}"
+    names += ["kv_ledger", "request_log"]
+    for path in (ENGINE / "broker" / f"{name}.py" for name in names):
+        for module in imported_modules(path):
+            assert module.split(".")[0] not in {"zmq", "torch"}, f"{path.name} imports {module}"

@@ -63,21 +63,9 @@ def test_bad_settings_are_rejected_with_what_to_change(cfg: SchedulerConfig, mes
 
 
 def test_layering_no_zmq_or_torch_in_the_scheduling_core() -> None:
-    import ast
-    from pathlib import Path
+    from layering import ENGINE, imported_modules
 
-    root = Path(__file__).resolve().parents[2] / "engine"
-    files = [
-        root / "cost_model.py",
-        root / "kv_cost.py",
-        *sorted((root / "scheduler").glob("*.py")),
-    ]
-    for path in files:
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            for name in names:
-                assert name.split(".")[0] not in {"zmq", "torch"}, f"{path.name} imports {name}"
+    files = [ENGINE / "cost_model.py", ENGINE / "kv_cost.py"]
+    for path in [*files, *sorted((ENGINE / "scheduler").glob("*.py"))]:
+        for name in imported_modules(path):
+            assert name.split(".")[0] not in {"zmq", "torch"}, f"{path.name} imports {name}"

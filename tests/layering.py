@@ -1,0 +1,19 @@
+"""The modules a source file imports, for the layering tests (which parts may import what)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ENGINE = Path(__file__).resolve().parents[1] / "engine"
+
+
+def imported_modules(path: Path) -> list[str]:
+    """Every module ``path`` imports (``import a.b`` and ``from a.b import c`` give ``a.b``)."""
+    out: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.append(node.module)
+    return out
