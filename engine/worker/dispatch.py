@@ -4,9 +4,12 @@ a batch that become its BatchDone message."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine import protocol as p
-from engine.worker.model_loader import ModelInfo
+
+if TYPE_CHECKING:  # a type only: the simulator uses DispatchStats without torch
+    from engine.worker.model_loader import ModelInfo
 
 MAX_SAMPLES = 64
 
