@@ -1,5 +1,5 @@
 """The one launcher: serve | broker | worker | generate | chat | tui | demo | profile | bench |
-keys | http. Every mistake ends in one line and an exit status (engine/cli_base.py)."""
+keys | simulate | http. Every mistake ends in one line and an exit status (engine/cli_base.py)."""
 
 from __future__ import annotations
 
@@ -116,6 +116,12 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from engine.bench.simulate import run_simulate
+
+    return run_simulate(args)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -127,6 +133,7 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from engine.bench.cli import add_bench_parser
+    from engine.bench.simulate import add_simulate_parser
     from engine.http.cli import add_http_parser, add_serve_flags
 
     ap = Parser(prog="run.py", description="SCLS LLM serving engine")
@@ -211,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("bench", _bench, "benchmark policies (and transformers peers) on a workload")
     add_bench_parser(p)
+
+    p = command("simulate", _simulate, "the benchmark's load on a simulated cluster (engine/sim)")
+    add_simulate_parser(p)
 
     p = command("http", _http, "the OpenAI-compatible HTTP API and /metrics, a client of a broker")
     add_http_parser(p)

@@ -41,37 +41,14 @@ def add_bench_parser(p: argparse.ArgumentParser) -> None:
                    help="a bearer key for the endpoints (first line; kept out of the process "
                    "list and the results)")  # fmt: skip
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--workload", default=DEFAULT_WORKLOAD,
-                   help="KIND:PATH (azure, burstgpt, mooncake, sharegpt) or synthetic:SPEC "
-                   "(see docs/BENCHMARKS.md)")  # fmt: skip
-    p.add_argument("--arrival", default=None,
-                   help="offline | poisson:RATE | gamma:RATE:BURSTINESS | trace[:SPEED] | "
-                   "closed:CONCURRENCY (default: trace for traces with timestamps, else offline)")  # fmt: skip
-    p.add_argument("--num-requests", type=int, default=64)
-    p.add_argument("--trace-offset", type=int, default=0, help="first trace row to replay")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("bench-results"), help="results directory")
+    add_load_flags(p)
     p.add_argument("--repeats", type=int, default=1, help="runs of each entry, interleaved")
-    p.add_argument(
-        "--baseline", default=None, help="entry the ratios compare with (default: first)"
-    )
-    p.add_argument("--goodput", nargs="+", default=[], metavar="KEY:MS",
-                   help="latency targets for goodput, e.g. ttft:2000 tpot:200 e2e:30000")  # fmt: skip
-    p.add_argument("--max-duration", type=float, default=600.0,
-                   help="seconds each run may take from its first request; the rest is cancelled")  # fmt: skip
     p.add_argument("--stall-timeout", type=float, default=60.0, metavar="S",
                    help="a run in which no request received a token for S seconds while some "
                    "were in flight stops there and is reported as stalled, with why (0: never)")  # fmt: skip
     p.add_argument("--slow-worker", type=float, default=1.0, metavar="FACTOR",
                    help="the last worker of every engine runs FACTOR times slower (each forward "
                    "pass takes that much longer: a slower device beside faster ones)")  # fmt: skip
-    g = p.add_argument_group("length scaling")
-    g.add_argument("--prompt-divisor", type=float, default=1.0, help="divide prompt lengths")
-    g.add_argument("--output-divisor", type=float, default=1.0, help="divide output lengths")
-    g.add_argument("--max-prompt-len", type=int, default=None, help="clip prompts (tokens)")
-    g.add_argument("--max-output-len", type=int, default=None,
-                   help="clip outputs (tokens; default and at most --max-gen-len)")  # fmt: skip
-    g.add_argument("--min-output-len", type=int, default=1)
     g = p.add_argument_group("peers")
     g.add_argument("--peer-batch-size", type=int, default=None,
                    help="hf_generate batch size (default: the most whose worst case fits the "
@@ -83,20 +60,54 @@ def add_bench_parser(p: argparse.ArgumentParser) -> None:
         help="hf_generate_batch tokens per forward (its default, 8192, sizes attention masks "
         "for the whole cache and exhausts a CPU's memory)",
     )  # fmt: skip
+    p.add_argument("--stats-interval", type=float, default=0.25, help="seconds between snapshots")
+    add_policy_flags(p)
+    cli_args.add_worker_flags(p)
+
+
+def add_policy_flags(p: argparse.ArgumentParser) -> None:
+    """The scheduling flags of ``serve``, with --policy hidden: policies are compared, given
+    by --policies (a --policy is refused with what to pass instead)."""
+    cli_args.add_scheduler_flags(p)
+    p.set_defaults(policy=None)
+    for action in p._actions:
+        if "--policy" in action.option_strings:
+            action.help = argparse.SUPPRESS
+
+
+def add_load_flags(p: argparse.ArgumentParser) -> None:
+    """What load to send and what to write (``bench`` and ``simulate`` share them)."""
+    p.add_argument("--workload", default=DEFAULT_WORKLOAD,
+                   help="KIND:PATH (azure, burstgpt, mooncake, sharegpt) or synthetic:SPEC "
+                   "(see docs/BENCHMARKS.md)")  # fmt: skip
+    p.add_argument("--arrival", default=None,
+                   help="offline | poisson:RATE | gamma:RATE:BURSTINESS | trace[:SPEED] | "
+                   "closed:CONCURRENCY (default: trace for traces with timestamps, else offline)")  # fmt: skip
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--trace-offset", type=int, default=0, help="first trace row to replay")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="results directory")
+    p.add_argument(
+        "--baseline", default=None, help="entry the ratios compare with (default: first)"
+    )
+    p.add_argument("--goodput", nargs="+", default=[], metavar="KEY:MS",
+                   help="latency targets for goodput, e.g. ttft:2000 tpot:200 e2e:30000")  # fmt: skip
+    p.add_argument("--max-duration", type=float, default=600.0,
+                   help="seconds each run may take from its first request; the rest is cancelled")  # fmt: skip
+    g = p.add_argument_group("length scaling")
+    g.add_argument("--prompt-divisor", type=float, default=1.0, help="divide prompt lengths")
+    g.add_argument("--output-divisor", type=float, default=1.0, help="divide output lengths")
+    g.add_argument("--max-prompt-len", type=int, default=None, help="clip prompts (tokens)")
+    g.add_argument("--max-output-len", type=int, default=None,
+                   help="clip outputs (tokens; default and at most --max-gen-len)")  # fmt: skip
+    g.add_argument("--min-output-len", type=int, default=1)
     p.add_argument(
         "--lengths", choices=["known", "hidden"], default="known",
         help="known: max_tokens = the output length (as vLLM's benchmark; ILS reserve then "
         "reserves exactly); hidden: max_tokens = --max-gen-len and the client cancels at the "
         "output length, so no scheduler knows lengths in advance",
     )  # fmt: skip
-    p.add_argument("--stats-interval", type=float, default=0.25, help="seconds between snapshots")
     p.add_argument("--no-plots", action="store_true")
-    cli_args.add_scheduler_flags(p)
-    cli_args.add_worker_flags(p)
-    p.set_defaults(policy=None)  # bench takes --policies; --policy is refused in run_bench
-    for action in p._actions:
-        if "--policy" in action.option_strings:
-            action.help = argparse.SUPPRESS
 
 
 def _settings(args: argparse.Namespace):
@@ -158,10 +169,8 @@ class Prepared(NamedTuple):
 
 def prepare(args: argparse.Namespace, max_gen_len: int) -> Prepared:
     """The workload, arrival spec, load items and send times from the flags."""
-    from engine.bench.arrivals import default_arrival, parse_arrival, send_times
     from engine.bench.loadgen import LoadItem
     from engine.bench.prompts import PromptMaker
-    from engine.bench.workloads import LengthScaling, load_workload, scale_workload
     from engine.models import load_model_config, load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
@@ -171,13 +180,30 @@ def prepare(args: argparse.Namespace, max_gen_len: int) -> Prepared:
     def tokenize(text: str) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=False))
 
+    workload, arrival, times = scaled_load(args, max_gen_len, max_context_len, tokenize)
+    maker = PromptMaker(tokenizer, args.seed)
+    max_tokens = max_gen_len if args.lengths == "hidden" else None
+    items = [
+        LoadItem(r.index, maker.make(r.index, r.prompt_len, r.prompt_ids), r.output_len, max_tokens)
+        for r in workload.requests
+    ]
+    return Prepared(workload, arrival, items, times, maker)
+
+
+def scaled_load(
+    args: argparse.Namespace, max_gen_len: int, max_context_len: int, tokenize
+) -> tuple[Any, Any, list[float] | None]:
+    """The workload scaled by the length flags, its arrival spec and send times (None: a
+    closed loop). ``tokenize`` turns a trace's text into token ids (ShareGPT)."""
+    from engine.bench.arrivals import default_arrival, parse_arrival, send_times
+    from engine.bench.workloads import LengthScaling, load_workload, scale_workload
+
     workload = load_workload(
         args.workload, args.num_requests, args.seed, args.trace_offset, tokenize
     )
     max_output = min(args.max_output_len or max_gen_len, max_gen_len)
-    hidden = args.lengths == "hidden"
     max_prompt = args.max_prompt_len
-    if hidden:  # the engine checks prompt + max_tokens against the context
+    if args.lengths == "hidden":  # the engine checks prompt + max_tokens against the context
         room = max_context_len - 1 - max_gen_len
         max_prompt = room if max_prompt is None else min(max_prompt, room)
     scaling = LengthScaling(
@@ -190,14 +216,7 @@ def prepare(args: argparse.Namespace, max_gen_len: int) -> Prepared:
     )
     workload = scale_workload(workload, scaling)
     arrival = parse_arrival(args.arrival) if args.arrival else default_arrival(workload)
-    times = send_times(arrival, workload, args.seed)
-    maker = PromptMaker(tokenizer, args.seed)
-    max_tokens = max_gen_len if hidden else None
-    items = [
-        LoadItem(r.index, maker.make(r.index, r.prompt_len, r.prompt_ids), r.output_len, max_tokens)
-        for r in workload.requests
-    ]
-    return Prepared(workload, arrival, items, times, maker)
+    return workload, arrival, send_times(arrival, workload, args.seed)
 
 
 def _resolve_endpoints(args: argparse.Namespace, settings, prepared: Prepared):
@@ -220,7 +239,6 @@ def _resolve_endpoints(args: argparse.Namespace, settings, prepared: Prepared):
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from engine.bench import plots, report
     from engine.bench.metrics import MetricsError, parse_goodput
     from engine.bench.runner import BenchError, run_all
     from engine.bench.workloads import WorkloadError
@@ -237,46 +255,68 @@ def run_bench(args: argparse.Namespace) -> int:
     except (BenchError, MetricsError, WorkloadError, ValueError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    command = "run.py " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
-    workload_doc = {
-        "lengths": args.lengths,
-        "name": workload.name,
-        "kind": workload.kind,
-        "description": workload.description,
-        "attribution": workload.attribution,
-    }
     print(
         f"bench: {len(items)} requests of {workload.name} ({arrival.label()}), entries "
-        f"{', '.join(settings.entries)}, {settings.repeats} repeat(s); results in {out_dir}",
+        f"{', '.join(settings.entries)}, {settings.repeats} repeat(s); results in {args.out}",
         flush=True,
     )
-    results = []
+    out = Results(args, settings.describe(), workload, arrival, goodput_ms, baseline)
+    run_all(settings, items, times, arrival.concurrency, out.add, prompt_texts)
+    print(out.finish())
+    return 0
 
-    def write(partial: bool) -> dict[str, Any]:
+
+class Results:
+    """The results directory of a run: results.json rewritten after every entry (``partial``
+    until the end), then results.md and the plots (``bench`` and ``simulate`` share it)."""
+
+    def __init__(
+        self, args: argparse.Namespace, config: dict, workload, arrival, goodput_ms, baseline: str
+    ) -> None:
+        self.out_dir = Path(args.out)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.plots = not args.no_plots
+        self.command = "run.py " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
+        self.config, self.arrival, self.goodput_ms = config, arrival, goodput_ms
+        self.baseline = baseline
+        self.slice_len = config.get("scheduler", {}).get("slice_len")
+        self.workload = {
+            "lengths": args.lengths,
+            "name": workload.name,
+            "kind": workload.kind,
+            "description": workload.description,
+            "attribution": workload.attribution,
+        }
+        self.results: list[Any] = []
+
+    def write(self, partial: bool) -> dict[str, Any]:
+        from engine.bench import report
+
+        results = self.results
         doc = report.build_document(
-            command=command, config=settings.describe(), workload=workload_doc,
-            arrival=arrival.describe(), goodput_ms=goodput_ms,
-            baseline=baseline if any(r.name == baseline for r in results) else results[0].name,
-            results=results, slice_len=settings.scheduler.slice_len,
+            command=self.command, config=self.config, workload=self.workload,
+            arrival=self.arrival.describe(), goodput_ms=self.goodput_ms,
+            baseline=self.baseline if any(r.name == self.baseline for r in results) else results[0].name,
+            results=results, slice_len=self.slice_len,
         )  # fmt: skip
         doc["partial"] = partial
-        report.write_json(doc, out_dir / "results.json")
+        report.write_json(doc, self.out_dir / "results.json")
         return doc
 
-    def on_result(result) -> None:
-        results.append(result)
-        write(partial=True)
+    def add(self, result) -> None:
+        self.results.append(result)
+        self.write(partial=True)
 
-    run_all(settings, items, times, arrival.concurrency, on_result, prompt_texts)
-    doc = write(partial=False)
-    text = report.markdown(doc)
-    (out_dir / "results.md").write_text(text, encoding="utf-8")
-    if not args.no_plots:
-        plots.write_plots(doc, out_dir)
-    print(text)
-    return 0
+    def finish(self) -> str:
+        """Write everything; returns the markdown table."""
+        from engine.bench import plots, report
+
+        doc = self.write(partial=False)
+        text = report.markdown(doc)
+        (self.out_dir / "results.md").write_text(text, encoding="utf-8")
+        if self.plots:
+            plots.write_plots(doc, self.out_dir)
+        return text
 
 
 def bench_main(argv: list[str]) -> int:

@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from engine.bench.loadgen import Driven, LoadItem, drive, take_tokens
+from engine.bench.loadgen import Driven, LoadItem, drive
 from engine.bench.progress import Progress, StallWatch
 from engine.bench.records import RequestRecord
 
@@ -330,7 +330,7 @@ async def _send(
                     return _fail(rec, t0, error_message(msgspec.json.encode(data).decode()))
                 for choice in data.get("choices") or ():
                     if choice.get("text"):
-                        take_tokens(item, rec, at_s, 1)
+                        rec.take_tokens(at_s, 1)
                         watch.tokens(at_s)
                     reason = choice.get("finish_reason") or reason
                 if data.get("usage"):

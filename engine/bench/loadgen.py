@@ -259,14 +259,6 @@ def stall_report(watch: StallWatch, now_s: float) -> dict[str, Any]:
     }
 
 
-def take_tokens(item: LoadItem, rec: RequestRecord, at_s: float, num: int) -> None:
-    """Count ``num`` tokens that arrived at ``at_s``; those beyond ``output_len`` (generated
-    before a hidden length's cancel landed) are excess, not counted."""
-    used = min(num, item.output_len - rec.num_output_tokens)
-    rec.add_chunk(at_s, used)
-    rec.excess_tokens += num - used
-
-
 async def _send_zmq(
     client: AsyncClient, tag: str, item: LoadItem, rec: RequestRecord, t0: float, watch: StallWatch
 ) -> None:
@@ -284,7 +276,7 @@ async def _send_zmq(
         async with stream:
             async for delta in stream:
                 at_s = time.monotonic() - t0
-                take_tokens(item, rec, at_s, len(delta.token_ids))
+                rec.take_tokens(at_s, len(delta.token_ids))
                 watch.tokens(at_s)
                 if item.hidden_length and rec.num_output_tokens >= item.output_len:
                     rec.finish_reason, rec.finished_s = "length", at_s

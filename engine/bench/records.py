@@ -50,6 +50,13 @@ class RequestRecord:
         """Left unfinished by the run's cut-off (not sent, still running, or stalled)."""
         return self.finish_reason in CUT_SHORT
 
+    def take_tokens(self, at_s: float, num: int) -> None:
+        """Count ``num`` tokens that arrived at ``at_s``; those beyond ``output_len`` (generated
+        before a hidden length's cancel landed) are excess, not counted."""
+        used = min(num, self.output_len - self.num_output_tokens)
+        self.add_chunk(at_s, used)
+        self.excess_tokens += num - used
+
     def add_chunk(self, at_s: float, num_tokens: int) -> None:
         if num_tokens <= 0:
             return

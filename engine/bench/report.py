@@ -8,6 +8,7 @@ import dataclasses
 import datetime
 import json
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -252,7 +253,16 @@ def _setup_lines(cfg: Mapping[str, Any]) -> list[str]:
     sched = cfg.get("scheduler", {})
     endpoints = cfg.get("endpoints") or []
     lines = []
-    if len(cfg.get("entries") or ()) > len(endpoints):
+    if cfg.get("simulated"):
+        names = ", ".join(f"{n} x {d}" for d, n in Counter(cfg["device_models"]).items())
+        lines.append(
+            f"- **simulated** (engine/sim: the real broker core and policies, simulated "
+            f"workers): {names}; KV budget {min(cfg['kv_budget_bytes']) / 2**30:.1f} GiB or more "
+            f"per instance; step-time noise {cfg.get('noise')}; slice {sched.get('slice_len')}, "
+            f"max_gen_len {sched.get('max_gen_len')}, kv_mode {sched.get('kv_mode')}, "
+            f"ils_admission {sched.get('ils_admission')}"
+        )
+    elif len(cfg.get("entries") or ()) > len(endpoints):
         lines.append(
             f"- {cfg.get('num_workers')} workers x {cfg.get('threads_per_worker')} torch "
             f"thread(s), model `{cfg.get('model')}` ({cfg.get('dtype')}), KV budget "
@@ -276,7 +286,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
     """The Markdown report of a document made by build_document."""
     cfg = doc["config"]
     head = [
-        "# Benchmark results",
+        "# Simulation results" if cfg.get("simulated") else "# Benchmark results",
         "",
         f"`{doc['command']}`",
         "",

@@ -1,0 +1,154 @@
+"""`run.py simulate`: the benchmark's load and outputs on a simulated cluster (engine/sim): the
+same workload, arrival, length-scaling and scheduling flags as `run.py bench`, policies side by
+side, results.json with the same metric names, results.md and the plots."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from typing import Any
+
+from engine import cli_args
+from engine.bench.cli import Results, add_load_flags, add_policy_flags, scaled_load
+from engine.cli_base import UsageError
+
+DEFAULT_DEVICE = "h100-80gb:llama-3-8b"
+
+
+def add_simulate_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policies", default="sls,ils,scls",
+                   help="comma-separated, as bench: sls, ils, ils:reserve, ils:optimistic, scls, "
+                   "scls:keep, scls:recompute, scls:auto, scls:strict, scls:strict:keep, "
+                   "scls:strict:recompute, scls:strict:auto")  # fmt: skip
+    p.add_argument("--instances", type=int, default=2, help="simulated workers")
+    p.add_argument("--device-model", default=DEFAULT_DEVICE, metavar="NAME|PATH[,...]",
+                   help="GPU:MODEL[:tpN] (GPUs a100-80gb, h100-80gb, h200; models llama-2-7b, "
+                   "llama-3-8b, llama-2-70b) or a worker's cached profile JSON; several, "
+                   "comma-separated, are given to the instances in turn")  # fmt: skip
+    p.add_argument("--kv-budget", type=cli_args.positive_bytes, default=None,
+                   help="KV budget per instance (default: a GPU's HBM left after the weights; "
+                   "a profile: the worker's default, 2GiB)")  # fmt: skip
+    p.add_argument("--noise", type=float, default=0.0, metavar="SIGMA",
+                   help="run-to-run noise: each step's time times exp(N(0, SIGMA^2)), seeded")  # fmt: skip
+    p.add_argument("--tick", type=float, default=0.005, metavar="S",
+                   help="the broker asks the policy at most every S simulated seconds")  # fmt: skip
+    p.add_argument("--tokenizer", default="embedded",
+                   help="model whose tokenizer counts the tokens of text traces (ShareGPT)")  # fmt: skip
+    add_load_flags(p)
+    add_policy_flags(p)
+    p.set_defaults(out=None)
+
+
+def _check(args: argparse.Namespace):
+    from engine.bench.metrics import MetricsError, parse_goodput
+    from engine.bench.runner import BenchError, check_entries
+    from engine.sim.devices import DeviceModelError, device_models
+
+    if args.policy is not None:
+        raise UsageError("simulate compares policies: pass --policies scls,ils,... not --policy")
+    if args.instances < 1 or args.max_duration <= 0 or args.noise < 0 or args.tick <= 0:
+        raise UsageError(
+            "--instances must be at least 1, --max-duration and --tick above 0, --noise >= 0"
+        )
+    try:
+        entries = check_entries(args.policies.split(","))
+        goodput_ms = parse_goodput(args.goodput)
+        devices = device_models(args.device_model, args.kv_budget)
+    except (BenchError, MetricsError, DeviceModelError) as exc:
+        raise UsageError(str(exc)) from None
+    return entries, goodput_ms, devices
+
+
+def _tokenize(model: str):
+    tokenizer = None
+
+    def tokenize(text: str) -> list[int]:
+        nonlocal tokenizer
+        if tokenizer is None:
+            from engine.models import load_tokenizer
+
+            tokenizer = load_tokenizer(model)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    return tokenize
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from engine.bench.runner import policy_config
+    from engine.bench.workloads import WorkloadError
+    from engine.cli_args import scheduler_config
+    from engine.sim.cluster import SimItem
+
+    entries, goodput_ms, devices = _check(args)
+    base = scheduler_config(argparse.Namespace(**{**vars(args), "policy": "scls"}))
+    baseline = (args.baseline or entries[0]).lower()
+    if baseline not in entries:
+        raise UsageError(f"--baseline {baseline!r} is not among {', '.join(entries)}")
+    max_context_len = min(d.max_context_len for d in devices)
+    try:
+        workload, arrival, times = scaled_load(
+            args, base.max_gen_len, max_context_len, _tokenize(args.tokenizer)
+        )
+    except (WorkloadError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    hidden = base.max_gen_len if args.lengths == "hidden" else None
+    items = [SimItem(r.index, r.prompt_len, r.output_len, hidden) for r in workload.requests]
+    instances = [devices[i % len(devices)] for i in range(args.instances)]
+    args.out = args.out or "sim-results"
+    config = {
+        "simulated": True,
+        "entries": entries,
+        "instances": args.instances,
+        "device_models": [d.name for d in instances],
+        "kv_budget_bytes": [d.kv_budget_bytes for d in instances],
+        "scheduler": dataclasses.asdict(base),
+        "noise": args.noise,
+        "tick_s": args.tick,
+        "seed": args.seed,
+        "repeats": 1,
+    }
+    print(
+        f"simulate: {len(items)} requests of {workload.name} ({arrival.label()}) on "
+        f"{args.instances} x {', '.join(dict.fromkeys(config['device_models']))}, entries "
+        f"{', '.join(entries)}; results in {args.out}",
+        flush=True,
+    )
+    out = Results(args, config, workload, arrival, goodput_ms, baseline)
+    for spec in entries:
+        sched = policy_config(base, spec)
+        out.add(simulate_entry(spec, sched, instances, items, times, arrival.concurrency, args))
+    print(out.finish())
+    return 0
+
+
+def simulate_entry(spec, sched, devices, items, times, concurrency, args) -> Any:
+    """One policy on the simulated cluster, as a RunResult like bench's."""
+    from engine.bench.records import RunResult
+    from engine.sim.cluster import Simulation
+
+    started = time.perf_counter()
+    sim = Simulation(sched, devices, noise=args.noise, seed=args.seed, tick_s=args.tick)
+    outcome = sim.run(items, times, concurrency, args.max_duration)
+    wall_s = time.perf_counter() - started
+    print(
+        f"simulate: {spec}: {outcome.duration_s:.1f} simulated s in {wall_s:.1f} s "
+        f"({outcome.num_events:,} events, {outcome.num_rounds:,} broker rounds)",
+        flush=True,
+    )
+    return RunResult(
+        name=spec,
+        kind="policy",
+        repeat=0,
+        config={"scheduler": dataclasses.asdict(sched), "simulated": True},
+        requests=outcome.records,
+        duration_s=outcome.duration_s,
+        wall_s=wall_s,
+        timeline=outcome.timeline,
+        batches=outcome.batches,
+        events=outcome.events,
+        workers_start={w: {"busy_s": 0.0, "generated_tokens": 0.0} for w in outcome.workers_end},
+        workers_end=outcome.workers_end,
+        extra={"sim": {"events": outcome.num_events, "broker_rounds": outcome.num_rounds}},
+        cut_off_s=outcome.cut_off_s,
+    )

@@ -1,0 +1,311 @@
+"""The discrete-event simulation: the real BrokerCore and policy, simulated workers, a simulated
+client, and one event queue. No wall clock, no sleeps, no threads: time is the event queue's.
+
+Events: a request due (open loop at its send time, closed loop when one ends), a worker's step
+ending, a worker woken by handed-off KV arriving, and a broker round. As in the broker's loop
+(engine/broker/server.py), a round (``BrokerCore.schedule``) follows whatever arrived, at most
+one per ``tick_s`` of simulated time, and rounds repeat every ``tick_s`` while requests wait and
+nothing else is due. Messages between the broker and the workers take no time; a worker starts
+its next step as soon as one ends (its loop never waits for the broker).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from engine import protocol as p
+from engine.bench.records import RequestRecord, TimelineSample, WorkerSample
+from engine.broker.admission import QueueLimits
+from engine.broker.core import BrokerCore, ToClient, ToWorker
+from engine.broker.validation import Limits
+from engine.config import SchedulerConfig
+from engine.scheduler.factory import make_policy
+from engine.sim.devices import DeviceModel
+from engine.sim.worker import SimWorker
+
+CLIENT_ID = b"sim"
+TICK_S = 0.005  # engine/broker/server.py: how often the broker asks the policy while busy
+
+_ARRIVE, _STEP, _WAKE, _ROUND = range(4)
+
+
+@dataclass(frozen=True, slots=True)
+class SimItem:
+    """One request of the load: its lengths, and max_tokens when lengths are hidden."""
+
+    index: int
+    prompt_len: int
+    output_len: int
+    max_tokens: int | None = None  # None: the output length (known lengths)
+
+
+@dataclass(slots=True)
+class SimOutcome:
+    records: list[RequestRecord]
+    duration_s: float
+    cut_off_s: float | None
+    timeline: list[TimelineSample]
+    batches: list[dict]
+    events: list[dict]
+    workers_end: dict[str, dict[str, float]]
+    num_events: int
+    num_rounds: int
+
+
+class Simulation:
+    """One policy over one load on simulated workers (``devices[i]`` for worker i)."""
+
+    def __init__(
+        self,
+        cfg: SchedulerConfig,
+        devices: Sequence[DeviceModel],
+        noise: float = 0.0,
+        seed: int = 0,
+        tick_s: float = TICK_S,
+        stats_interval_s: float = 0.25,
+    ) -> None:
+        limits = Limits(min(d.max_context_len for d in devices), cfg.max_gen_len, 2**31 - 1)
+        self.core = BrokerCore(cfg, make_policy(cfg), lambda ids: "", limits, QueueLimits())
+        self.workers = [
+            SimWorker(f"sim-{i}", dev, self._peer, noise, seed * 1000 + i)
+            for i, dev in enumerate(devices)
+        ]
+        self._by_id = {w.worker_id: w for w in self.workers}
+        self._index = {w.worker_id: i for i, w in enumerate(self.workers)}
+        self.tick_s = tick_s
+        self.stats_interval_s = stats_interval_s
+        self._heap: list[tuple[float, int, int, int]] = []
+        self._seq = itertools.count()
+        self._round_at: float | None = None
+        self._last_round = -float("inf")
+        self._prompts: dict[int, list[int]] = {}
+        self.num_events = self.num_rounds = 0
+        for w in self.workers:
+            self.core.add_worker(w.worker_id.encode(), w.ready(), 0.0)
+
+    def _peer(self, worker_id: str) -> SimWorker | None:
+        return self._by_id.get(worker_id)
+
+    def _push(self, at: float, kind: int, arg: int = 0) -> None:
+        heapq.heappush(self._heap, (at, next(self._seq), kind, arg))
+
+    # -- the run --------------------------------------------------------------------------------
+
+    def run(
+        self,
+        items: Sequence[SimItem],
+        send_times: Sequence[float] | None,
+        concurrency: int | None = None,
+        max_duration_s: float = float("inf"),
+    ) -> SimOutcome:
+        """Send every item (at ``send_times``, or a closed loop of ``concurrency``) and run
+        until every request ended or ``max_duration_s`` of simulated time passed."""
+        self.items = list(items)
+        self.records = [
+            RequestRecord(it.index, it.prompt_len, it.output_len, None if send_times is None else t)
+            for it, t in zip(items, send_times or [None] * len(items), strict=True)
+        ]
+        self._by_rid: dict[str, int] = {}
+        self._open = 0
+        self._next_item = 0
+        self.timeline: list[TimelineSample] = []
+        self.batches: list[dict] = []
+        self._next_sample = 0.0
+        first = len(items) if send_times is not None else min(concurrency or 1, len(items))
+        for i in range(first):
+            self._push(send_times[i] if send_times is not None else 0.0, _ARRIVE, i)
+        self._next_item = first
+        self._closed = send_times is None
+        now, cut_off = 0.0, None
+        while self._heap:
+            at, _, kind, arg = heapq.heappop(self._heap)
+            if at > max_duration_s:
+                cut_off = max_duration_s
+                break
+            now = at
+            self.num_events += 1
+            self._handle(kind, arg, now)
+        self._sample(now, force=True)
+        return self._outcome(now, cut_off)
+
+    def _handle(self, kind: int, arg: int, now: float) -> None:
+        if kind == _ARRIVE:
+            self._submit(arg, now)
+        elif kind == _STEP:
+            worker = self.workers[arg]
+            for msg in worker.end_step(now):
+                self._from_worker(worker, msg, now)
+            self._start(worker, now)
+        elif kind == _WAKE:
+            if not self.workers[arg].stepping:
+                self._start(self.workers[arg], now)
+        elif kind == _ROUND:
+            self._round_at = None
+            self._round(now)
+            return
+        self._route(now)
+        self._want_round(now)
+
+    def _want_round(self, now: float) -> None:
+        if self._round_at is None:
+            self._round_at = max(now, self._last_round + self.tick_s)
+            self._push(self._round_at, _ROUND)
+
+    def _round(self, now: float) -> None:
+        self._last_round = now
+        self.num_rounds += 1
+        self.core.schedule(now)
+        self._route(now)
+        self._sample(now)
+        idle = not self._heap or self._heap[0][0] > now + self.tick_s
+        if self.core.waiting and idle:  # the broker polls while requests wait
+            self._want_round(now)
+
+    def _start(self, worker: SimWorker, now: float) -> None:
+        if worker.stepping:
+            return
+        for msg in worker.flush(now):  # releases of commands applied while it was idle
+            self._from_worker(worker, msg, now)
+        wake = worker.next_wake_at(now)
+        if wake is None:
+            return
+        if wake > now:
+            self._push(wake, _WAKE, self._index[worker.worker_id])
+            return
+        end = worker.start_step(now)
+        if end is not None:
+            self._push(end, _STEP, self._index[worker.worker_id])
+        else:  # nothing started (every candidate refused): its releases go out now
+            for msg in worker.flush(now):
+                self._from_worker(worker, msg, now)
+
+    # -- messages -------------------------------------------------------------------------------
+
+    def _from_worker(self, worker: SimWorker, msg, now: float) -> None:
+        state = self.core.workers[worker.worker_id]
+        if isinstance(msg, p.Generated):
+            self.core.on_generated(state, msg, now)
+        elif isinstance(msg, p.Released):
+            self.core.on_released(state, msg, now)
+        elif isinstance(msg, p.BatchDone):
+            self.core.on_batch_done(state, msg, now)
+            record = self.core.batch_records[-1] if self.core.batch_records else None
+            if record is not None and record.batch_id == msg.batch_id:
+                self.batches.append({f: getattr(record, f) for f in record.__struct_fields__})
+        elif isinstance(msg, p.KVEvicted):
+            self.core.on_kv_evicted(state, msg.request_ids, msg.offloaded)
+
+    def _route(self, now: float) -> None:
+        """Deliver the broker's outbox until it is empty (a delivery may answer at once)."""
+        touched: set[int] = set()
+        while self.core.outbox:
+            out, self.core.outbox = self.core.outbox, []
+            for msg in out:
+                if isinstance(msg, ToWorker):
+                    touched.add(self._to_worker(msg, now))
+                elif isinstance(msg, ToClient):
+                    self._to_client(msg.msg, now)
+            for i in sorted(touched):
+                self._start(self.workers[i], now)
+            touched.clear()
+
+    def _to_worker(self, out: ToWorker, now: float) -> int:
+        worker = self._by_id[out.worker_id]
+        msg = out.msg
+        if isinstance(msg, p.RunBatch):
+            worker.submit(msg, now)
+        elif isinstance(msg, p.Renew):
+            worker.renew(msg.renewals)
+        elif isinstance(msg, p.Abort):
+            worker.abort(msg.request_ids)
+        elif isinstance(msg, p.DropKV):
+            worker.drop_kv(msg.request_ids)
+        return self._index[worker.worker_id]
+
+    # -- the client -----------------------------------------------------------------------------
+
+    def _submit(self, index: int, now: float) -> None:
+        item, rec = self.items[index], self.records[index]
+        prompt = self._prompts.get(item.prompt_len)
+        if prompt is None:  # one shared list per length: the broker never changes a prompt
+            prompt = self._prompts[item.prompt_len] = [1] * item.prompt_len
+        rec.request_id = f"sim-{item.index}"
+        rec.submitted_s = now
+        rec.finish_reason = "timeout"  # until it ends otherwise
+        rec.hidden_length = item.max_tokens is not None and item.max_tokens > item.output_len
+        self._by_rid[rec.request_id] = index
+        msg = p.Submit(
+            request_id=rec.request_id, prompt_ids=prompt, stream=True, ignore_eos=True,
+            max_tokens=item.max_tokens or item.output_len,
+        )  # fmt: skip
+        self.core.submit(CLIENT_ID, msg, prompt, now)
+
+    def _to_client(self, msg, now: float) -> None:
+        index = self._by_rid.get(getattr(msg, "request_id", None) or "")
+        if index is None:
+            return
+        item, rec = self.items[index], self.records[index]
+        if rec.finished_s is not None:
+            return  # ended already (a hidden length's cancel)
+        if isinstance(msg, p.Delta):
+            rec.take_tokens(now, len(msg.token_ids))
+            if rec.hidden_length and rec.num_output_tokens >= item.output_len:
+                rec.finish_reason, rec.finished_s = "length", now
+                self.core.cancel(CLIENT_ID, rec.request_id, now)
+                self._ended(now)
+        elif isinstance(msg, p.Finished):
+            rec.finish_reason, rec.finished_s = msg.finish_reason, now
+            rec.num_slices = msg.num_slices
+            self._ended(now)
+        elif isinstance(msg, p.Error):
+            rec.finish_reason, rec.error, rec.finished_s = "error", msg.message, now
+            self._ended(now)
+
+    def _ended(self, now: float) -> None:
+        if self._closed and self._next_item < len(self.items):
+            self._push(now, _ARRIVE, self._next_item)
+            self._next_item += 1
+
+    # -- what the benchmark records -------------------------------------------------------------
+
+    def _sample(self, now: float, force: bool = False) -> None:
+        if now < self._next_sample and not force:
+            return
+        self._next_sample = now + self.stats_interval_s
+        core, workers = self.core, []
+        for w in self.workers:
+            state = core.workers[w.worker_id]
+            peak = max((b.dispatch.predicted_peak_bytes for b in state.batches.values()), default=0)
+            workers.append(WorkerSample(
+                worker_id=w.worker_id, busy=bool(state.batches), busy_s=state.busy_s,
+                generated_tokens=state.generated_tokens, num_running_requests=w.num_running,
+                kv_used_bytes=w.pool.used_bytes + w.store.staged_bytes,
+                kv_parked_bytes=w.store.parked_bytes, kv_predicted_peak_bytes=peak,
+                kv_budget_bytes=w.device.kv_budget_bytes,
+            ))  # fmt: skip
+        num_running = len(core.requests) - len(core.waiting)
+        self.timeline.append(
+            TimelineSample(now, len(core.waiting), num_running, workers, core.num_preempted)
+        )
+
+    def _outcome(self, now: float, cut_off: float | None) -> SimOutcome:
+        ends = [r.finished_s for r in self.records if r.finished_s is not None]
+        events = [{"at_s": at, "level": lvl, "message": m} for at, lvl, m in self.core.events]
+        totals = {
+            wid: {"busy_s": w.busy_s, "generated_tokens": float(w.generated_tokens)}
+            for wid, w in self.core.workers.items()
+        }
+        return SimOutcome(
+            records=self.records,
+            duration_s=cut_off if cut_off is not None else max(ends, default=now),
+            cut_off_s=cut_off,
+            timeline=self.timeline,
+            batches=self.batches,
+            events=events,
+            workers_end=totals,
+            num_events=self.num_events,
+            num_rounds=self.num_rounds,
+        )

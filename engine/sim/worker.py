@@ -1,0 +1,422 @@
+"""A simulated worker: the executor's contract (engine/worker/executor.py) without a model.
+
+Same commands (``submit``, ``renew``, ``abort``, ``drop_kv``) and the same messages back
+(Generated, Released, BatchDone, KVEvicted), with the executor's rules: joins admitted at the
+next step, sequential batches once the running set is empty; blocks for a row's whole
+reservation at admission (else for one step, growing a block at a time); parked KV adopted in
+place, restored from the host tier, or handed off by a peer; chunked prefill at fixed offsets
+within ``max_step_tokens`` per step; rows leave at eos/length/budget; the memory guard evicts
+parked KV, then preempts the newest rows. A step lasts what the device model says; every
+generated token is token id 1 (never an EOS: benchmarks ignore EOS).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine import protocol as p
+from engine.sim.devices import DeviceModel, StepShape
+from engine.sim.kv import BlockPool, Entry, ParkedKV, Table
+from engine.worker.dispatch import MAX_SAMPLES, DispatchStats
+
+BLOCK_TOKENS = 16  # the worker's default (engine/worker/kv_pool.py)
+MAX_STEP_TOKENS = 512  # engine/worker/executor.py: DEFAULT_STEP_TOKENS
+PREFILL_CHUNK_TOKENS = 256  # DEFAULT_PREFILL_CHUNK_TOKENS
+SIM_TOKEN = 1  # what a simulated row samples
+
+
+@dataclass(slots=True)
+class _Row:
+    item: p.BatchItem
+    batch_id: int
+    context_len: int  # tokens of its context; grows by one per sampled token
+    seq: int  # admission order: the memory guard preempts the newest first
+    num_new: int = 0
+    table: Table = field(default_factory=Table)
+    pending: Entry | None = None  # reused KV held outside the pool until its blocks are written
+
+
+@dataclass(slots=True)
+class _Out:
+    generated: list[tuple[str, list[int]]] = field(default_factory=list)
+    released: list[p.Released] = field(default_factory=list)
+    done: list[DispatchStats] = field(default_factory=list)
+    offloaded: list[str] = field(default_factory=list)
+    evicted: list[str] = field(default_factory=list)
+
+
+class SimWorker:
+    """One simulated worker; the cluster calls ``start_step(now)`` when it is idle and has work,
+    and ``end_step(now)`` at the time that call returned."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        device: DeviceModel,
+        peers: Callable[[str], SimWorker | None] = lambda worker_id: None,
+        noise: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self.worker_id = worker_id
+        self.device = device
+        self.pool = BlockPool(device.kv_budget_bytes, BLOCK_TOKENS, device.kv_bytes_per_token)
+        time, copy_rate = device.time_model, device.copy_bytes_per_s
+        self.store = ParkedKV(
+            self.pool,
+            device.host_kv_budget_bytes,
+            lambda num_tokens, nbytes: 2 * nbytes / copy_rate < time.row_prefill_s(num_tokens),
+        )
+        self._peers = peers
+        self._rng = random.Random(seed) if noise > 0 else None
+        self._noise = noise
+        self._rows: list[_Row] = []
+        self._joining: list[p.RunBatch] = []
+        self._queued: deque[p.RunBatch] = deque()
+        self._awaited: dict[str, float] = {}  # request id -> when its handed-off KV arrives
+        self._stats: dict[int, DispatchStats] = {}
+        self._out = _Out()
+        self._seq = 0
+        self._extra_s = 0.0  # restores written before this step
+        self._step: tuple[float, list[tuple[_Row, int]], int, list[int]] | None = None
+        self.num_steps = 0
+
+    def ready(self) -> p.Ready:
+        d = self.device
+        return p.Ready(
+            version=p.PROTOCOL_VERSION, worker_id=self.worker_id, device=d.name,
+            model=d.name, dtype="simulated", kv_bytes_per_token=d.kv_bytes_per_token,
+            kv_budget_bytes=d.kv_budget_bytes, max_context_len=d.max_context_len,
+            eos_token_ids=[0], mem_total_bytes=None, time_model=d.time_model.to_params(),
+            peer_addr=self.worker_id, host_kv_budget_bytes=d.host_kv_budget_bytes,
+            copy_bytes_per_s=d.copy_bytes_per_s, transfer_bytes_per_s=d.transfer_bytes_per_s,
+            transfer_latency_s=d.transfer_latency_s, kv_block_tokens=BLOCK_TOKENS,
+        )  # fmt: skip
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def submit(self, run: p.RunBatch, now: float) -> None:
+        self._stats[run.batch_id] = DispatchStats(run.batch_id, num_open=len(run.items))
+        for item in run.items:
+            if item.kv_source:
+                self._pull(item, now)
+        (self._joining if run.join else self._queued).append(run)
+
+    def _pull(self, item: p.BatchItem, now: float) -> None:
+        """A handoff: the peer's parked KV arrives after latency + bytes / rate (parked here,
+        outside the pool, until its row starts); gone there, the row recomputes."""
+        peer = self._peers(item.kv_source)
+        entry = peer.store.take(item.request_id) if peer is not None else None
+        if entry is None or entry.num_tokens != len(item.token_ids) - 1:
+            if entry is not None and peer is not None:
+                peer.store.release(entry)
+            return
+        if peer is not None:
+            peer.store.release(entry)
+        d = self.device
+        arrive_at = now + d.transfer_latency_s + entry.nbytes / d.transfer_bytes_per_s
+        self._awaited[item.request_id] = arrive_at
+        self.store.park(item.request_id, Entry(entry.num_tokens, entry.nbytes, handed_off=True))
+
+    def renew(self, renewals: list[tuple[str, int]]) -> None:
+        budgets = dict(renewals)
+        for run in (*self._joining, *self._queued):
+            for item in run.items:
+                if item.request_id in budgets:
+                    item.max_steps = max(item.max_steps, budgets[item.request_id])
+        for row in self._rows:
+            if row.item.request_id in budgets:
+                row.item.max_steps = max(row.item.max_steps, budgets[row.item.request_id])
+                self.pool.allocate(row.table, self._reservation(row))
+
+    def abort(self, request_ids: list[str]) -> None:
+        ids = set(request_ids)
+        for runs in (self._joining, self._queued):
+            for run in list(runs):
+                for item in [it for it in run.items if it.request_id in ids]:
+                    self._release(run.batch_id, item.request_id, "aborted", 0, False)
+                run.items = [it for it in run.items if it.request_id not in ids]
+                if not run.items:
+                    runs.remove(run)
+        leaving = {i: "aborted" for i, r in enumerate(self._rows) if r.item.request_id in ids}
+        if leaving:
+            self._leave(leaving)  # type: ignore[arg-type]
+        for request_id in ids:
+            self._awaited.pop(request_id, None)
+            self.store.drop(request_id)
+
+    def drop_kv(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.store.drop(request_id)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def stepping(self) -> bool:
+        return self._step is not None
+
+    def next_wake_at(self, now: float) -> float | None:
+        """When a step could start: now, the arrival of awaited KV, or None (no work)."""
+        if self._rows:
+            return now
+        runs = self._joining or list(self._queued)[:1]
+        if not runs:
+            return None
+        waits = [self._wait_until(run) for run in runs]
+        return max(now, min(waits))
+
+    def _wait_until(self, run: p.RunBatch) -> float:
+        return max((self._awaited.get(it.request_id, 0.0) for it in run.items), default=0.0)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._rows)
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def start_step(self, now: float) -> float | None:
+        """Admit what may start, guard memory, and begin one forward; returns when it ends
+        (None: nothing runs)."""
+        self._admit(now)
+        self._guard()
+        if not self._rows:
+            return None
+        feeds = self._feeds()
+        shape = StepShape(
+            sum(1 for f in feeds if f == 1),
+            sum(r.table.num_tokens + 1 for r, f in zip(self._rows, feeds, strict=True) if f == 1),
+            [(r.table.num_tokens, f) for r, f in zip(self._rows, feeds, strict=True) if f > 1],
+        )
+        step_s = self.device.timer.step_s(shape) + self._extra_s
+        if self._rng is not None:
+            step_s *= self._rng.lognormvariate(0.0, self._noise)
+        self._extra_s = 0.0
+        fed = [(r, f) for r, f in zip(self._rows, feeds, strict=True) if f]
+        self._step = (step_s, fed, shape.num_decode, [f for f in feeds if f > 1])
+        return now + step_s
+
+    def end_step(self, now: float) -> list[p.Generated | p.Released | p.BatchDone | p.KVEvicted]:
+        """The forward ended at ``now``: sample, release, and return the messages to send."""
+        assert self._step is not None
+        step_s, fed, num_decode, prefills = self._step
+        self._step = None
+        self.num_steps += 1
+        decode_ctx = [r.table.num_tokens + 1 for r, f in fed if f == 1]
+        for row, num in fed:
+            row.table.num_tokens += num
+        used = self.pool.used_bytes + self.store.staged_bytes
+        batch_ids = {r.batch_id for r in self._rows}
+        for batch_id in batch_ids:
+            stats = self._stats[batch_id]
+            stats.steps += 1
+            stats.peak_bytes = max(stats.peak_bytes, used)
+            self._time_sample(stats, decode_ctx, prefills, step_s)
+        leaving: dict[int, p.ReleaseReason] = {}
+        index = {id(r): i for i, r in enumerate(self._rows)}
+        for row, _ in fed:
+            if row.table.num_tokens != row.context_len:
+                continue  # mid-prefill: nothing sampled yet
+            row.context_len += 1
+            row.num_new += 1
+            self._stats[row.batch_id].generated_tokens += 1
+            self._out.generated.append((row.item.request_id, [SIM_TOKEN]))
+            reason = self._finish_reason(row)
+            if reason is not None:
+                leaving[index[id(row)]] = reason
+        if leaving:
+            self._leave(leaving)
+        return self.flush(now)
+
+    def _time_sample(
+        self, stats: DispatchStats, decode_ctx: list[int], prefills: list[int], step_s: float
+    ) -> None:
+        n = len(decode_ctx)
+        context_len = round(sum(decode_ctx) / n) if n else 0
+        mean_len = round(sum(prefills) / len(prefills)) if prefills else 0
+        if not prefills:
+            stats.decode_samples.add((n, context_len, step_s))
+        elif not decode_ctx:
+            stats.prefill_samples.add((len(prefills), mean_len, step_s))
+        elif len(stats.mixed_samples) < MAX_SAMPLES:
+            stats.mixed_samples.append((n, context_len, len(prefills), mean_len, step_s))
+
+    def _finish_reason(self, row: _Row) -> p.ReleaseReason | None:
+        if row.num_new >= row.item.max_new_tokens or row.context_len >= self.device.max_context_len:
+            return "length"
+        if row.num_new >= row.item.max_steps:
+            return "budget"
+        return None
+
+    def flush(self, now: float) -> list[p.Generated | p.Released | p.BatchDone | p.KVEvicted]:
+        """The messages of the last step and of commands since, in the executor's order."""
+        out, self._out = self._out, _Out()
+        msgs: list[p.Generated | p.Released | p.BatchDone | p.KVEvicted] = []
+        if out.generated:
+            msgs.append(p.Generated(tokens=out.generated))
+        msgs += out.released
+        if out.offloaded:
+            msgs.append(p.KVEvicted(request_ids=out.offloaded, offloaded=True))
+        if out.evicted:
+            msgs.append(p.KVEvicted(request_ids=out.evicted, offloaded=False))
+        msgs += [stats.done(now) for stats in out.done]
+        return msgs
+
+    # -- admission and memory (the executor's rules) --------------------------------------------
+
+    def _admit(self, now: float) -> None:
+        if self._joining:
+            runs = [r for r in self._joining if self._wait_until(r) <= now]
+            self._joining = [r for r in self._joining if self._wait_until(r) > now]
+        elif not self._rows and self._queued and self._wait_until(self._queued[0]) <= now:
+            runs = [self._queued.popleft()]
+        else:
+            return
+        cands: list[_Row] = []
+        for run in runs:
+            stats = self._stats[run.batch_id]
+            stats.started_at = now if stats.started_at is None else stats.started_at
+            for item in run.items:
+                self._awaited.pop(item.request_id, None)
+                cands.append(self._candidate(run.batch_id, item, stats))
+        self._start(self._make_room(cands))
+
+    def _candidate(self, batch_id: int, item: p.BatchItem, stats: DispatchStats) -> _Row:
+        row = _Row(item, batch_id, len(item.token_ids), self._seq)
+        self._seq += 1
+        entry = self.store.take(item.request_id)
+        if entry is not None and entry.num_tokens != row.context_len - 1:
+            self.store.release(entry)  # stale: it covers other tokens
+            entry = None
+        if entry is None:
+            return row
+        stats.reused_kv_tokens += entry.num_tokens
+        if entry.table is not None:
+            row.table = entry.table  # parked here: adopted in place
+        else:
+            row.pending = entry
+            if entry.handed_off:
+                stats.handoff_tokens += entry.num_tokens
+                stats.handoff_bytes += entry.nbytes
+            else:
+                copy_s = entry.nbytes / self.device.copy_bytes_per_s
+                stats.restored_tokens += entry.num_tokens
+                stats.copy_samples.append((entry.nbytes, copy_s))
+                self._extra_s += copy_s
+        return row
+
+    def _steps_left(self, row: _Row) -> int:
+        item = row.item
+        left = min(item.max_steps, item.max_new_tokens) - row.num_new
+        return max(1, min(left, self.device.max_context_len - row.context_len))
+
+    def _reservation(self, row: _Row) -> int:
+        return row.context_len - 1 + self._steps_left(row)
+
+    def _free_blocks(self, num_blocks: int) -> bool:
+        while self.pool.num_free < num_blocks:
+            missing = (num_blocks - self.pool.num_free) * self.pool.block_bytes
+            moved = self.store.evict_for(missing)
+            if not (moved.offloaded or moved.dropped):
+                return False
+            self._out.offloaded += moved.offloaded
+            self._out.evicted += moved.dropped
+        return True
+
+    def _blocks_for_next_step(self) -> int:
+        pool = self.pool
+        return sum(max(0, pool.blocks_for(r.context_len) - r.table.num_blocks) for r in self._rows)
+
+    def _make_room(self, cands: list[_Row]) -> list[_Row]:
+        pool = self.pool
+        for row in [r for r in cands if pool.blocks_for(r.context_len) > pool.num_blocks]:
+            cands.remove(row)
+            self._drop_row(row, "error", "the request does not fit this worker's KV budget")
+        wanted = sum(pool.blocks_for(self._reservation(r)) - r.table.num_blocks for r in cands)
+        self._free_blocks(wanted + self._blocks_for_next_step())
+        started = []
+        for row in cands:
+            if pool.allocate(row.table, self._reservation(row)):
+                started.append(row)
+            elif self._free_blocks(pool.blocks_for(row.context_len)) and pool.allocate(
+                row.table, row.context_len
+            ):
+                started.append(row)
+            else:
+                self._drop_row(row, "preempted", "")
+        return started
+
+    def _drop_row(self, row: _Row, reason: p.ReleaseReason, message: str) -> None:
+        self.pool.free(row.table)
+        self._release(row.batch_id, row.item.request_id, reason, 0, False, message)
+
+    def _start(self, cands: list[_Row]) -> None:
+        for row in cands:
+            if row.pending is not None:
+                row.table.num_tokens = row.pending.num_tokens
+                row.pending = None
+            elif row.table.num_tokens < row.context_len - 1:
+                stats = self._stats[row.batch_id]
+                stats.prefill_tokens += row.context_len - 1
+                stats.recomputed_tokens += max(0, row.item.num_generated - 1)
+        self._rows += cands
+
+    def _feeds(self) -> list[int]:
+        """Tokens each row feeds this step (the executor's ``_feeds``, as counts)."""
+        todos = [r.context_len - r.table.num_tokens for r in self._rows]
+        room = MAX_STEP_TOKENS - sum(1 for t in todos if t <= 1)
+        feeds, first = [], True
+        for row, todo in zip(self._rows, todos, strict=True):
+            if todo <= 1:
+                feeds.append(todo)
+                continue
+            take = min(todo, PREFILL_CHUNK_TOKENS - row.table.num_tokens % PREFILL_CHUNK_TOKENS)
+            if first or take <= room:
+                feeds.append(take)
+                room -= take
+                first = False
+            else:
+                feeds.append(0)
+        return feeds
+
+    def _guard(self) -> None:
+        while self._rows:
+            if self._free_blocks(self._blocks_for_next_step()):
+                for row in self._rows:
+                    self.pool.allocate(row.table, row.context_len)
+                return
+            newest = max(range(len(self._rows)), key=lambda i: self._rows[i].seq)
+            self._leave({newest: "error" if len(self._rows) == 1 else "preempted"})
+
+    def _leave(self, leaving: dict[int, p.ReleaseReason]) -> None:
+        for i, reason in sorted(leaving.items()):
+            row = self._rows[i]
+            kept = reason == "budget" and row.item.keep_kv
+            if kept:
+                self.pool.free(row.table, keep_tokens=row.table.num_tokens)
+                entry = Entry(row.table.num_tokens, row.table.num_blocks * self.pool.block_bytes)
+                entry.table = row.table
+                self.store.park(row.item.request_id, entry)
+            else:
+                self.pool.free(row.table)
+            self._release(row.batch_id, row.item.request_id, reason, row.num_new, kept)
+        self._rows = [r for i, r in enumerate(self._rows) if i not in leaving]
+
+    def _release(
+        self,
+        batch_id: int,
+        request_id: str,
+        reason: p.ReleaseReason,
+        num_generated: int,
+        kv_kept: bool,
+        message: str = "",
+    ) -> None:
+        self._out.released.append(p.Released(
+            batch_id=batch_id, request_id=request_id, reason=reason,
+            num_generated=num_generated, kv_kept=kv_kept, message=message,
+        ))  # fmt: skip
+        stats = self._stats[batch_id]
+        stats.num_open -= 1
+        if stats.num_open == 0:
+            self._out.done.append(self._stats.pop(batch_id))
