@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_args.add_scheduler_flags(p)
     cli_args.add_worker_flags(p)
     cli_args.add_broker_flags(p)
+    cli_args.add_journal_flags(p, serve=True)
     add_serve_flags(p)
 
     p = command("broker", run_broker, "run the broker alone (workers join with `worker --connect`)")
@@ -163,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="embedded", help="model whose tokenizer the broker uses")
     cli_args.add_scheduler_flags(p)
     cli_args.add_broker_flags(p)
+    cli_args.add_journal_flags(p, serve=False)
+    p.add_argument("--config-json", help=argparse.SUPPRESS)  # a supervised broker (launcher.py)
 
     p = command("worker", _worker, "run one model worker that joins a broker")
     p.add_argument(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
+from pathlib import Path
 
 from engine import addresses
 from engine.cli_base import (
@@ -165,6 +167,42 @@ def add_broker_flags(ap: argparse.ArgumentParser) -> None:
     )
 
 
+def add_journal_flags(ap: argparse.ArgumentParser, serve: bool) -> None:
+    """The request journal: on by default for `serve`, off for `broker` unless given a path."""
+    g = ap.add_argument_group(
+        "request journal (docs/RELIABILITY.md)"
+    ).add_mutually_exclusive_group()
+    default = f"{state_dir()}/journal-PORT.sqlite" if serve else "none"
+    g.add_argument(
+        "--journal",
+        metavar="PATH",
+        default=None,
+        help="record accepted requests and their tokens in this SQLite file, so that a broker "
+        f"restarted on it continues them (default: {default})",
+    )
+    g.add_argument("--no-journal", action="store_true", help="keep no journal")
+    ap.set_defaults(journal_by_default=serve)
+
+
+def state_dir() -> Path:
+    """Where this user's engine keeps state between runs ($XDG_STATE_HOME/scls-engine)."""
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "scls-engine"
+
+
+def journal_path(args: argparse.Namespace, port: int) -> str | None:
+    """--journal, else the default of `serve` (one per client port; with --port 0, one per
+    process, which `serve` removes when it exits), else None."""
+    if getattr(args, "no_journal", False):
+        return None
+    if getattr(args, "journal", None):
+        return args.journal
+    if not getattr(args, "journal_by_default", False):
+        return None
+    name = f"journal-{port}.sqlite" if port else f"journal-pid{os.getpid()}.sqlite"
+    return str(state_dir() / name)
+
+
 def add_curve_client_flags(ap: argparse.ArgumentParser) -> None:
     """A peer of a CURVE broker: its own key pair and the broker's public key."""
     g = ap.add_argument_group("CURVE (with a broker started with --curve)")
@@ -273,6 +311,7 @@ def broker_config(args: argparse.Namespace, host: str, port: int) -> BrokerConfi
         client_grace_s=getattr(args, "client_grace", 5.0),
         drain_timeout_s=getattr(args, "drain_timeout", 30.0),
         curve_dir=getattr(args, "curve", None),
+        journal_path=journal_path(args, port),
     )
 
 

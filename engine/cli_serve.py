@@ -12,8 +12,11 @@ import threading
 import time
 from pathlib import Path
 
+import msgspec
+
 from engine import cli_args
-from engine.cli_base import CommandError
+from engine.cli_base import CommandError, UsageError
+from engine.config import BrokerConfig
 from engine.start_checks import check_kv_budget
 
 log = logging.getLogger(__name__)
@@ -34,13 +37,17 @@ def check_model_and_budget(args: argparse.Namespace, max_gen_len: int | None) ->
 
 
 def run_broker(args: argparse.Namespace) -> int:
+    from engine.broker.journal import JournalError
     from engine.broker.main import serve_broker
     from engine.broker.server import BrokerStartError
     from engine.models import resolve_model
 
-    host, port = cli_args.bind_and_port(args)
-    cfg = cli_args.broker_config(args, host, port)
-    resolve_model(args.model)
+    if args.config_json:  # started by engine/supervisor.py: everything is in the config
+        cfg = msgspec.json.decode(args.config_json, type=BrokerConfig)
+    else:
+        host, port = cli_args.bind_and_port(args)
+        cfg = cli_args.broker_config(args, host, port)
+    resolve_model(cfg.model)
 
     def announce(server) -> None:
         print(
@@ -53,6 +60,8 @@ def run_broker(args: argparse.Namespace) -> int:
         asyncio.run(serve_broker(cfg, on_ready=announce))
     except BrokerStartError as exc:
         raise CommandError(str(exc)) from None
+    except JournalError as exc:
+        raise UsageError(str(exc)) from None
     return 0
 
 

@@ -70,6 +70,9 @@ class BrokerConfig:
     curve_dir: str | None = None
     """CURVE keys (see engine/curve.py): DIR/broker.key_secret, allow-lists DIR/clients/*.key
     and DIR/workers/*.key. None: no encryption (loopback by default)."""
+    journal_path: str | None = None
+    """The request journal (SQLite, engine/broker/journal.py): accepted requests and the tokens
+    they delivered, so that a broker restarted on it continues them. None: no journal."""
     scheduler: SchedulerConfig = SchedulerConfig()
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from engine import protocol as p
 from engine.broker import admission, intake
 from engine.broker.expiry import Expiry
+from engine.broker.journal import Journal, NoJournal
 from engine.broker.kv_ledger import KVLedger
 from engine.broker.request_log import log_request_end
 from engine.broker.requests import Request, RequestState
@@ -54,6 +55,7 @@ class BrokerCore:
         limits: Limits,
         queue_limits: admission.QueueLimits | None = None,
         client_grace_s: float = 5.0,
+        journal: Journal | NoJournal | None = None,
     ) -> None:
         self.cfg = cfg
         self.policy = policy
@@ -80,6 +82,7 @@ class BrokerCore:
         self._batch_ids = itertools.count(1)
         self._auto_ids = itertools.count(1)
         self.kv = KVLedger()  # the one owner of where parked KV is, and of handoffs in flight
+        self.journal = journal or NoJournal()  # what a restarted broker continues from
 
     # -- clients ---------------------------------------------------------------------------
 
@@ -100,14 +103,41 @@ class BrokerCore:
         req = Request.create(request_id, client_id, msg, prompt_ids, self.decode, now)
         req.owner, req.fingerprint = owner, fp
         req.deadline_at = None if msg.deadline_s is None else now + msg.deadline_s
-        self.requests[request_id] = req
-        self.waiting[request_id] = req
-        self.num_queued_tokens += req.queued_tokens
-        self.expiry.watch(req)
-        self.finished_cache.discard(request_id)
+        self.journal.accepted(request_id, msg, prompt_ids, owner)
+        self.add_request(req)
         self.outbox.append(
             ToClient(client_id, p.Accepted(request_id=request_id, prompt_tokens=len(prompt_ids)))
         )
+
+    def add_request(self, req: Request) -> None:
+        """Into the request table and the queue: a request just accepted, or one recovered."""
+        self.requests[req.request_id] = req
+        self.waiting[req.request_id] = req
+        self.num_queued_tokens += req.queued_tokens
+        self.expiry.watch(req)
+        self.finished_cache.discard(req.request_id)
+
+    def refuse_unjournaled(self, request_ids: list[str]) -> None:
+        """The journal could not record these requests accepted in this tick: withdraw their
+        Accepted (not sent yet) and refuse them instead; nothing durable was promised."""
+        ids = set(request_ids)
+        self.outbox = [
+            m for m in self.outbox
+            if not (isinstance(m.msg, p.Accepted) and m.msg.request_id in ids and not m.msg.resumed)
+        ]  # fmt: skip
+        for request_id in request_ids:
+            req = self.requests.get(request_id)
+            if req is None:
+                continue
+            if req.state is RequestState.RUNNING and req.worker_id in self.workers:
+                self._send(self.workers[req.worker_id], p.Abort(request_ids=[request_id]))
+            req.state = RequestState.FAILED
+            self.journal.ended(request_id)
+            self._forget(req)
+            error = p.Error(
+                code="journal_unavailable", message=self.journal.problem, request_id=request_id
+            )
+            self.outbox.append(ToClient(req.client_id, error, droppable=True))
 
     def cancel(self, client_id: bytes, request_id: str, now: float) -> None:
         req = self.requests.get(request_id)
@@ -478,6 +508,7 @@ class BrokerCore:
     def _append_tokens(self, req: Request, token_ids: list[int], now: float) -> None:
         if req.first_token_at is None:
             req.first_token_at = now
+        self.journal.tokens(req.request_id, len(req.generated), token_ids)
         req.generated.extend(token_ids)
         batch = (
             self.workers[req.worker_id].batches.get(req.batch_id)
@@ -527,6 +558,9 @@ class BrokerCore:
         if state is RequestState.FINISHED:  # a resubmission is answered from here
             entry = FinishedEntry(req.fingerprint, req.owner, len(req.prompt_ids), finished)
             self.finished_cache.add(entry)
+            self.journal.finished(finished)
+        else:
+            self.journal.ended(req.request_id)
         self._forget(req)
         self.num_finished += state is RequestState.FINISHED
 
@@ -534,6 +568,7 @@ class BrokerCore:
         req.state = RequestState.FAILED
         req.finished_at = now
         log_request_end(req, "error", code=code)
+        self.journal.ended(req.request_id)
         self.outbox.append(
             ToClient(req.client_id, p.Error(code=code, message=message, request_id=req.request_id))
         )

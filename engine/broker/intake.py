@@ -10,6 +10,8 @@ from engine.broker import admission
 from engine.broker.validation import validate_submit
 from engine.errors import SubmitError
 
+JOURNAL_RETRY_S = 5.0  # the retry_after_s of a refusal while the journal cannot write
+
 if TYPE_CHECKING:
     from engine.broker.core import BrokerCore
 
@@ -56,6 +58,8 @@ def check(core: BrokerCore, request_id: str, msg: p.Submit, prompt_ids: list[int
     """Raise SubmitError unless a new request may be accepted now."""
     if core.draining:
         raise SubmitError("shutting_down", "the broker is shutting down: submit elsewhere or later")
+    if not core.journal.healthy:  # what it accepted must outlive it: refuse until it can write
+        raise SubmitError("journal_unavailable", core.journal.problem, JOURNAL_RETRY_S)
     validate_submit(msg, prompt_ids, core.limits)
     _check_fits_a_worker(core, len(prompt_ids) + msg.max_tokens)
     if request_id in core.requests:

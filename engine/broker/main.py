@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable
 
 from engine.addresses import port_taken
 from engine.broker.admission import QueueLimits
 from engine.broker.core import BrokerCore
+from engine.broker.journal import Journal
+from engine.broker.recovery import Recovery
 from engine.broker.server import BrokerServer, bind_failure
 from engine.broker.validation import Limits
 from engine.config import BrokerConfig
@@ -18,6 +21,8 @@ from engine.scheduler.factory import make_policy
 from engine.tokenizer import TextCodec
 
 log = logging.getLogger(__name__)
+
+REPLAY_S = 60.0  # a journaled answer stays replayable this long after its request finished
 
 
 def build_server(cfg: BrokerConfig, codec: TextCodec | None = None) -> BrokerServer:
@@ -29,8 +34,17 @@ def build_server(cfg: BrokerConfig, codec: TextCodec | None = None) -> BrokerSer
     )
     queue_limits = QueueLimits(cfg.max_queued_requests, cfg.max_queued_tokens)
     policy = make_policy(cfg.scheduler)
-    core = BrokerCore(cfg.scheduler, policy, codec.decode, limits, queue_limits, cfg.client_grace_s)
-    return BrokerServer(cfg, core, codec)
+    journal = None
+    if cfg.journal_path is not None:  # JournalError: it cannot be opened (says what to change)
+        journal = Journal(cfg.journal_path, replay_s=max(REPLAY_S, cfg.client_grace_s))
+    core = BrokerCore(
+        cfg.scheduler, policy, codec.decode, limits, queue_limits, cfg.client_grace_s, journal
+    )
+    server = BrokerServer(cfg, core, codec)
+    if journal is not None:
+        server.recovery = Recovery(journal.recover())
+        server.recovery.restore(core, time.monotonic(), time.time())
+    return server
 
 
 def check_addresses_free(cfg: BrokerConfig) -> None:

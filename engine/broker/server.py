@@ -20,6 +20,7 @@ from engine import protocol as p
 from engine.broker.core import BrokerCore, ToClient, ToWorker
 from engine.broker.outbox import ClientOutbox
 from engine.broker.peers import MONITOR_EVENTS, PeerTracker
+from engine.broker.recovery import Recovery
 from engine.broker.stats import snapshot
 from engine.broker.validation import check_prompt_fields, peek_request_id
 from engine.config import BrokerConfig
@@ -78,6 +79,7 @@ class BrokerServer:
         self.started_at = time.monotonic()
         self.draining_since: float | None = None
         self.ready = asyncio.Event()
+        self.recovery: Recovery | None = None  # requests taken back from the journal
 
     def _bind_all(self, cfg: BrokerConfig) -> None:
         max_frame = p.MAX_CLIENT_FRAME_BYTES
@@ -255,6 +257,8 @@ class BrokerServer:
             self.core.on_heartbeat(worker, msg, now)
         elif isinstance(msg, p.KVEvicted):
             self.core.on_kv_evicted(worker, msg.request_ids, msg.offloaded)
+        elif isinstance(msg, p.BlockEvents):
+            self.core.prefix.apply(worker.worker_id, msg.stored, msg.removed)
         elif isinstance(msg, p.WorkerFailed):
             self.core.on_worker_failed(worker, msg, now)
         elif isinstance(msg, p.Draining):
@@ -269,6 +273,9 @@ class BrokerServer:
             )  # fmt: skip
             return
         self.core.add_worker(identity, msg, now)
+        if self.recovery is not None:  # the first worker: nothing recovered has run yet
+            self.recovery.worker_joined(self.core, msg.eos_token_ids, now)
+            self.recovery = None
         self._send_worker(identity, p.Ping())  # it hears from the broker at once
 
     def _reset_stranger(self, identity: bytes, session: int, now: float) -> None:
@@ -304,6 +311,10 @@ class BrokerServer:
     # -- output, drain, stop ---------------------------------------------------------------
 
     def _flush(self) -> None:
+        """Journal first: no reply leaves before what it tells is durable (broker/journal.py)."""
+        refused = self.core.journal.commit()
+        if refused:
+            self.core.refuse_unjournaled(refused)
         self.outbox.flush()
         outbox, self.core.outbox = self.core.outbox, []
         for item in outbox:
@@ -367,6 +378,7 @@ class BrokerServer:
             self.clients.setsockopt(zmq.LINGER, 500)  # let the last replies out
             self.workers.setsockopt(zmq.LINGER, 500)
         finally:
+            self.core.journal.close()
             if self.auth is not None:
                 self.auth.stop()
             self.ctx.destroy()
