@@ -66,11 +66,12 @@ class Simulation:
         seed: int = 0,
         tick_s: float = TICK_S,
         stats_interval_s: float = 0.25,
+        refine: bool = True,
     ) -> None:
         limits = Limits(min(d.max_context_len for d in devices), cfg.max_gen_len, 2**31 - 1)
         self.core = BrokerCore(cfg, make_policy(cfg), lambda ids: "", limits, QueueLimits())
         self.workers = [
-            SimWorker(f"sim-{i}", dev, self._peer, noise, seed * 1000 + i)
+            SimWorker(f"sim-{i}", dev, self._peer, noise, seed * 1000 + i, refine)
             for i, dev in enumerate(devices)
         ]
         self._by_id = {w.worker_id: w for w in self.workers}
@@ -213,17 +214,9 @@ class Simulation:
             touched.clear()
 
     def _to_worker(self, out: ToWorker, now: float) -> int:
-        worker = self._by_id[out.worker_id]
-        msg = out.msg
-        if isinstance(msg, p.RunBatch):
-            worker.submit(msg, now)
-        elif isinstance(msg, p.Renew):
-            worker.renew(msg.renewals)
-        elif isinstance(msg, p.Abort):
-            worker.abort(msg.request_ids)
-        elif isinstance(msg, p.DropKV):
-            worker.drop_kv(msg.request_ids)
-        return self._index[worker.worker_id]
+        if isinstance(out.msg, p.RunBatch | p.Renew | p.Abort | p.DropKV):
+            self._by_id[out.worker_id].command(out.msg, now)
+        return self._index[out.worker_id]
 
     # -- the client -----------------------------------------------------------------------------
 

@@ -107,7 +107,9 @@ class Roofline:
         body = m.num_params - 2 * lm_head  # embeddings are looked up, not multiplied
         num_tokens = shape.num_decode + sum(n for _, n in shape.prefills)
         num_sampled = shape.num_decode + len(shape.prefills)
-        attended = shape.decode_context_sum + sum(o * n + n * (n + 1) / 2 for o, n in shape.prefills)
+        attended = shape.decode_context_sum + sum(
+            o * n + n * (n + 1) / 2 for o, n in shape.prefills
+        )
         # QK^T and AV: 2 multiply-adds per head dimension per attended position per layer.
         attention = 4 * m.num_layers * m.hidden * attended
         return 2 * body * num_tokens + 2 * lm_head * num_sampled + attention
@@ -182,7 +184,9 @@ def gpu_device(spec: str, kv_budget_bytes: int | None = None) -> DeviceModel:
             f"and MODEL one of {', '.join(MODELS)}, or the path of a worker's profile JSON"
         )
     tp_text = rest[0]
-    if tp_text and not (tp_text.startswith("tp") and tp_text[2:].isdigit() and int(tp_text[2:]) >= 1):
+    if tp_text and not (
+        tp_text.startswith("tp") and tp_text[2:].isdigit() and int(tp_text[2:]) >= 1
+    ):
         raise DeviceModelError(f"--device-model {spec!r}: the third part is tpN, e.g. tp4")
     tp = int(tp_text[2:]) if tp_text else 1
     gpu, model = GPUS[gpu_name], MODELS[model_name]

@@ -59,8 +59,10 @@ class SimWorker:
         peers: Callable[[str], SimWorker | None] = lambda worker_id: None,
         noise: float = 0.0,
         seed: int = 0,
+        refine: bool = True,
     ) -> None:
         self.worker_id = worker_id
+        self.refine = refine  # report time samples (the broker refines its time model on them)
         self.device = device
         self.pool = BlockPool(device.kv_budget_bytes, BLOCK_TOKENS, device.kv_bytes_per_token)
         time, copy_rate = device.time_model, device.copy_bytes_per_s
@@ -81,6 +83,7 @@ class SimWorker:
         self._seq = 0
         self._extra_s = 0.0  # restores written before this step
         self._step: tuple[float, list[tuple[_Row, int]], int, list[int]] | None = None
+        self._inbox: list[p.RunBatch | p.Renew | p.Abort | p.DropKV] = []
         self.num_steps = 0
 
     def ready(self) -> p.Ready:
@@ -95,7 +98,20 @@ class SimWorker:
             transfer_latency_s=d.transfer_latency_s, kv_block_tokens=BLOCK_TOKENS,
         )  # fmt: skip
 
-    # -- commands -------------------------------------------------------------------------------
+    # -- commands (between steps: one that arrives during a step waits for its end) -------------
+
+    def command(self, msg: p.RunBatch | p.Renew | p.Abort | p.DropKV, now: float) -> None:
+        if self._step is not None:
+            self._inbox.append(msg)
+            return
+        if isinstance(msg, p.RunBatch):
+            self.submit(msg, now)
+        elif isinstance(msg, p.Renew):
+            self.renew(msg.renewals)
+        elif isinstance(msg, p.Abort):
+            self.abort(msg.request_ids)
+        elif isinstance(msg, p.DropKV):
+            self.drop_kv(msg.request_ids)
 
     def submit(self, run: p.RunBatch, now: float) -> None:
         self._stats[run.batch_id] = DispatchStats(run.batch_id, num_open=len(run.items))
@@ -212,7 +228,8 @@ class SimWorker:
             stats = self._stats[batch_id]
             stats.steps += 1
             stats.peak_bytes = max(stats.peak_bytes, used)
-            self._time_sample(stats, decode_ctx, prefills, step_s)
+            if self.refine:
+                self._time_sample(stats, decode_ctx, prefills, step_s)
         leaving: dict[int, p.ReleaseReason] = {}
         index = {id(r): i for i, r in enumerate(self._rows)}
         for row, _ in fed:
@@ -227,7 +244,11 @@ class SimWorker:
                 leaving[index[id(row)]] = reason
         if leaving:
             self._leave(leaving)
-        return self.flush(now)
+        msgs = self.flush(now)
+        inbox, self._inbox = self._inbox, []
+        for msg in inbox:  # their releases go out before the next step
+            self.command(msg, now)
+        return msgs
 
     def _time_sample(
         self, stats: DispatchStats, decode_ctx: list[int], prefills: list[int], step_s: float
