@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import time
 from typing import Any
 
@@ -33,6 +34,9 @@ def add_simulate_parser(p: argparse.ArgumentParser) -> None:
                    help="run-to-run noise: each step's time times exp(N(0, SIGMA^2)), seeded")  # fmt: skip
     p.add_argument("--tick", type=float, default=0.005, metavar="S",
                    help="the broker asks the policy at most every S simulated seconds")  # fmt: skip
+    p.add_argument("--no-refine", dest="refine", action="store_false",
+                   help="workers report no time samples: the broker keeps the announced time "
+                   "model (refitting it after every batch is most of a large run's cost)")  # fmt: skip
     p.add_argument("--tokenizer", default="embedded",
                    help="model whose tokenizer counts the tokens of text traces (ShareGPT)")  # fmt: skip
     add_load_flags(p)
@@ -81,6 +85,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     from engine.sim.cluster import SimItem
 
     entries, goodput_ms, devices = _check(args)
+    # The broker core logs each request and worker as it goes, stamped with wall-clock times
+    # that mean nothing here; the results carry every figure (--log-level DEBUG keeps them).
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in ("engine.requests", "engine.broker.core"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     base = scheduler_config(argparse.Namespace(**{**vars(args), "policy": "scls"}))
     baseline = (args.baseline or entries[0]).lower()
     if baseline not in entries:
@@ -105,6 +114,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         "scheduler": dataclasses.asdict(base),
         "noise": args.noise,
         "tick_s": args.tick,
+        "refine": args.refine,
         "seed": args.seed,
         "repeats": 1,
     }
@@ -128,7 +138,9 @@ def simulate_entry(spec, sched, devices, items, times, concurrency, args) -> Any
     from engine.sim.cluster import Simulation
 
     started = time.perf_counter()
-    sim = Simulation(sched, devices, noise=args.noise, seed=args.seed, tick_s=args.tick)
+    sim = Simulation(
+        sched, devices, noise=args.noise, seed=args.seed, tick_s=args.tick, refine=args.refine
+    )
     outcome = sim.run(items, times, concurrency, args.max_duration)
     wall_s = time.perf_counter() - started
     print(

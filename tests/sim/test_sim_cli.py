@@ -1,0 +1,82 @@
+"""`run.py simulate` as a user runs it: bench's outputs from a simulated cluster, the same JSON
+for the same seed, and one line with exit status 2 for a mistake."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.cli import main
+
+RUN_PY = Path(__file__).resolve().parents[2] / "run.py"
+ARGS = [
+    "simulate", "--policies", "scls,ils,sls", "--instances", "2",
+    "--device-model", "a100-80gb:llama-2-7b,h200:llama-2-7b", "--num-requests", "60",
+    "--arrival", "poisson:20", "--max-gen-len", "256", "--slice-len", "32",
+    "--lengths", "hidden", "--noise", "0.1", "--seed", "4",
+]  # fmt: skip
+
+
+def _strip(doc: dict) -> dict:
+    """The document without what differs between two identical runs: its creation time and
+    the seconds each simulation took on this machine."""
+    doc = dict(doc)
+    doc.pop("created")
+    for runs in doc["runs"].values():
+        for run in runs:
+            run.pop("wall_s")
+    return doc
+
+
+def test_simulate_writes_bench_results_and_is_deterministic(tmp_path: Path) -> None:
+    assert main([*ARGS, "--out", str(tmp_path / "a")]) == 0
+    assert main([*ARGS, "--out", str(tmp_path / "b"), "--no-plots"]) == 0
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert _strip(a)["runs"] == _strip(b)["runs"] and a["summary"] == b["summary"]
+    assert list(a["summary"]) == ["scls", "ils", "sls"]
+    for name, summary in a["summary"].items():
+        assert summary["completed"] == 60, name
+        for key in ("request_throughput", "mean_ttft_ms", "p99_e2el_ms", "load_imbalance"):
+            assert summary[key] is not None, (name, key)
+    assert a["config"]["device_models"] == ["a100-80gb:llama-2-7b", "h200:llama-2-7b"]
+    text = (tmp_path / "a" / "results.md").read_text()
+    assert text.startswith("# Simulation results") and "**simulated**" in text
+    assert sorted(p.name for p in (tmp_path / "a").glob("*.png"))
+    assert not list((tmp_path / "b").glob("*.png"))
+
+
+def test_a_different_seed_changes_a_noisy_run(tmp_path: Path) -> None:
+    args = [*ARGS[:-1], "5", "--policies", "scls", "--no-plots"]
+    assert main([*args, "--out", str(tmp_path / "c")]) == 0
+    assert main([*ARGS, "--policies", "scls", "--no-plots", "--out", str(tmp_path / "d")]) == 0
+    c = json.loads((tmp_path / "c" / "results.json").read_text())
+    d = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert c["summary"]["scls"]["mean_ttft_ms"] != d["summary"]["scls"]["mean_ttft_ms"]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--instances", "0"], "--instances must be at least 1"),
+        (["--device-model", "v100:llama-2-7b"], "GPU:MODEL"),
+        (["--device-model", "a100-80gb:llama-2-70b"], "tpN"),
+        (["--device-model", "/nonexistent/profile.json"], "not a time-model profile"),
+        (["--policies", "scls,fifo"], "unknown policy"),
+        (["--policy", "ils"], "--policies"),
+        (["--workload", "azure:/nonexistent.csv"], "nonexistent"),
+        (["--baseline", "fifo"], "--baseline"),
+    ],
+)
+def test_a_mistake_is_one_line_and_status_2(args: list[str], words: str) -> None:
+    out = subprocess.run(
+        [sys.executable, str(RUN_PY), "simulate", "--num-requests", "5", "--no-plots", *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], out.stderr
