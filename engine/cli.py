@@ -106,7 +106,9 @@ def _profile(args: argparse.Namespace) -> int:
 
 def _http(args: argparse.Namespace) -> int:
     from engine.http.cli import run_http
+    from engine.models import resolve_model
 
+    resolve_model(args.model)  # a wrong --model is a usage error, as for the other commands
     return run_http(args)
 
 

@@ -11,8 +11,9 @@ from typing import Literal
 
 import msgspec
 
-#: Version of the internal broker <-> worker messages (2: sessions, Ping, Reset, Draining).
-PROTOCOL_VERSION = 2
+#: Version of the internal broker <-> worker messages (2: sessions, Ping, Reset, Draining;
+#: 3: BatchItem carries one SamplingParams).
+PROTOCOL_VERSION = 3
 #: Client frames larger than this make libzmq drop the connection before any decoding
 #: (``zmq.MAXMSGSIZE``); the client library refuses to send them. With the socket's receive
 #: queue limit it bounds the memory one connection can hold in the broker.
@@ -40,20 +41,60 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
 DEFAULT_MAX_TOKENS = 256  # a Submit that leaves max_tokens out; the CLI's default too
 
 
-class Submit(msgspec.Struct, tag="submit", tag_field="type", kw_only=True, omit_defaults=True):
-    """Generate from exactly one of ``prompt`` (text), ``prompt_ids`` or ``messages`` (chat)."""
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Everything besides the prompt that shapes a request's output, said once: the client
+    builds it, Submit carries its fields flat (Submit extends it, so the wire stays a flat map),
+    the broker keeps it per request, and BatchItem carries it to the worker, which samples with
+    it. Defaults are the protocol's (docs/PROTOCOL.md, Submit)."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 0.0  # 0 is greedy
+    top_p: float = 1.0  # 1.0 disables nucleus sampling
+    top_k: int = 0  # 0 disables top-k
+    seed: int | None = None  # None: not reproducible
+    stop: list[str] = []  # stop strings (the broker cuts the text; workers ignore them)
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def sampling(self) -> SamplingParams:
+        """These parameters alone (from a Submit, which extends them)."""
+        if type(self) is SamplingParams:
+            return self
+        return SamplingParams(**{name: getattr(self, name) for name in _SAMPLING_FIELDS})
+
+    def problem(self) -> str:
+        """The first value out of its range, as a message saying what to pass ("" if none).
+        The engine's own limits (max_tokens against --max-gen-len) are the broker's to check."""
+        if self.max_tokens < 1:
+            return f"max_tokens must be >= 1, got {self.max_tokens}"
+        if not self.temperature >= 0.0:  # also catches NaN
+            return f"temperature must be >= 0 (0 is greedy), got {self.temperature}"
+        if not 0.0 < self.top_p <= 1.0:
+            return f"top_p must be in (0, 1] (1.0 disables it), got {self.top_p}"
+        if self.top_k < 0:
+            return f"top_k must be >= 0 (0 disables it), got {self.top_k}"
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            return f"seed must be in [0, 2**63), got {self.seed}"
+        empty = [i for i, stop in enumerate(self.stop) if not stop]
+        if empty:
+            return f"stop[{empty[0]}] is empty: every stop string needs a character"
+        return ""
+
+
+_SAMPLING_FIELDS = SamplingParams.__struct_fields__
+
+
+class Submit(SamplingParams, tag="submit", tag_field="type", kw_only=True, omit_defaults=True):
+    """Generate from exactly one of ``prompt`` (text), ``prompt_ids`` or ``messages`` (chat),
+    with the SamplingParams fields beside these (flat on the wire)."""
 
     request_id: str | None = None  # None: the broker assigns one and returns it in Accepted
     prompt: str | None = None
     prompt_ids: list[int] | None = None
     messages: list[ChatMessage] | None = None
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    temperature: float = 0.0  # 0 is greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 disables top-k
-    seed: int | None = None
-    stop: list[str] = []
-    ignore_eos: bool = False
     stream: bool = False
     deadline_s: float | None = None  # the broker ends it with "deadline_exceeded" after this
 
@@ -346,11 +387,7 @@ class BatchItem(_W, tag="item"):
     num_generated: int  # how many of token_ids were generated (sampling seeds are per index)
     max_steps: int  # decode steps allowed in this dispatch (the slice budget)
     max_new_tokens: int  # tokens it may still generate in total (max_tokens - num_generated)
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    ignore_eos: bool
+    sampling: SamplingParams  # the request's, as submitted
     keep_kv: bool  # park the KV cache on the worker if the budget ends before the request
     kv_source: str = ""  # a peer's address: pull this request's parked KV from there first
 

@@ -221,8 +221,8 @@ class EngineLoop:
         self.executor = Executor(runner, budget)
         items = [
             p.BatchItem(request_id=f"r{row}", token_ids=list(tokens), num_generated=0,
-                        max_steps=max_steps, max_new_tokens=max_steps, temperature=0.0,
-                        top_p=1.0, top_k=0, seed=None, ignore_eos=True, keep_kv=False)
+                        max_steps=max_steps, max_new_tokens=max_steps,
+                        sampling=p.SamplingParams(ignore_eos=True), keep_kv=False)
             for row, tokens in enumerate(token_lists)
         ]  # fmt: skip
         self.executor.submit(

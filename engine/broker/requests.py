@@ -21,22 +21,12 @@ class RequestState(enum.Enum):
         return self not in (RequestState.WAITING, RequestState.RUNNING)
 
 
-@dataclass(slots=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    ignore_eos: bool
-
-
 @dataclass(slots=True, eq=False)
 class Request:
     request_id: str
     client_id: bytes
     prompt_ids: list[int]
-    params: SamplingParams
+    params: p.SamplingParams  # as submitted
     stream: bool
     text: TextStream
     arrived_at: float
@@ -66,19 +56,11 @@ class Request:
         decode: Decode,
         now: float,
     ) -> Request:
-        params = SamplingParams(
-            max_tokens=msg.max_tokens,
-            temperature=msg.temperature,
-            top_p=msg.top_p,
-            top_k=msg.top_k,
-            seed=msg.seed,
-            ignore_eos=msg.ignore_eos,
-        )
         return cls(
             request_id=request_id,
             client_id=client_id,
             prompt_ids=prompt_ids,
-            params=params,
+            params=msg.sampling(),
             stream=msg.stream,
             text=TextStream(decode, msg.stop),
             arrived_at=now,
@@ -100,18 +82,13 @@ class Request:
         return self.params.max_tokens - len(self.generated)
 
     def batch_item(self, max_steps: int, keep_kv: bool) -> p.BatchItem:
-        params = self.params
         return p.BatchItem(
             request_id=self.request_id,
             token_ids=self.prompt_ids + self.generated,
             num_generated=len(self.generated),
             max_steps=max_steps,
             max_new_tokens=self.max_new_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            seed=params.seed,
-            ignore_eos=params.ignore_eos,
+            sampling=self.params,
             keep_kv=keep_kv,
         )
 

@@ -13,13 +13,10 @@ from engine import protocol as p
 
 
 def fingerprint(msg: p.Submit, prompt_ids: list[int]) -> bytes:
-    """Digest of the prompt (as token ids) and every parameter that shapes the output;
-    ``stream`` and ``deadline_s`` are left out: a resubmission may change how it listens."""
-    fields = (
-        prompt_ids, msg.max_tokens, msg.temperature, msg.top_p, msg.top_k, msg.seed,
-        msg.stop, msg.ignore_eos,
-    )  # fmt: skip
-    return hashlib.blake2b(msgspec.msgpack.encode(fields), digest_size=16).digest()
+    """Digest of the prompt (as token ids) and its SamplingParams, everything that shapes the
+    output; ``stream`` and ``deadline_s`` are left out: a resubmission may change how it listens."""
+    shaped = msgspec.msgpack.encode((prompt_ids, msg.sampling()))
+    return hashlib.blake2b(shaped, digest_size=16).digest()
 
 
 @dataclass(frozen=True, slots=True)

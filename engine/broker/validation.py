@@ -70,29 +70,19 @@ def validate_submit(msg: p.Submit, prompt_ids: list[int], limits: Limits) -> Non
     bad = "invalid_request"
     if not prompt_ids:
         raise SubmitError(bad, "the prompt is empty: send at least one token")
-    if msg.max_tokens < 1:
-        raise SubmitError(bad, f"max_tokens must be at least 1 (got {msg.max_tokens})")
+    problem = msg.problem()  # the sampling parameters' ranges, as the client checks them
+    if problem:
+        raise SubmitError(bad, problem)
     if msg.max_tokens > limits.max_gen_len:
         raise SubmitError(
             bad,
             f"max_tokens {msg.max_tokens:,} exceeds this engine's maximal generation length "
             f"{limits.max_gen_len:,} (--max-gen-len): ask for fewer tokens",
         )
-    if not msg.temperature >= 0.0:  # also catches NaN
-        raise SubmitError(bad, f"temperature must be >= 0 (0 is greedy); got {msg.temperature}")
-    if not 0.0 < msg.top_p <= 1.0:
-        raise SubmitError(bad, f"top_p must be in (0, 1]; got {msg.top_p}")
-    if msg.top_k < 0:
-        raise SubmitError(bad, f"top_k must be >= 0 (0 disables it); got {msg.top_k}")
     if msg.deadline_s is not None and not 0.0 < msg.deadline_s < float("inf"):
         raise SubmitError(
             bad, f"deadline_s must be a positive number of seconds; got {msg.deadline_s}"
         )
-    if msg.seed is not None and not 0 <= msg.seed < 2**63:
-        raise SubmitError(bad, f"seed must be in [0, 2**63); got {msg.seed}")
-    empty = [i for i, stop in enumerate(msg.stop) if not stop]
-    if empty:
-        raise SubmitError(bad, f"stop[{empty[0]}] is empty: every stop string needs a character")
     if any(not 0 <= t < limits.vocab_size for t in prompt_ids):
         raise SubmitError(bad, f"prompt_ids must be token ids in [0, {limits.vocab_size})")
     total = len(prompt_ids) + msg.max_tokens

@@ -14,8 +14,8 @@ from engine.client.errors import (
 from engine.client.stats import DEFAULT_STATS_ADDR, AsyncStatsSubscriber
 from engine.client.streams import AsyncStream
 from engine.client.sync_client import Client, Stream
-from engine.client.types import GenerateResult, TokenDelta
-from engine.protocol import ChatMessage, StatsSnapshot, Timings, Usage
+from engine.client.types import GenerateResult, SamplingArgs, TokenDelta
+from engine.protocol import ChatMessage, SamplingParams, StatsSnapshot, Timings, Usage
 
 __all__ = [
     "DEFAULT_ADDR",
@@ -32,6 +32,8 @@ __all__ = [
     "InvalidRequest",
     "RequestRejected",
     "RequestTimeout",
+    "SamplingArgs",
+    "SamplingParams",
     "StatsSnapshot",
     "Stream",
     "Timings",

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Unpack
 
 import zmq.asyncio
 
@@ -21,7 +22,7 @@ from engine.client.errors import (
 )
 from engine.client.inflight import Inflight, check_timeout
 from engine.client.streams import AsyncStream
-from engine.client.types import ChatInput, GenerateResult, build_submit
+from engine.client.types import ChatInput, GenerateResult, SamplingArgs, build_submit
 from engine.curve import ClientKeys
 from engine.protocol import (
     Accepted,
@@ -80,23 +81,15 @@ class AsyncClient:
         *,
         prompt_ids: Sequence[int] | None = None,
         messages: ChatInput | None = None,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: str | Iterable[str] = (),
-        ignore_eos: bool = False,
         request_id: str | None = None,
         timeout_s: float | None = None,
+        **sampling: Unpack[SamplingArgs],
     ) -> GenerateResult:
         """Generate from exactly one of ``prompt``, ``prompt_ids`` or ``messages`` and wait for
         the whole result. Raises RequestRejected, RequestTimeout, Disconnected or ValueError."""
         submit, frame = build_submit(
-            prompt, prompt_ids=prompt_ids, messages=messages, max_tokens=max_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            ignore_eos=ignore_eos, request_id=request_id, stream=False,
-            deadline_s=self._deadline_s(timeout_s),
+            prompt, prompt_ids=prompt_ids, messages=messages, request_id=request_id,
+            stream=False, deadline_s=self._deadline_s(timeout_s), **sampling,
         )  # fmt: skip
         inflight = await self._start(submit.request_id, frame, timeout_s)
         try:
@@ -113,15 +106,9 @@ class AsyncClient:
         *,
         prompt_ids: Sequence[int] | None = None,
         messages: ChatInput | None = None,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: str | Iterable[str] = (),
-        ignore_eos: bool = False,
         request_id: str | None = None,
         timeout_s: float | None = None,
+        **sampling: Unpack[SamplingArgs],
     ) -> AsyncStream:
         """Like generate, but yields TokenDelta as tokens come; the request is submitted when
         the stream is entered or first iterated::
@@ -134,10 +121,8 @@ class AsyncClient:
         Leaving the stream before its end cancels the request on the engine.
         """
         submit, frame = build_submit(
-            prompt, prompt_ids=prompt_ids, messages=messages, max_tokens=max_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            ignore_eos=ignore_eos, request_id=request_id, stream=True,
-            deadline_s=self._deadline_s(timeout_s),
+            prompt, prompt_ids=prompt_ids, messages=messages, request_id=request_id,
+            stream=True, deadline_s=self._deadline_s(timeout_s), **sampling,
         )  # fmt: skip
         if self._closed:
             raise ClientClosed()

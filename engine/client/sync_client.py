@@ -11,14 +11,14 @@ import concurrent.futures
 import logging
 import threading
 import weakref
-from collections.abc import Coroutine, Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar, Unpack
 
 from engine.client.async_client import AsyncClient
 from engine.client.connection import DEFAULT_ADDR
 from engine.client.errors import ClientClosed
 from engine.client.streams import AsyncStream
-from engine.client.types import ChatInput, GenerateResult, TokenDelta
+from engine.client.types import ChatInput, GenerateResult, SamplingArgs, TokenDelta
 from engine.curve import ClientKeys
 from engine.protocol import StatsSnapshot
 
@@ -191,22 +191,15 @@ class Client:
         *,
         prompt_ids: Sequence[int] | None = None,
         messages: ChatInput | None = None,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: str | Iterable[str] = (),
-        ignore_eos: bool = False,
         request_id: str | None = None,
         timeout_s: float | None = None,
+        **sampling: Unpack[SamplingArgs],
     ) -> GenerateResult:
         """See AsyncClient.generate."""
         return self._runner.call(
             self._aclient.generate(
-                prompt, prompt_ids=prompt_ids, messages=messages, max_tokens=max_tokens,
-                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-                ignore_eos=ignore_eos, request_id=request_id, timeout_s=timeout_s,
+                prompt, prompt_ids=prompt_ids, messages=messages, request_id=request_id,
+                timeout_s=timeout_s, **sampling,
             )
         )  # fmt: skip
 
@@ -216,15 +209,9 @@ class Client:
         *,
         prompt_ids: Sequence[int] | None = None,
         messages: ChatInput | None = None,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: str | Iterable[str] = (),
-        ignore_eos: bool = False,
         request_id: str | None = None,
         timeout_s: float | None = None,
+        **sampling: Unpack[SamplingArgs],
     ) -> Stream:
         """See AsyncClient.stream: ``with client.stream(...) as s: for d in s: ...``."""
         if self._runner.stopped:
@@ -232,9 +219,8 @@ class Client:
         return Stream(
             self._runner,
             self._aclient.stream(
-                prompt, prompt_ids=prompt_ids, messages=messages, max_tokens=max_tokens,
-                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-                ignore_eos=ignore_eos, request_id=request_id, timeout_s=timeout_s,
+                prompt, prompt_ids=prompt_ids, messages=messages, request_id=request_id,
+                timeout_s=timeout_s, **sampling,
             ),
         )  # fmt: skip
 

@@ -4,9 +4,9 @@ arguments, so that an obviously wrong call fails here with ValueError instead of
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import msgspec
 
@@ -16,6 +16,7 @@ from engine.protocol import (
     ChatMessage,
     Finished,
     ProtocolError,
+    SamplingParams,
     Submit,
     Timings,
     Usage,
@@ -68,21 +69,28 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+class SamplingArgs(TypedDict, total=False):
+    """The keyword arguments that make a request's SamplingParams (engine.protocol), for type
+    checkers; the defaults and ranges are SamplingParams' own. ``stop`` also takes one str."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: str | Iterable[str]
+    ignore_eos: bool
+
+
 def build_submit(
     prompt: str | None = None,
     *,
     prompt_ids: Sequence[int] | None = None,
     messages: ChatInput | None = None,
-    max_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int | None = None,
-    stop: str | Iterable[str] = (),
-    ignore_eos: bool = False,
     request_id: str | None = None,
     stream: bool = False,
     deadline_s: float | None = None,
+    **sampling: Unpack[SamplingArgs],
 ) -> tuple[Submit, bytes]:
     """Check the arguments of a request and encode it; raises InvalidRequest (a ValueError and
     a RequestRejected with code "invalid_request") saying what to pass.
@@ -105,17 +113,27 @@ def build_submit(
         prompt=prompt,
         prompt_ids=_check_prompt_ids(prompt_ids),
         messages=_check_messages(messages),
-        max_tokens=_check_int("max_tokens", max_tokens, minimum=1),
-        temperature=_check_float("temperature", temperature, minimum=0.0),
-        top_p=_check_top_p(top_p),
-        top_k=_check_int("top_k", top_k, minimum=0),
-        seed=_check_seed(seed),
-        stop=_check_stop(stop),
-        ignore_eos=_check_bool("ignore_eos", ignore_eos),
         stream=stream,
         deadline_s=deadline_s,
+        **msgspec.structs.asdict(check_sampling(sampling)),
     )
     return msg, _encode_checked(msg)
+
+
+def check_sampling(args: Mapping[str, Any]) -> SamplingParams:
+    """SamplingParams from keyword arguments: each value's type checked here (a Python caller's
+    mistake), then the ranges the broker checks too (SamplingParams.problem)."""
+    unknown = sorted(set(args) - set(_TYPE_CHECKS))
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword argument {unknown[0]!r}: the sampling parameters are "
+            f"{', '.join(_TYPE_CHECKS)}"
+        )
+    params = SamplingParams(**{name: _TYPE_CHECKS[name](name, v) for name, v in args.items()})
+    problem = params.problem()
+    if problem:
+        raise InvalidRequest(problem)
+    return params
 
 
 def _encode_checked(msg: Submit) -> bytes:
@@ -148,41 +166,45 @@ def _check_request_id(request_id: str | None) -> str:
     return request_id
 
 
-def _check_int(name: str, value: Any, *, minimum: int) -> int:
+def _check_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise InvalidRequest(f"{name} must be >= {minimum}, got {value}")
     return value
 
 
-def _check_seed(seed: Any) -> int | None:
-    if seed is not None and _check_int("seed", seed, minimum=0) >= 2**63:
-        raise InvalidRequest(f"seed must be in [0, 2**63), got {seed}")
-    return seed
+def _check_seed(name: str, seed: Any) -> int | None:
+    return None if seed is None else _check_int(name, seed)
 
 
-def _check_float(name: str, value: Any, *, minimum: float) -> float:
+def _check_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequest(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not value >= minimum:  # also rejects NaN
-        raise InvalidRequest(f"{name} must be >= {minimum}, got {value}")
     return float(value)
-
-
-def _check_top_p(top_p: Any) -> float:
-    value = _check_float("top_p", top_p, minimum=0.0)
-    if not 0.0 < value <= 1.0:
-        raise InvalidRequest(
-            f"top_p must be in (0, 1], got {top_p} (1.0 disables nucleus sampling)"
-        )
-    return value
 
 
 def _check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise InvalidRequest(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return value
+
+
+def _check_stop(name: str, stop: str | Iterable[str]) -> list[str]:
+    items = [stop] if isinstance(stop, str) else list(stop)
+    for i, s in enumerate(items):
+        if not isinstance(s, str):
+            raise InvalidRequest(f"{name}[{i}] must be a non-empty str, got {s!r}")
+    return items
+
+
+_TYPE_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "max_tokens": _check_int,
+    "temperature": _check_float,
+    "top_p": _check_float,
+    "top_k": _check_int,
+    "seed": _check_seed,
+    "stop": _check_stop,
+    "ignore_eos": _check_bool,
+}
 
 
 def _check_prompt_ids(prompt_ids: Sequence[int] | None) -> list[int] | None:
@@ -221,11 +243,3 @@ def _check_messages(messages: ChatInput | None) -> list[ChatMessage] | None:
     if not out:
         raise InvalidRequest("messages is empty: pass at least one message")
     return out
-
-
-def _check_stop(stop: str | Iterable[str]) -> list[str]:
-    items = [stop] if isinstance(stop, str) else list(stop)
-    for i, s in enumerate(items):
-        if not isinstance(s, str) or not s:
-            raise InvalidRequest(f"stop[{i}] must be a non-empty str, got {s!r}")
-    return items

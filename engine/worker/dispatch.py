@@ -93,9 +93,7 @@ def check_item(item: p.BatchItem, info: ModelInfo, busy_ids: set[str]) -> str:
         return f"token id {bad} at position {pos} is outside the vocabulary [0, {vocab})"
     if item.max_steps < 1 or item.max_new_tokens < 1:
         return f"max_steps {item.max_steps} and max_new_tokens {item.max_new_tokens}: need >= 1"
-    if item.temperature < 0 or not 0 < item.top_p <= 1 or item.top_k < 0:
-        return "sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0"
-    return ""
+    return item.sampling.problem()
 
 
 def too_big(request_id: str, num_tokens: int, info: ModelInfo, kv_budget_bytes: int) -> str:

@@ -285,8 +285,7 @@ class Executor:
         self._start(self._make_room(cands))
 
     def _candidate(self, batch_id: int, item: p.BatchItem) -> _Row:
-        params = SamplingParams(item.temperature, item.top_p, item.top_k, item.seed)
-        row = _Row(item, batch_id, list(item.token_ids), params, self._seq)
+        row = _Row(item, batch_id, list(item.token_ids), item.sampling, self._seq)
         self._seq += 1
         entry = self._intake.reuse(item, self._stats[batch_id])  # drops a stale entry
         if entry is not None and entry.table is not None:
@@ -468,7 +467,7 @@ class Executor:
                 stats.mixed_samples.append((n, context_len, len(prefills), mean_len, elapsed_s))
 
     def _finish_reason(self, row: _Row, token: int) -> p.ReleaseReason | None:
-        if token in self.info.eos_token_ids and not row.item.ignore_eos:
+        if token in self.info.eos_token_ids and not row.item.sampling.ignore_eos:
             return "eos"
         if row.num_new >= row.item.max_new_tokens:
             return "length"

@@ -10,27 +10,15 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 
+from engine.protocol import SamplingParams
 from engine.worker.kv_pool import DEFAULT_BLOCK_TOKENS, BlockTable, KVLayout, KVPool
 from engine.worker.model_loader import LoadedModel, ModelInfo
 from engine.worker.paged_attention import ATTN_IMPLEMENTATION, PagedBatch
 
 _MASK64 = (1 << 64) - 1
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0  # 1.0: off
-    top_k: int = 0  # 0: off
-    seed: int | None = None  # None: not reproducible
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
 
 
 def token_seed(seed: int, index: int) -> int:

@@ -62,6 +62,7 @@ MISTAKES = [
     (("serve", "--http-port", "99999"), b"", USAGE, "--http-port must be in 0..65535"),
     (("serve", "--model", "/nonexistent"), b"", USAGE, "model '/nonexistent' not found"),
     (("worker", "--model", "/nonexistent"), b"", USAGE, "model '/nonexistent' not found"),
+    (("http", "--model", "/nonexistent"), b"", USAGE, "model '/nonexistent' not found"),
     (("broker", "--bind", "tcp://127.0.0.1:5555", "--port", "6000"), b"", USAGE, "give one"),
     (("broker", "--bind", "http://x"), b"", USAGE, "is not an interface to bind"),
     (("worker", "--connect", "broker-host"), b"", USAGE, "use HOST:PORT or tcp://HOST:PORT"),

@@ -38,11 +38,9 @@ def make_item(
         num_generated=num_generated,
         max_steps=max_steps,
         max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        ignore_eos=ignore_eos,
+        sampling=p.SamplingParams(
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, ignore_eos=ignore_eos
+        ),
         keep_kv=keep_kv,
     )
 
