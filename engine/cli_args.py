@@ -182,6 +182,14 @@ def add_journal_flags(ap: argparse.ArgumentParser, serve: bool) -> None:
     )
     g.add_argument("--no-journal", action="store_true", help="keep no journal")
     ap.set_defaults(journal_by_default=serve)
+    if serve:
+        ap.add_argument(
+            "--broker-restarts",
+            type=non_negative_int,
+            default=5,
+            help="how many times in a row a broker that died is started again (its workers "
+            "stay; with the journal its requests continue)",
+        )
 
 
 def state_dir() -> Path:

@@ -7,8 +7,8 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -47,6 +47,7 @@ def run_broker(args: argparse.Namespace) -> int:
     else:
         host, port = cli_args.bind_and_port(args)
         cfg = cli_args.broker_config(args, host, port)
+        check_journal(cfg.journal_path)  # before the tokenizer loads: said at once
     resolve_model(cfg.model)
 
     def announce(server) -> None:
@@ -66,62 +67,97 @@ def run_broker(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from engine.broker.main import serve_broker
+    """The broker as a supervised child process (restarted when it dies, on the same journal),
+    its workers and gateways as children of this process: one LocalEngine, as in the demo."""
+    from engine.broker.main import check_addresses_free
     from engine.broker.server import BrokerStartError
 
     host, port = cli_args.bind_and_port(args)
     args.bind, args.port = host, port  # the gateway children get the plain host
     cfg = cli_args.broker_config(args, host, port)
     check_model_and_budget(args, cfg.scheduler.max_gen_len)
-    children = _Children(args, cfg.curve_dir)
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def on_ready(server) -> None:
-            children.start(server)
-            watch = threading.Thread(
-                target=children.watch, args=(server, lambda: loop.call_soon_threadsafe(stop.set)),
-                name="serve-watch", daemon=True,
-            )  # fmt: skip
-            watch.start()
-
-        await serve_broker(cfg, on_ready=on_ready, stop=stop)
-
     try:
-        asyncio.run(main())
+        check_addresses_free(cfg)
     except BrokerStartError as exc:
         raise CommandError(str(exc)) from None
+    check_journal(cfg.journal_path)
+    serve = _Serve(args, cfg)
+    try:
+        serve.run()
     finally:
-        children.stop()
-    if children.failure:
-        raise CommandError(children.failure)
+        serve.stop()
+        if port == 0 and not args.journal and cfg.journal_path:  # its own, for this run only
+            for suffix in ("", "-wal"):
+                Path(cfg.journal_path + suffix).unlink(missing_ok=True)
+    if serve.failure:
+        raise CommandError(serve.failure)
     return 0
 
 
-class _Children:
-    """The worker (and gateway) processes of `serve`: started once the broker is bound, watched
-    until they join, stopped with it."""
+def check_journal(path: str | None) -> None:
+    """The journal opens (a usage error otherwise), before any child starts."""
+    from engine.broker.journal import Journal, JournalError
 
-    def __init__(self, args: argparse.Namespace, curve_dir: str | None) -> None:
+    if path is not None:
+        try:
+            Journal(path).close()
+        except JournalError as exc:
+            raise UsageError(str(exc)) from None
+
+
+class _Serve:
+    """`serve`'s processes: the engine (supervised broker, workers), the gateways; signals
+    (the first drains the broker, a second stops it at once); what it says while they start."""
+
+    def __init__(self, args: argparse.Namespace, cfg: BrokerConfig) -> None:
+        from engine.curve import ClientKeys
+        from engine.launcher import LocalEngine
+
         self.args = args
-        self.curve_dir = curve_dir
-        self.workers: list[subprocess.Popen] = []
+        self.curve_dir = cfg.curve_dir
+        keys = serve_curve_args(cfg.curve_dir, "clients", "serve-watch")
+        curve = ClientKeys.load(keys[1], keys[3]) if keys else None
+        logs = ["--log-level", args.log_level, "--log-format", args.log_format]
+        self.engine = LocalEngine(
+            cfg, num_workers=0, start_timeout_s=300, supervised=True, log_args=logs,
+            max_restarts=args.broker_restarts, curve=curve,
+        )  # fmt: skip
         self.others: list[subprocess.Popen] = []
         self.failure: str | None = None
-        self._stopping = threading.Event()
+        self._num_signals = 0
 
-    def start(self, server) -> None:
+    def run(self) -> None:
+        from engine.launcher import EngineStartError
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        try:
+            self.engine.start()
+        except EngineStartError as exc:
+            raise CommandError(str(exc)) from None
+        if self._num_signals:  # stopped while the broker started
+            return
+        self._start_children()
+        self._watch()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._num_signals += 1
+        broker = self.engine.broker
+        assert broker is not None
+        if self._num_signals == 1:
+            broker.stop_supervising()
+        broker.signal(signal.SIGTERM)  # the first drains, a second stops at once
+
+    def _start_children(self) -> None:
         from engine.http.cli import serve_gateway_argv
         from engine.supervisor import spawn
 
-        args, addrs = self.args, server.addresses
+        args, addrs = self.args, self.engine.addresses
         worker_addr = addrs["workers"].replace("0.0.0.0", "127.0.0.1")
         for i in range(args.workers):
-            argv = worker_argv(args, worker_addr, i)
-            self.workers.append(
-                spawn(argv + serve_curve_args(self.curve_dir, "workers", "serve-worker"))
+            flags = worker_argv(args, worker_addr, i)[3:]  # after "worker --connect ADDR"
+            self.engine.add_worker(
+                flags + serve_curve_args(self.curve_dir, "workers", "serve-worker")
             )
         http_curve = serve_curve_args(self.curve_dir, "clients", "serve-http")
         for http_argv in serve_gateway_argv(args, addrs, http_curve):  # a client, like the tui
@@ -129,36 +165,40 @@ class _Children:
         print(
             f'engine: clients connect to {addrs["clients"]}  (run.py generate "..." --connect {addrs["clients"]})\n'
             f"engine: workers connect to {addrs['workers']}; stats published on {addrs['stats']} (run.py tui)\n"
-            f"engine: policy {server.cfg.scheduler.policy}; starting {args.workers} worker(s) on {args.device}: "
+            f"engine: policy {args.policy}; starting {args.workers} worker(s) on {args.device}: "
             "each loads the model and, the first time on this machine, profiles it; requests wait "
             "until one joins. Ctrl-C stops all",
             flush=True,
         )  # fmt: skip
 
-    def watch(self, server, stop_broker) -> None:
-        """Say when every worker has joined; stop the broker if every worker exited."""
+    def _watch(self) -> None:
+        """Until the broker is gone for good: say when every worker has joined; stop the
+        broker if every worker exited."""
+        broker, workers = self.engine.broker, self.engine.procs
+        assert broker is not None
         started, announced = time.monotonic(), False
-        while not self._stopping.is_set():
-            num_joined = len(server.core.workers)
-            if not announced and num_joined >= len(self.workers):
-                print(f"engine: ready: {num_joined} worker(s) joined in {time.monotonic() - started:.0f} s", flush=True)  # fmt: skip
+        while not broker.exited.wait(0.25):
+            if not announced and self.engine.num_workers_joined() >= len(workers):
+                print(f"engine: ready: {len(workers)} worker(s) joined in {time.monotonic() - started:.0f} s", flush=True)  # fmt: skip
                 announced = True
-            codes = sorted({w.returncode for w in self.workers if w.poll() is not None})
-            failed = bool(codes) and all(w.returncode not in (None, 0) for w in self.workers)
-            if failed and not server.core.draining and not self._stopping.is_set():
+            codes = sorted({w.returncode for w in workers if w.poll() is not None})
+            if (
+                codes
+                and all(w.returncode not in (None, 0) for w in workers)
+                and not self._num_signals
+            ):
                 self.failure = (
                     f"every worker exited (status {', '.join(map(str, codes))}) before serving: "
                     "see their messages above"
                 )
-                stop_broker()
                 return
-            self._stopping.wait(0.25)
+        self.failure = self.failure or broker.failure
 
     def stop(self) -> None:
         from engine.supervisor import stop_all
 
-        self._stopping.set()
-        stop_all(self.workers + self.others)
+        self.engine.stop()
+        stop_all(self.others)
 
 
 def worker_argv(args: argparse.Namespace, worker_addr: str, index: int) -> list[str]:

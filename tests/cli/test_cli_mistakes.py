@@ -86,6 +86,9 @@ MISTAKES = [
     (("generate", "hi", "--timeout", "0"), b"", USAGE, "--timeout must be above 0"),
     (("generate", "hi", "--tokens", "3"), b"", USAGE, "unrecognized arguments: --tokens 3"),
     (("demo", "--port", "65535"), b"", USAGE, "--port must be in 1..65533"),
+    (("broker", "--journal", "j.sqlite", "--no-journal"), b"", USAGE, "not allowed with argument"),
+    (("broker", "--journal", "/dev/null/j.sqlite"), b"", USAGE, "cannot open the journal"),
+    (("serve", "--port", "0", "--journal", "/dev/null/j"), b"", USAGE, "pass another --journal"),
 ]
 
 

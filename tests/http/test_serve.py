@@ -63,7 +63,7 @@ def test_serve_with_http_drains_with_503_and_leaves_nothing(tiny_model_dir, tmp_
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
         assert "scls:broker_up 1.0" in metrics
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert len(children) == 3  # a worker, the gateway, the metrics exporter
+        assert len(children) == 4  # the broker, a worker, the gateway, the metrics exporter
 
         body = {"prompt": "Once upon a time", "max_tokens": 1900, "temperature": 0,
                 "ignore_eos": True, "stream": True}  # fmt: skip

@@ -45,6 +45,11 @@ def serve(model_dir, log_path, num_workers: int = 2) -> Iterator[tuple[subproces
         proc.stdout.close()
 
 
+def cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().decode(errors="replace").split("\0")
+
+
 def alive(pid: int) -> bool:
     """Running (a zombie, exited but not yet reaped by init, counts as gone)."""
     try:
@@ -73,7 +78,9 @@ def test_sigterm_drains_workers_and_broker_and_leaves_no_child(tiny_model_dir, t
             60,
             "progress",
         )
-        os.kill(min(children), signal.SIGTERM)  # this worker drains: finishes its slice, leaves
+        workers = sorted(pid for pid in children if "worker" in cmdline(pid))
+        assert len(workers) == 2  # beside them: the broker, a child process of its own
+        os.kill(workers[0], signal.SIGTERM)  # this worker drains: finishes its slice, leaves
         with Client(addr, timeout_s=10) as observer:
             wait_for(
                 lambda: (client.pump(1), observer.stats().num_workers == 1)[1],
