@@ -61,6 +61,12 @@ def add_bench_parser(p: argparse.ArgumentParser) -> None:
         "for the whole cache and exhausts a CPU's memory)",
     )  # fmt: skip
     p.add_argument("--stats-interval", type=float, default=0.25, help="seconds between snapshots")
+    p.add_argument(
+        "--journal",
+        metavar="DIR",
+        default=None,
+        help="each engine run keeps a request journal, a fresh file in DIR (measures its cost)",
+    )
     add_policy_flags(p)
     cli_args.add_worker_flags(p)
 
@@ -150,6 +156,7 @@ def _settings(args: argparse.Namespace):
         slow_worker=args.slow_worker,
         stall_timeout_s=args.stall_timeout if args.stall_timeout > 0 else None,
         stats_interval_s=args.stats_interval,
+        journal_dir=args.journal,
         peer_batch_size=args.peer_batch_size,
         peer_page_size=args.peer_page_size,
         peer_max_batch_tokens=args.peer_max_batch_tokens,

@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from engine.bench.endpoint import Endpoint, read_api_key, run_endpoint_load
@@ -45,6 +46,16 @@ class BenchError(ValueError):
     """A benchmark option that cannot be used; the message says what to pass."""
 
 
+def journal_file(journal_dir: str | None, spec: str, repeat: int) -> str | None:
+    """A fresh journal for one engine run (any left by an earlier run is removed first)."""
+    if journal_dir is None:
+        return None
+    path = Path(journal_dir) / f"journal-{spec.replace(':', '-')}-{repeat + 1}.sqlite"
+    for suffix in ("", "-wal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return str(path)
+
+
 @dataclass(frozen=True, slots=True)
 class BenchSettings:
     """What every entry of one benchmark shares. ``entries``: policy specs (POLICY_VARIANTS),
@@ -64,6 +75,7 @@ class BenchSettings:
     slow_worker: float = 1.0  # the last worker of every engine runs this many times slower
     stall_timeout_s: float | None = 60.0  # no token for this long while requests are in flight
     stats_interval_s: float = 0.25
+    journal_dir: str | None = None  # each engine run journals into a fresh file here
     peer_batch_size: int | None = None
     peer_page_size: int = 32
     peer_max_batch_tokens: int = 1024
@@ -138,6 +150,7 @@ def run_policy(
         model=settings.model,
         stats_interval_s=settings.stats_interval_s,
         scheduler=sched,
+        journal_path=journal_file(settings.journal_dir, spec, repeat),
     )
     started = time.monotonic()
     progress = Progress(f"{spec} #{repeat + 1}", len(items))
