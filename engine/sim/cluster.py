@@ -247,6 +247,8 @@ class Simulation:
             rec.take_tokens(now, len(msg.token_ids))
             if rec.hidden_length and rec.num_output_tokens >= item.output_len:
                 rec.finish_reason, rec.finished_s = "length", now
+                live = self.core.requests.get(rec.request_id)
+                rec.num_slices = live.num_slices if live is not None else rec.num_slices
                 self.core.cancel(CLIENT_ID, rec.request_id, now)
                 self._ended(now)
         elif isinstance(msg, p.Finished):
