@@ -136,7 +136,8 @@ class Roofline:
 @dataclass(frozen=True, slots=True)
 class ProfileTimer:
     """Step times from a fitted time model: a decode step at the rows' mean context plus the
-    prefill of the chunks fed beside it (what the broker's refinement assumes of a mixed step)."""
+    prefill of the chunks fed beside it, whose fixed cost the decode step already paid (one
+    forward a step)."""
 
     time: TimeModel
 
@@ -148,6 +149,7 @@ class ProfileTimer:
         if shape.prefills:
             mean_len = sum(n for _, n in shape.prefills) / len(shape.prefills)
             t += self.time.prefill_s(len(shape.prefills), round(mean_len))
+            t -= self.time.prefill[3] if shape.num_decode else 0.0
         return t
 
 

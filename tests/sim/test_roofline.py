@@ -105,3 +105,19 @@ def test_faster_gpus_step_faster() -> None:
         for g in ("a100-80gb", "h100-80gb", "h200")
     ]
     assert times[0] > times[1] > times[2]
+
+
+def test_a_profile_json_times_steps_with_its_coefficients(tmp_path) -> None:
+    """A worker's cached profile as a device: one forward a step, so a mixed step pays the
+    decode step's fixed cost once (hand-computed from the coefficients)."""
+    prefill, decode = (2e-3, 4e-3, 0.0, 0.03, 1e-6), (4e-6, 3.5e-3, 0.0, 0.04)
+    path = tmp_path / "profile.json"
+    TimeModel(prefill, decode).save(path)
+    dev = device_model(str(path), kv_budget_bytes=GIB // 8)
+    assert dev.kv_bytes_per_token == 46_080 and dev.kv_budget_bytes == GIB // 8
+    # 4 rows at mean context 100: 4e-6*400 + 3.5e-3*4 + 0.04 = 0.0556
+    assert dev.timer.step_s(StepShape(4, 400)) == pytest.approx(0.0556)
+    # one 200-token chunk alone: 2e-3*200 + 4e-3 + 0.03 + 1e-6*40,000 = 0.474
+    assert dev.timer.step_s(StepShape(0, 0, [(0, 200)])) == pytest.approx(0.474)
+    # both in one forward: 0.0556 + 0.474 - 0.03
+    assert dev.timer.step_s(StepShape(4, 400, [(0, 200)])) == pytest.approx(0.4996)
