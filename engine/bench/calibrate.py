@@ -48,21 +48,38 @@ def error(sim: float | None, real: float | None) -> str:
     return f"{(sim - real) / real * 100:+.1f}%"
 
 
+def cpu_share(summary: dict, num_workers: int) -> float | None:
+    """The share of a core each worker had during the run: its CPU seconds over the run's
+    duration (1.0 on a quiet machine with a core per worker and work always queued)."""
+    cpu_s, duration_s = summary.get("cpu_s"), summary.get("duration_s")
+    if not cpu_s or not duration_s:
+        return None
+    return cpu_s / (num_workers * duration_s)
+
+
 def compare(real: dict, sim: dict) -> str:
-    """A Markdown table: per policy, each metric measured, simulated and the error."""
-    head = ["policy"] + [
-        f"{label} {kind}" for _, label, _ in METRICS for kind in ("real", "sim", "error")
-    ]
+    """A Markdown table: per policy, each metric measured, simulated and the error, and the
+    measured throughput divided by the workers' CPU share (what they would have served with
+    a core each: the simulator models dedicated devices)."""
+    head = ["policy", "load", "CPU share"]
+    head += [f"{label} {kind}" for _, label, _ in METRICS for kind in ("real", "sim", "error")]
+    head += ["req/s real / share", "error"]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    num_workers = real["config"].get("num_workers") or 1
     for name, measured in real["summary"].items():
         simulated = sim["summary"].get(name)
         if simulated is None:
             continue
-        cells = [name]
+        share = cpu_share(measured, num_workers)
+        load = measured.get("loadavg_1m")
+        cells = [name, f"{load:.1f}" if load else "n/a", f"{share:.2f}" if share else "n/a"]
         for key, _, fmt in METRICS:
             r, s = measured.get(key), simulated.get(key)
             cells += [fmt.format(r) if r is not None else "n/a"]
             cells += [fmt.format(s) if s is not None else "n/a", error(s, r)]
+        r, s = measured.get("request_throughput"), simulated.get("request_throughput")
+        fair = r / share if r is not None and share else None
+        cells += [f"{fair:.3f}" if fair is not None else "n/a", error(s, fair)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
