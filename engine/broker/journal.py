@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import signal
 import sqlite3
+import threading
 import time
 import zlib
 from array import array
@@ -126,8 +127,8 @@ class Journal(NoJournal):
         self._db = self._open()
 
     def _open(self) -> sqlite3.Connection:
-        if hasattr(signal, "SIGXFSZ"):  # a file-size limit fails the write (EFBIG), not us
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit fails the write
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(
