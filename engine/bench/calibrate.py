@@ -105,10 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         "--doc", type=Path, default=None, help="a Markdown file to write the table into"
     )
     ap.add_argument("--name", default=None, help="the block's name in --doc")
+    ap.add_argument("--step-scale", type=float, default=1.0, help="simulate's --step-scale")
     args = ap.parse_args(argv)
     real = json.loads((args.bench_dir / "results.json").read_text())
     out = args.out or args.bench_dir.with_name(args.bench_dir.name + "-sim")
-    run_simulate(simulate_args(real["command"], args.device_model, out))
+    sim_args = simulate_args(real["command"], args.device_model, out)
+    sim_args.step_scale = args.step_scale
+    run_simulate(sim_args)
     sim = json.loads((out / "results.json").read_text())
     table = compare(real, sim)
     print(table)

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from engine import cli_args
@@ -30,6 +31,11 @@ def add_simulate_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-budget", type=cli_args.positive_bytes, default=None,
                    help="KV budget per instance (default: a GPU's HBM left after the weights; "
                    "a profile: the worker's default, 2GiB)")  # fmt: skip
+    p.add_argument("--step-scale", type=float, default=1.0, metavar="FACTOR",
+                   help="every instance's steps take FACTOR times the device model's time "
+                   "(e.g. a calibration factor for a profile; see docs/SIMULATOR.md)")  # fmt: skip
+    p.add_argument("--slow-worker", type=float, default=1.0, metavar="FACTOR",
+                   help="the last instance runs FACTOR times slower, as bench's --slow-worker")  # fmt: skip
     p.add_argument("--noise", type=float, default=0.0, metavar="SIGMA",
                    help="run-to-run noise: each step's time times exp(N(0, SIGMA^2)), seeded")  # fmt: skip
     p.add_argument("--tick", type=float, default=0.005, metavar="S",
@@ -55,6 +61,8 @@ def _check(args: argparse.Namespace):
         raise UsageError(
             "--instances must be at least 1, --max-duration and --tick above 0, --noise >= 0"
         )
+    if not (args.step_scale > 0 and args.slow_worker >= 1.0):
+        raise UsageError("--step-scale must be above 0 and --slow-worker at least 1")
     try:
         entries = check_entries(args.policies.split(","))
         goodput_ms = parse_goodput(args.goodput)
@@ -103,7 +111,11 @@ def run_simulate(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     hidden = base.max_gen_len if args.lengths == "hidden" else None
     items = [SimItem(r.index, r.prompt_len, r.output_len, hidden) for r in workload.requests]
-    instances = [devices[i % len(devices)] for i in range(args.instances)]
+    instances = [
+        replace(devices[i % len(devices)], slowdown=args.step_scale) for i in range(args.instances)
+    ]
+    if args.slow_worker > 1 and args.instances > 1:
+        instances[-1] = replace(instances[-1], slowdown=args.step_scale * args.slow_worker)
     args.out = args.out or "sim-results"
     config = {
         "simulated": True,
@@ -113,6 +125,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         "kv_budget_bytes": [d.kv_budget_bytes for d in instances],
         "scheduler": dataclasses.asdict(base),
         "noise": args.noise,
+        "step_scale": args.step_scale,
+        "slow_worker": args.slow_worker,
         "tick_s": args.tick,
         "refine": args.refine,
         "seed": args.seed,

@@ -168,6 +168,7 @@ class DeviceModel:
     transfer_bytes_per_s: float
     transfer_latency_s: float
     host_kv_budget_bytes: int = HOST_KV_BUDGET_BYTES
+    slowdown: float = 1.0  # every step takes this many times longer than the timer says
 
 
 def fit_roofline(roof: Roofline) -> TimeModel:

@@ -125,3 +125,16 @@ def test_ten_thousand_requests_on_eight_instances() -> None:
     assert sim.core.num_finished == n
     assert out.duration_s == pytest.approx(max(r.finished_s for r in out.records))
     assert out.duration_s < n / 300.0 + 30  # it keeps up with the arrivals
+
+
+def test_a_slowdown_stretches_every_step() -> None:
+    """SLS on one instance decides the same whatever the step times: twice as slow steps give
+    exactly twice the simulated time."""
+    items, _ = load(40, seed=9)
+    dev = device_model("a100-80gb:llama-2-7b")
+    cfg = SchedulerConfig(policy="sls", max_gen_len=256)
+    fast = Simulation(cfg, [dev], refine=False).run(items, [0.0] * len(items))
+    slow = Simulation(cfg, [replace(dev, slowdown=2.0)], refine=False).run(
+        items, [0.0] * len(items)
+    )
+    assert slow.duration_s == pytest.approx(2 * fast.duration_s, rel=1e-9)
