@@ -59,6 +59,13 @@ def add_request_flags(p: argparse.ArgumentParser) -> None:
         default=5.0,
         help="seconds to wait for the broker to accept a request",
     )
+    p.add_argument(
+        "--resume-timeout",
+        type=non_negative_float,
+        default=30.0,
+        help="seconds to wait for a broker that went away: the request then continues where "
+        "it was (0: fail at once)",
+    )
     cli_args.add_curve_client_flags(p)  # fmt: skip
 
 
@@ -129,7 +136,12 @@ def connected(args: argparse.Namespace) -> Iterator[Any]:
         from engine.curve import ClientKeys
 
         curve = ClientKeys.load(args.curve_key, args.broker_key or "")
-    client = Client(args.connect, curve=curve, connect_timeout_s=args.connect_timeout)
+    client = Client(
+        args.connect,
+        curve=curve,
+        connect_timeout_s=args.connect_timeout,
+        resume_timeout_s=args.resume_timeout or None,
+    )
     try:
         yield client
     except RequestTimeout as exc:
@@ -167,7 +179,16 @@ def _disconnected_line(args: argparse.Namespace, reason: str) -> str:
             "stats (PORT+2)?"
         )
     if reason == "lost":
-        return f"lost the connection to the broker at {addr} during the request: send it again once the broker is back"
+        waited = f" and it did not come back within --resume-timeout {args.resume_timeout:g} s"
+        return (
+            f"lost the connection to the broker at {addr} during the request"
+            f"{waited if args.resume_timeout else ''}: send it again once the broker is back"
+        )
+    if reason == "diverged":
+        return (
+            f"the broker at {addr} came back without the request and generated it again "
+            "differently: send it again"
+        )
     return (
         f"no broker answered at {addr} within {wait}: start one with `run.py serve`, or pass "
         "its client address with --connect"

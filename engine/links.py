@@ -20,6 +20,10 @@ CLIENT_RCVHWM = 32
 # Replies queued to one client before the broker keeps them itself (see broker/outbox.py).
 CLIENT_SNDHWM = 256
 MAX_WORKER_FRAME_BYTES = 64 * 1024 * 1024
+# A client (DEALER or SUB) whose broker went away retries after 0.1 s, then doubles the wait
+# up to 2 s: a restarted broker is found within 2 s of binding, and nobody hammers a dead port.
+RECONNECT_IVL_MS = 100
+RECONNECT_IVL_MAX_MS = 2000
 
 
 def keepalive(sock: zmq.Socket) -> None:
@@ -27,6 +31,12 @@ def keepalive(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S)
     sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, KEEPALIVE_INTERVAL_S)
     sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_COUNT)
+
+
+def reconnect_backoff(sock: zmq.Socket) -> None:
+    """A client's connecting socket: libzmq reconnects by itself, with exponential backoff."""
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
 
 
 def worker_link(sock: zmq.Socket) -> None:

@@ -20,6 +20,7 @@ from textual.widgets import Footer
 from engine.protocol import LogEvent, ProtocolError, StatsSnapshot
 
 from .source import StatsSource, StatsSourceUnavailable, SubscriberSource
+from .widgets.fmt import fmt_s
 from .widgets.header import LINK_DISCONNECTED, LINK_LIVE, LINK_STALE, StatusHeader
 from .widgets.help import HelpScreen
 from .widgets.log_pane import EventFilter, LogPane
@@ -132,6 +133,11 @@ class DashboardApp(App[None]):
 
     def on_snapshot_received(self, message: SnapshotReceived) -> None:
         snapshot = message.snapshot
+        if self.latest is not None and snapshot.uptime_s < self.latest.uptime_s:
+            self.log_pane.note(
+                f"the broker restarted {fmt_s(snapshot.uptime_s)} ago: showing the new one",
+                "yellow",
+            )
         self.latest = snapshot
         self.last_received_at = self.clock()
         self._unshown_events += self._events.fresh(snapshot.events, snapshot.uptime_s)
@@ -166,7 +172,10 @@ class DashboardApp(App[None]):
         self.header.link = new
         self.body.set_class(new == LINK_STALE, "-stale")
         if new == LINK_STALE:
-            self.log_pane.note(f"stats stream stopped (no data for {self.stale_after_s:g} s)")
+            self.log_pane.note(
+                f"stats stream stopped (no data for {self.stale_after_s:g} s): reconnecting "
+                "until the broker is back"
+            )
         elif old == LINK_STALE:
             self.log_pane.note("stats stream resumed")
 

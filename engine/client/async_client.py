@@ -20,7 +20,7 @@ from engine.client.errors import (
     RequestRejected,
     RequestTimeout,
 )
-from engine.client.inflight import Inflight, check_timeout
+from engine.client.inflight import Diverged, Inflight, check_timeout
 from engine.client.streams import AsyncStream
 from engine.client.types import ChatInput, GenerateResult, SamplingArgs, build_submit
 from engine.curve import ClientKeys
@@ -46,6 +46,11 @@ class AsyncClient:
     ``timeout_s``: default limit on a whole request, from submission to its last token (None:
     no limit; each call may pass its own). ``connect_timeout_s``: how long a request may wait
     for the broker's first answer (Accepted) before the client raises Disconnected.
+    ``resume_timeout_s``: when the connection to the broker drops (it died, restarted, or the
+    network broke), how long requests in flight wait for it to come back; ZeroMQ reconnects
+    with backoff, and the client then sends each of them again by id, so that it continues
+    (docs/PROTOCOL.md, section 8): a stream goes on from its last token, without a duplicated
+    or missing one. None: fail them with Disconnected at once.
     The client binds to the event loop it is first used on; use ``Client`` from threads.
     """
 
@@ -55,6 +60,7 @@ class AsyncClient:
         *,
         timeout_s: float | None = None,
         connect_timeout_s: float = 5.0,
+        resume_timeout_s: float | None = 30.0,
         context: zmq.asyncio.Context | None = None,
         curve: ClientKeys | None = None,
     ) -> None:
@@ -62,6 +68,11 @@ class AsyncClient:
         self.timeout_s = check_timeout("timeout_s", timeout_s)
         self.connect_timeout_s = check_timeout(
             "connect_timeout_s", connect_timeout_s, none_ok=False
+        )
+        self.resume_timeout_s = (
+            None
+            if resume_timeout_s is None
+            else check_timeout("resume_timeout_s", resume_timeout_s, none_ok=False)
         )
         self._conn = Connection(
             addr, send_timeout_s=self.connect_timeout_s, context=context, curve=curve
@@ -72,6 +83,8 @@ class AsyncClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
+        self._give_up: asyncio.TimerHandle | None = None  # ends the wait for a lost broker
+        self._resubmitting: asyncio.Task[None] | None = None
 
     # -- public API ------------------------------------------------------------------------
 
@@ -169,6 +182,10 @@ class AsyncClient:
         if self._closed:
             return
         self._closed = True
+        if self._give_up is not None:
+            self._give_up.cancel()
+        if self._resubmitting is not None:
+            self._resubmitting.cancel()
         for inflight in list(self._inflight.values()):
             self._conn.send_nowait(encode(Cancel(request_id=inflight.request_id)))
         self._fail_all(lambda _request_id: ClientClosed())
@@ -201,7 +218,8 @@ class AsyncClient:
                 code="duplicate_request_id",
             )
         timeout = check_timeout("timeout_s", timeout_s) or self.timeout_s
-        inflight = Inflight(request_id, timeout, None if timeout is None else loop.time() + timeout)
+        deadline = None if timeout is None else loop.time() + timeout
+        inflight = Inflight(request_id, timeout, deadline, frame)
         self._inflight[request_id] = inflight
         try:
             await self._conn.send(frame, request_id)
@@ -217,19 +235,23 @@ class AsyncClient:
         self, inflight: Inflight, accept_by: float | None = None
     ) -> Accepted | Delta | Finished:
         """The request's next reply; raises the error that ended it, or on its deadline."""
-        deadline = inflight.deadline
-        if accept_by is not None and (deadline is None or accept_by < deadline):
-            deadline = accept_by
-        try:
-            async with asyncio.timeout_at(deadline):
-                item = await inflight.get()
-        except TimeoutError:
-            assert self._loop is not None
-            if inflight.deadline is not None and self._loop.time() >= inflight.deadline:
-                raise RequestTimeout(
-                    inflight.request_id, inflight.timeout_s or 0.0, inflight.num_tokens
-                ) from None
-            raise self._no_answer(inflight.request_id) from None
+        while True:
+            deadline = inflight.deadline
+            if accept_by is not None and (deadline is None or accept_by < deadline):
+                deadline = accept_by
+            try:
+                async with asyncio.timeout_at(deadline):
+                    item = await inflight.get()
+                break
+            except TimeoutError:
+                assert self._loop is not None
+                if inflight.deadline is not None and self._loop.time() >= inflight.deadline:
+                    raise RequestTimeout(
+                        inflight.request_id, inflight.timeout_s or 0.0, inflight.num_tokens
+                    ) from None
+                if not inflight.lost:
+                    raise self._no_answer(inflight.request_id) from None
+                accept_by = None  # the broker went away meanwhile: resume_timeout_s bounds it
         if isinstance(item, BaseException):
             raise item
         if isinstance(item, Error):
@@ -284,7 +306,9 @@ class AsyncClient:
 
     async def _read_loop(self) -> None:
         try:
-            await self._conn.read_forever(self._dispatch, self._on_connection_lost)
+            await self._conn.read_forever(
+                self._dispatch, self._on_connection_lost, self._on_connection_back
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -316,7 +340,19 @@ class AsyncClient:
             inflight.accepted = True
             inflight.prompt_tokens = msg.prompt_tokens
         elif isinstance(msg, Delta):
-            inflight.num_tokens += len(msg.token_ids)
+            try:
+                new = inflight.received.take(msg)  # after a resubmission: drop the replay
+            except Diverged:
+                self._end(inflight, self._diverged(inflight.request_id))
+                self._conn.send_nowait(encode(Cancel(request_id=inflight.request_id)))
+                return
+            if new is None:
+                return
+            msg = new
+        elif isinstance(msg, Error) and msg.code == "duplicate_request_id" and inflight.resubmitted:
+            # Its first Submit reached the new connection too (see _on_connection_back).
+            inflight.resubmitted = False
+            return
         else:  # Finished or Error: the last message of the request
             inflight.done = True
             self._inflight.pop(msg.request_id, None)
@@ -335,30 +371,104 @@ class AsyncClient:
         inflight.put(RequestRejected(error.code, error.message, inflight.request_id))
 
     def _on_connection_lost(self) -> None:
-        for inflight in list(self._inflight.values()):  # delivered if the broker comes back
-            self._conn.send_nowait(encode(Cancel(request_id=inflight.request_id)))
+        if self.resume_timeout_s is None:
+            for inflight in list(self._inflight.values()):  # delivered if the broker comes back
+                self._conn.send_nowait(encode(Cancel(request_id=inflight.request_id)))
+            self._fail_all(self._lost)
+            return
+        self._fail_all(self._lost, list(self._stats_waiters), [])  # not resumed: ask again
+        for inflight in self._inflight.values():
+            inflight.lost = True
+        if self._inflight:
+            log.warning(
+                "lost the connection to the broker at %s: %d requests in flight continue when "
+                "it is back (waiting up to %g s)",
+                self.addr, len(self._inflight), self.resume_timeout_s,
+            )  # fmt: skip
+        assert self._loop is not None
+        if self._give_up is None:
+            self._give_up = self._loop.call_later(self.resume_timeout_s, self._give_up_resuming)
 
-        def lost(request_id: str | None) -> Disconnected:
-            what = "a stats request" if request_id is None else f"request {request_id!r}"
-            return Disconnected(
-                self.addr,
-                f"lost the connection to the broker at {self.addr} while {what} was in "
-                "flight; its reply is lost: send it again once the broker is back "
-                "(`python run.py serve`)",
-                request_id,
-                reason="lost",
+    def _on_connection_back(self) -> None:
+        """A broker answers again: send every request that was in flight again, unchanged.
+        The broker resumes it (the same broker, or one restarted on its journal) or runs it
+        anew (a broker that knew nothing of it); either way its stream starts again from the
+        first token, which Received.take checks against what arrived and drops. If the first
+        Submit was still queued in the socket, it reaches the broker on this connection too,
+        and the resubmission is then answered duplicate_request_id: expected, and ignored."""
+        if self._give_up is not None:
+            self._give_up.cancel()
+            self._give_up = None
+        lost = [f for f in self._inflight.values() if f.lost]
+        for inflight in lost:
+            inflight.lost, inflight.resubmitted = False, True
+            inflight.received.replay()
+        if lost:
+            assert self._loop is not None
+            self._resubmitting = self._loop.create_task(
+                self._resubmit(lost), name=f"client-resubmit {self.addr}"
             )
 
-        self._fail_all(lost)
-
-    def _fail_all(self, make_error: Callable[[str | None], BaseException]) -> None:
-        inflights = list(self._inflight.values())  # a copy: a dropped stream may pop meanwhile
-        self._inflight.clear()
+    async def _resubmit(self, inflights: list[Inflight]) -> None:
         for inflight in inflights:
-            inflight.done = True
-            inflight.put(make_error(inflight.request_id))
-        while self._stats_waiters:
-            waiter = self._stats_waiters.popleft()
+            if inflight.done:
+                continue  # abandoned meanwhile
+            try:
+                await self._conn.send(inflight.frame, inflight.request_id)
+            except Disconnected as exc:  # the send queue stayed full
+                self._end(inflight, exc)
+        log.warning(
+            "the broker at %s answers again: resubmitted %d requests", self.addr, len(inflights)
+        )
+
+    def _give_up_resuming(self) -> None:
+        self._give_up = None
+        lost = [f for f in self._inflight.values() if f.lost]
+        self._fail_all(self._lost, [], lost)
+
+    def _lost(self, request_id: str | None) -> Disconnected:
+        what = "a stats request" if request_id is None else f"request {request_id!r}"
+        waited = "" if self.resume_timeout_s is None else (
+            f" and it did not come back within resume_timeout_s={self.resume_timeout_s:g} s"
+        )  # fmt: skip
+        return Disconnected(
+            self.addr,
+            f"lost the connection to the broker at {self.addr} while {what} was in "
+            f"flight{waited}; its reply is lost: send it again once the broker is back "
+            "(`python run.py serve`)",
+            request_id,
+            reason="lost",
+        )
+
+    def _diverged(self, request_id: str) -> Disconnected:
+        return Disconnected(
+            self.addr,
+            f"request {request_id!r} could not be resumed: the broker at {self.addr} came back "
+            "without it and generated it again differently from what this client had received "
+            "(a different model, or sampling whose seed was not sent): send it again",
+            request_id,
+            reason="diverged",
+        )
+
+    def _end(self, inflight: Inflight, error: BaseException) -> None:
+        inflight.done = True
+        self._inflight.pop(inflight.request_id, None)
+        inflight.put(error)
+
+    def _fail_all(
+        self,
+        make_error: Callable[[str | None], BaseException],
+        stats_waiters: list[asyncio.Future[StatsSnapshot]] | None = None,
+        inflights: list[Inflight] | None = None,
+    ) -> None:
+        """Fail ``inflights`` and ``stats_waiters`` (default: all of them)."""
+        if inflights is None:
+            inflights = list(self._inflight.values())  # a copy: a dropped stream may pop
+        for inflight in inflights:
+            self._end(inflight, make_error(inflight.request_id))
+        waiters = list(self._stats_waiters) if stats_waiters is None else stats_waiters
+        for waiter in waiters:
+            self._stats_waiters.remove(waiter)
             if not waiter.done():
                 waiter.set_exception(make_error(None))
 

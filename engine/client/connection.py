@@ -13,6 +13,7 @@ from zmq.utils.monitor import parse_monitor_message
 from engine.addresses import connect_address
 from engine.client.errors import Disconnected
 from engine.curve import ClientKeys
+from engine.links import reconnect_backoff
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,8 @@ _HEARTBEAT_TIMEOUT_MS = 5000
 
 
 class Connection:
-    """One DEALER socket connected to ``addr`` (ZeroMQ reconnects by itself) and its monitor.
+    """One DEALER socket connected to ``addr`` (ZeroMQ reconnects by itself, with backoff:
+    engine/links.py) and its monitor.
 
     ``connected`` is True while a peer that completed the ZeroMQ handshake is attached.
     Not thread-safe: use it from one event loop.
@@ -47,6 +49,7 @@ class Connection:
         self._sock.linger = 0
         self._sock.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_IVL_MS)
         self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
+        reconnect_backoff(self._sock)
         self._monitor = self._sock.get_monitor_socket(_MONITOR_EVENTS)
         self._monitor.linger = 0
         if curve is not None:  # a broker started with --curve (docs/PROTOCOL.md, section 12)
@@ -83,13 +86,18 @@ class Connection:
             log.log(level, "could not queue a frame for %s: %s", self.addr, exc)
 
     async def read_forever(
-        self, on_frame: Callable[[bytes], None], on_lost: Callable[[], None]
+        self,
+        on_frame: Callable[[bytes], None],
+        on_lost: Callable[[], None],
+        on_back: Callable[[], None] = lambda: None,
     ) -> None:
         """Hand every received frame to ``on_frame``; call ``on_lost`` when the connected peer
-        goes away, after the frames it sent before."""
+        goes away, after the frames it sent before, and ``on_back`` when a peer completes the
+        handshake after such a loss (ZeroMQ reconnected: the same broker, or a restarted one)."""
         poller = zmq.asyncio.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
+        lost = False
         while True:
             await poller.poll()
             await self._drain(on_frame)
@@ -97,8 +105,11 @@ class Connection:
                 event = parse_monitor_message(await self._monitor.recv_multipart())["event"]
                 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     self.connected = True
+                    if lost:
+                        lost = False
+                        on_back()
                 elif event == zmq.EVENT_DISCONNECTED and self.connected:
-                    self.connected = False
+                    self.connected, lost = False, True
                     await self._drain(on_frame)
                     on_lost()
 

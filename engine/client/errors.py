@@ -78,8 +78,10 @@ class Disconnected(EngineError, ConnectionError):
     """No broker answered at ``addr``, or the connection to it was lost mid-request.
 
     ``reason``: "unreachable" (nothing accepted the connection in time), "no_answer" (a peer
-    accepted it but did not answer: not the broker's client address?) or "lost" (the
-    connection closed while the request was in flight).
+    accepted it but did not answer: not the broker's client address?), "lost" (the connection
+    closed while the request was in flight, and no broker answered again within the client's
+    ``resume_timeout_s``) or "diverged" (a broker that came back without the request ran it
+    anew and it came out differently from what had arrived, so it cannot be continued).
     """
 
     def __init__(

@@ -11,6 +11,7 @@ import zmq.asyncio
 from engine.addresses import connect_address
 from engine.client.inflight import check_timeout
 from engine.curve import ClientKeys
+from engine.links import reconnect_backoff
 from engine.protocol import ProtocolError, StatsSnapshot, decode_client_reply
 
 log = logging.getLogger(__name__)
@@ -21,8 +22,9 @@ DEFAULT_STATS_ADDR = "tcp://127.0.0.1:5557"
 class AsyncStatsSubscriber:
     """A SUB socket on the broker's stats PUB socket.
 
-    The broker need not exist yet, and may come and go: ZeroMQ reconnects by itself, and
-    ``recv`` simply returns None while nothing arrives. ``latest_only`` (default) keeps only
+    The broker need not exist yet, and may come and go: ZeroMQ reconnects by itself (with
+    backoff, engine/links.py) and subscribes again, and ``recv`` simply returns None while
+    nothing arrives. ``latest_only`` (default) keeps only
     the newest snapshot queued, which is what a dashboard wants.
     """
 
@@ -42,6 +44,7 @@ class AsyncStatsSubscriber:
         if latest_only:
             self._sock.setsockopt(zmq.CONFLATE, 1)
         self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        reconnect_backoff(self._sock)
         if curve is not None:  # a broker started with --curve (docs/PROTOCOL.md, section 12)
             curve.apply(self._sock)
         try:

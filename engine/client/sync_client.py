@@ -84,10 +84,8 @@ async def _cancel_other_tasks() -> None:
     await asyncio.get_running_loop().shutdown_asyncgens()
 
 
-async def _make_client(
-    addr: str, timeout_s: float | None, connect_timeout_s: float, curve: ClientKeys | None
-) -> AsyncClient:
-    return AsyncClient(addr, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, curve=curve)
+async def _make_client(addr: str, curve: ClientKeys | None, **timeouts: Any) -> AsyncClient:
+    return AsyncClient(addr, curve=curve, **timeouts)
 
 
 def _shutdown(runner: _LoopThread, aclient: AsyncClient) -> None:
@@ -163,7 +161,9 @@ class Client:
     """The blocking client: AsyncClient's API, with plain return values and iterators.
 
     ``timeout_s``: default limit on a whole request (None: no limit); ``connect_timeout_s``:
-    how long to wait for the broker's first answer before raising Disconnected.
+    how long to wait for the broker's first answer before raising Disconnected;
+    ``resume_timeout_s``: how long requests in flight wait for a broker that went away, to
+    continue where they were (see AsyncClient; None: fail at once).
     """
 
     def __init__(
@@ -172,12 +172,21 @@ class Client:
         *,
         timeout_s: float | None = None,
         connect_timeout_s: float = 5.0,
+        resume_timeout_s: float | None = 30.0,
         curve: ClientKeys | None = None,
     ) -> None:
         self.addr = addr
         runner = _LoopThread()
         try:
-            aclient = runner.call(_make_client(addr, timeout_s, connect_timeout_s, curve))
+            aclient = runner.call(
+                _make_client(
+                    addr,
+                    curve,
+                    timeout_s=timeout_s,
+                    connect_timeout_s=connect_timeout_s,
+                    resume_timeout_s=resume_timeout_s,
+                )  # fmt: skip
+            )
         except BaseException:
             runner.stop()
             raise

@@ -3,6 +3,7 @@ arguments, so that an obviously wrong call fails here with ValueError instead of
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -115,7 +116,7 @@ def build_submit(
         messages=_check_messages(messages),
         stream=stream,
         deadline_s=deadline_s,
-        **msgspec.structs.asdict(check_sampling(sampling)),
+        **msgspec.structs.asdict(_seeded(check_sampling(sampling))),
     )
     return msg, _encode_checked(msg)
 
@@ -134,6 +135,16 @@ def check_sampling(args: Mapping[str, Any]) -> SamplingParams:
     if problem:
         raise InvalidRequest(problem)
     return params
+
+
+def _seeded(params: SamplingParams) -> SamplingParams:
+    """A sampled request without a seed gets a random one: sampled the same way again, it
+    continues with the same tokens if a broker that lost it (restarted without a journal) runs
+    it anew after a resubmission (docs/PROTOCOL.md, section 8). Still a different seed, so
+    different samples, for every request."""
+    if params.greedy or params.seed is not None:
+        return params
+    return msgspec.structs.replace(params, seed=secrets.randbits(63))
 
 
 def _encode_checked(msg: Submit) -> bytes:

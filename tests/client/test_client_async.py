@@ -260,8 +260,8 @@ def vanish(broker, client_id, msg):
 def test_a_broker_that_dies_mid_request_raises_disconnected_at_once(make_broker):
     broker = make_broker(vanish)
 
-    async def main():
-        async with AsyncClient(broker.addr, timeout_s=15) as client:
+    async def main():  # resume_timeout_s=None: no waiting for it to come back (see reliability)
+        async with AsyncClient(broker.addr, timeout_s=15, resume_timeout_s=None) as client:
             with pytest.raises(Disconnected) as info:
                 await client.generate("x", request_id="lost-1")
             return info.value
