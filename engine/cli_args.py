@@ -264,6 +264,11 @@ def add_worker_flags(ap: argparse.ArgumentParser) -> None:
         default="tcp://127.0.0.1:*",
         help="where this worker serves KV caches to other workers (port * picks a free one)",
     )
+    g.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="do not reuse the KV of repeated prompt prefixes (automatic prefix caching is on)",
+    )
     g.add_argument("--slowdown", type=float, default=1.0, help=argparse.SUPPRESS)  # benchmarks
 
 
@@ -337,6 +342,7 @@ def worker_config(
         host_kv_budget_bytes=getattr(args, "host_kv_budget", None),
         peer_bind=getattr(args, "peer_bind", None) or "tcp://127.0.0.1:*",
         slowdown=getattr(args, "slowdown", 1.0),
+        prefix_cache=not getattr(args, "no_prefix_cache", False),
         worker_id=getattr(args, "worker_id", None),
         drain_timeout_s=getattr(args, "drain_timeout", 30.0),
         curve_secret_key=getattr(args, "curve_key", None),
@@ -362,4 +368,6 @@ def worker_flags(cfg: WorkerConfig) -> list[str]:
         flags += ["--peer-bind", cfg.peer_bind]
     if cfg.slowdown != 1.0:
         flags += ["--slowdown", str(cfg.slowdown)]
+    if not cfg.prefix_cache:
+        flags.append("--no-prefix-cache")
     return flags

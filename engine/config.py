@@ -36,6 +36,9 @@ class SchedulerConfig:
     """Upper bound on requests in one batch or running set, whatever memory allows."""
     aging_s: float = 10.0
     """SCLS: a request waiting longer than this is batched first, whatever its length."""
+    prefix_placement: bool = True
+    """Place a request where the workers' prefix caches hold most of its prompt (within a load
+    bound); False: by load alone (the caches still serve whatever hits they get)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,3 +115,6 @@ class WorkerConfig:
     loopback unless told otherwise, e.g. tcp://0.0.0.0:* for workers on several hosts."""
     slowdown: float = 1.0
     """Benchmarks only: every forward pass takes this many times as long (a slower device)."""
+    prefix_cache: bool = True
+    """Reuse the KV of full blocks whose tokens (and every token before them) equal those of an
+    earlier request on this worker (automatic prefix caching)."""

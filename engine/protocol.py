@@ -130,6 +130,7 @@ class Delta(msgspec.Struct, tag="delta", tag_field="type", kw_only=True):
 class Usage(msgspec.Struct, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV came from a worker's prefix cache
 
 
 class Timings(msgspec.Struct, kw_only=True):
@@ -235,6 +236,11 @@ class WorkerStats(msgspec.Struct, kw_only=True):
     busy_s: float
     kv_host_bytes: int = 0  # KV offloaded to host memory (its own budget, below)
     kv_host_budget_bytes: int = 0
+    # prefix cache: tokens in the blocks it holds (by the broker's index), and since it joined,
+    # context tokens looked up at admission and of those found (vLLM's queries and hits)
+    prefix_cached_tokens: int = 0
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
 
 
 class RequestInfo(msgspec.Struct, kw_only=True):
@@ -367,6 +373,8 @@ class Ready(_W, tag="ready"):
     transfer_latency_s: float = 0.0
     session: int = 0  # bumped at every reset: commands of older sessions are dropped
     kv_block_tokens: int = 0  # tokens per block of its paged KV pool (0: one left-padded cache)
+    # the root of its prefix-cache block names (engine/prefix_hash.py); empty: no prefix cache
+    prefix_root: bytes = b""
 
 
 class Heartbeat(_W, tag="hb"):
@@ -464,6 +472,7 @@ class Released(_W, tag="released"):
     num_generated: int  # tokens generated in this dispatch
     kv_kept: bool
     message: str = ""
+    cached_tokens: int = 0  # tokens of its context this dispatch found in the prefix cache
 
 
 class BatchDone(_W, tag="done"):
@@ -491,6 +500,19 @@ class BatchDone(_W, tag="done"):
     # (decode rows, their mean context, prefill rows, their mean length, seconds) of steps
     # that prefilled new rows inside the decode forward
     mixed_samples: list[tuple[int, int, int, int, float]] = []
+    # prefix cache: context tokens of rows that started without KV (looked up), and of those,
+    # tokens found in the cache (vLLM's prefix_cache_queries and prefix_cache_hits)
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
+
+
+class BlockEvents(_W, tag="blocks"):
+    """Changes to the worker's prefix cache since its last BlockEvents: names of full KV blocks
+    it now holds (``stored``) and no longer holds (``removed``). The broker's prefix index of
+    this worker is the sum of these since its Ready (a reset starts it empty)."""
+
+    stored: list[bytes]
+    removed: list[bytes]
 
 
 class KVEvicted(_W, tag="evicted"):
@@ -517,7 +539,15 @@ class Draining(_W, tag="draining"):
 
 ToWorker = RunBatch | Renew | Abort | DropKV | Shutdown | Ping | Reset
 FromWorker = (
-    Ready | Heartbeat | Generated | Released | BatchDone | KVEvicted | WorkerFailed | Draining
+    Ready
+    | Heartbeat
+    | Generated
+    | Released
+    | BatchDone
+    | KVEvicted
+    | WorkerFailed
+    | Draining
+    | BlockEvents
 )
 
 _to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)

@@ -13,6 +13,7 @@ from engine.broker import admission, intake
 from engine.broker.expiry import Expiry
 from engine.broker.journal import Journal, NoJournal
 from engine.broker.kv_ledger import KVLedger
+from engine.broker.prefix_index import PrefixIndex, RequestNames
 from engine.broker.request_log import log_request_end
 from engine.broker.requests import Request, RequestState
 from engine.broker.resume import FinishedCache, FinishedEntry, fingerprint
@@ -83,6 +84,8 @@ class BrokerCore:
         self._auto_ids = itertools.count(1)
         self.kv = KVLedger()  # the one owner of where parked KV is, and of handoffs in flight
         self.journal = journal or NoJournal()  # what a restarted broker continues from
+        self.prefix = PrefixIndex()  # which KV blocks each worker's prefix cache holds
+        self._prefix_names: dict[str, dict[bytes, RequestNames]] = {}  # per request, per root
 
     # -- clients ---------------------------------------------------------------------------
 
@@ -211,6 +214,7 @@ class BrokerCore:
             session=ready.session,
         )
         self.limits = self.limits.with_worker(ready)
+        self.prefix.add_worker(ready.worker_id, ready.prefix_root, ready.kv_block_tokens)
         self.log(
             now,
             "info",
@@ -228,6 +232,7 @@ class BrokerCore:
         if reset:
             self._send(worker, p.Reset(session=worker.session, reason=reason))
         self.kv.worker_lost(worker_id)
+        self.prefix.remove_worker(worker_id)
         num_requeued = 0
         for req in self.requests.values():
             if req.worker_id == worker_id and req.state is RequestState.RUNNING:
@@ -284,6 +289,8 @@ class BrokerCore:
                 self._send(worker, p.DropKV(request_ids=[msg.request_id]))
             return
         self._send_all(self.kv.settle(req.request_id))  # a handoff into this batch is over
+        if req.generated_at_dispatch == 0:  # its prompt's first prefill: what the cache saved
+            req.cached_tokens = msg.cached_tokens
         if msg.reason in _FINISH_REASONS:
             self._finish(req, _FINISH_REASONS[msg.reason], now, RequestState.FINISHED)
         elif msg.reason in ("budget", "preempted"):
@@ -307,6 +314,8 @@ class BrokerCore:
         batch = worker.finish_batch(msg.batch_id, msg.measured_s, now)
         worker.cost.time.observe(msg.prefill_samples, msg.decode_samples, msg.mixed_samples)
         worker.cost.kv.observe(msg.transfer_samples, msg.copy_samples)
+        worker.prefix_query_tokens += msg.prefix_query_tokens
+        worker.prefix_hit_tokens += msg.prefix_hit_tokens
         if batch is None:
             return
         d = batch.dispatch
@@ -473,7 +482,15 @@ class BrokerCore:
             arrived_at=req.arrived_at,
             kv_worker_id=self.kv.holder(req.request_id),
             kv_on_host=self.kv.on_host(req.request_id),
+            cached_tokens=self._cached_tokens(req),
         )
+
+    def _cached_tokens(self, req: Request) -> dict[str, int]:
+        """Per worker, tokens of the request's context its prefix cache holds (by the index)."""
+        if not (self.cfg.prefix_placement and self.prefix.active):
+            return {}
+        memo = self._prefix_names.setdefault(req.request_id, {})
+        return self.prefix.cached_tokens(req.prompt_ids + req.generated, memo)
 
     def _worker_view(self, worker: WorkerState) -> WorkerView:
         running = []
@@ -576,6 +593,7 @@ class BrokerCore:
         self.num_failed += 1
 
     def _forget(self, req: Request) -> None:
+        self._prefix_names.pop(req.request_id, None)
         if self.requests.pop(req.request_id, None) is not None:
             self.num_queued_tokens -= req.queued_tokens
         self.waiting.pop(req.request_id, None)

@@ -45,6 +45,7 @@ class Request:
     owner: bytes = b""  # the client's CURVE public key (b"" without CURVE): who may resume it
     fingerprint: bytes = b""  # see broker/resume.py: what a resubmission must repeat
     deadline_at: float | None = None
+    cached_tokens: int = 0  # prompt tokens its first dispatch found in the prefix cache
 
     @classmethod
     def create(
@@ -102,7 +103,9 @@ class Request:
             text=self.text.text,
             token_ids=list(self.generated),
             usage=p.Usage(
-                prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.generated)
+                prompt_tokens=len(self.prompt_ids),
+                completion_tokens=len(self.generated),
+                cached_tokens=self.cached_tokens,
             ),
             timings=p.Timings(
                 queued_s=queued_until - self.arrived_at,

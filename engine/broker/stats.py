@@ -43,6 +43,10 @@ def worker_stats(core: BrokerCore, worker: WorkerState, now: float) -> p.WorkerS
         busy_s=worker.busy_s,
         kv_host_bytes=hb.kv_host_bytes if hb else 0,
         kv_host_budget_bytes=worker.ready.host_kv_budget_bytes,
+        prefix_cached_tokens=core.prefix.num_blocks(worker.worker_id)
+        * core.prefix.block_tokens(worker.worker_id),
+        prefix_query_tokens=worker.prefix_query_tokens,
+        prefix_hit_tokens=worker.prefix_hit_tokens,
     )
 
 

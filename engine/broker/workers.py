@@ -52,6 +52,8 @@ class WorkerState:
     draining: bool = False  # it sent Draining: nothing more is dispatched to it
     heartbeat: p.Heartbeat | None = None
     generated_tokens: int = 0
+    prefix_query_tokens: int = 0  # prefix cache lookups and hits, in tokens (from BatchDone)
+    prefix_hit_tokens: int = 0
     busy_s: float = 0.0
     token_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
 

@@ -46,6 +46,18 @@ WORKER_GAUGES = (
     ("scls:mem_total_bytes", "mem_total_bytes", "Device or host memory."),
     ("scls:device_util_percent", "util_percent", "GPU utilisation."),
     ("scls:worker_tokens_per_second", "tokens_per_s", "Its recent generation rate."),
+    ("scls:prefix_cached_tokens", "prefix_cached_tokens", "Tokens in its prefix-cache blocks."),
+)
+# vLLM's prefix-cache counters (tokens), per worker
+WORKER_COUNTERS = (
+    ("scls:worker_generated_tokens", "generated_tokens", "Tokens generated since it joined."),
+    ("scls:worker_busy_seconds", "busy_s", "Seconds spent running batches."),
+    (
+        "vllm:prefix_cache_queries",
+        "prefix_query_tokens",
+        "Context tokens looked up in the prefix cache.",
+    ),
+    ("vllm:prefix_cache_hits", "prefix_hit_tokens", "Context tokens found in the prefix cache."),
 )
 
 
@@ -198,8 +210,7 @@ class EngineStats:
         state = GaugeMetricFamily("scls:worker_state", "1 for the worker's state.", labels=[*labels, "state"])  # fmt: skip
         queued = GaugeMetricFamily("scls:worker_queued_batches", "Batches dispatched, not started.", labels=labels)  # fmt: skip
         gauges = {n: GaugeMetricFamily(n, doc, labels=labels) for n, _, doc in WORKER_GAUGES}
-        generated = CounterMetricFamily("scls:worker_generated_tokens", "Tokens generated since it joined.", labels=labels)  # fmt: skip
-        busy = CounterMetricFamily("scls:worker_busy_seconds", "Seconds spent running batches.", labels=labels)  # fmt: skip
+        counters = {n: CounterMetricFamily(n, doc, labels=labels) for n, _, doc in WORKER_COUNTERS}
         for w in snap.workers:
             key = [w.worker_id, w.device]
             state.add_metric([*key, w.state], 1.0)
@@ -208,6 +219,6 @@ class EngineStats:
                 value = getattr(w, field)
                 if value is not None:
                     gauges[name].add_metric(key, float(value))
-            generated.add_metric(key, float(w.generated_tokens))
-            busy.add_metric(key, float(w.busy_s))
-        yield from (state, queued, *gauges.values(), generated, busy)
+            for name, field, _ in WORKER_COUNTERS:
+                counters[name].add_metric(key, float(getattr(w, field)))
+        yield from (state, queued, *gauges.values(), *counters.values())

@@ -134,8 +134,7 @@ async def _events(
         last = shape.chunk(None if shape.chat else "", finish_reason(result))
         yield sse(last | {"scls": engine_extra(result)})
         if wants_usage:
-            u = result.usage
-            yield sse(shape.usage_chunk(u.prompt_tokens, u.completion_tokens))
+            yield sse(shape.usage_chunk(result.usage))
     except (EngineError, APIError) as exc:  # after the 200: an event carries it, as in vLLM
         error = exc if isinstance(exc, APIError) else from_engine(exc)
         gw.requests.refused(error.code)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from engine.client import GenerateResult
+from engine.client import GenerateResult, Usage
 from engine.http.errors import APIError
 
 #: The engine's finish reasons as OpenAI reports them ("cancelled" is vLLM's "abort").
@@ -21,11 +21,14 @@ def finish_reason(result: GenerateResult) -> str:
     return FINISH_REASONS[result.finish_reason]
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(u: Usage) -> dict:
+    """OpenAI's usage object; prompt tokens served from the prefix cache as OpenAI reports them
+    (``prompt_tokens_details.cached_tokens``)."""
     return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
     }
 
 
@@ -66,10 +69,9 @@ class Shape:
         else:
             choice = {"index": 0, "text": result.text}
         choice |= {"logprobs": None, "finish_reason": reason}
-        u = result.usage
         return self._head("chat.completion" if self.chat else "text_completion") | {
             "choices": [choice],
-            "usage": usage(u.prompt_tokens, u.completion_tokens),
+            "usage": usage(result.usage),
             "scls": engine_extra(result),
         }
 
@@ -87,11 +89,11 @@ class Shape:
             "choices": [choice]
         }
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage_chunk(self, u: Usage) -> dict:
         """stream_options.include_usage: the last chunk, with no choices."""
         return self._head("chat.completion.chunk" if self.chat else "text_completion") | {
             "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens),
+            "usage": usage(u),
         }
 
 

@@ -7,8 +7,8 @@ and checks it (no request twice, predicted memory within budget).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -27,6 +27,9 @@ class WaitingRequest:
     arrived_at: float  # monotonic seconds, when the broker received it
     kv_worker_id: str | None = None  # worker that holds its parked KV cache, if any
     kv_on_host: bool = False  # that KV is in the holder's host tier (a restore costs a copy)
+    # per worker: tokens of its context that worker's prefix cache holds (a prefill there skips
+    # them); workers without a hit are absent
+    cached_tokens: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

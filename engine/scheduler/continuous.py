@@ -17,6 +17,7 @@ from operator import attrgetter
 
 from engine.config import KVMode, SchedulerConfig
 from engine.scheduler.base import Dispatch, RunningRequest, WaitingRequest, WorkerView
+from engine.scheduler.prefix_affinity import DEFAULT_PREFIX_BALANCE, PrefixBalance, balanced
 
 _BY_ARRIVAL = attrgetter("arrived_at", "request_id")
 
@@ -187,6 +188,7 @@ class ContinuousSCLSPolicy:
         renew_lookahead_s: float = 0.02,
         min_slice_fraction: float = 0.25,
         tie_tolerance: float = 0.05,
+        prefix_balance: PrefixBalance = DEFAULT_PREFIX_BALANCE,
     ) -> None:
         self.slice_len = slice_len
         self.max_batch_size = max_batch_size
@@ -200,6 +202,7 @@ class ContinuousSCLSPolicy:
         # (elastic slices): a request runs on, or starts, instead of waiting at a boundary.
         self.min_steps = max(1, round(slice_len * min_slice_fraction))
         self.tie_tolerance = tie_tolerance  # relative: placements this close count as tied
+        self.prefix_balance = prefix_balance  # how far a prefix hit may load one worker
         # A round stops after this many requests in a row found no room (bounds planning time
         # with thousands waiting; the rest are looked at again next round).
         self.max_misses = max_misses
@@ -295,6 +298,8 @@ class ContinuousSCLSPolicy:
             options.append((end_s, slot, move, granted))
         if not options:
             return False
+        if r.cached_tokens:  # a prefix hit must not pile everything onto one worker
+            options = balanced(options, lambda o: len(o[1].rows), self.prefix_balance)
         soonest = min(o[0] for o in options) * (1 + self.tie_tolerance)
         _, slot, (move_s, prefill, handoff), granted = min(
             (o for o in options if o[0] <= soonest),
@@ -326,7 +331,8 @@ class ContinuousSCLSPolicy:
         tier, handed off from its holder (auto mode), or recomputed (a prefill row), as
         (seconds, recomputed, handed off)."""
         cost = slot.view.cost
-        recompute = (float(cost.time.row_prefill_s(r.context_len)), True, False)
+        uncached = r.context_len - r.cached_tokens.get(slot.worker_id, 0)
+        recompute = (float(cost.time.row_prefill_s(uncached)), True, False)
         holder = r.kv_worker_id
         if self.kv_mode == "recompute" or holder is None or holder not in slots:
             return recompute

@@ -9,6 +9,7 @@ from operator import attrgetter
 
 from engine.config import ILSAdmission, SchedulerConfig
 from engine.scheduler.base import Dispatch, WaitingRequest, WorkerView
+from engine.scheduler.prefix_affinity import DEFAULT_PREFIX_BALANCE, PrefixBalance, most_cached
 
 _ARRIVAL = attrgetter("arrived_at", "request_id")
 
@@ -87,12 +88,14 @@ class ILSPolicy:
         max_concurrency: int | None = None,
         max_batch_size: int = 256,
         headroom_tokens: int = 16,
+        prefix_balance: PrefixBalance = DEFAULT_PREFIX_BALANCE,
     ) -> None:
         self.admission = admission
         self.max_rows = (
             max_batch_size if max_concurrency is None else min(max_concurrency, max_batch_size)
         )
         self.headroom_tokens = headroom_tokens  # optimistic: growth allowed for before a preempt
+        self.prefix_balance = prefix_balance  # how far a prefix hit may load one worker
 
     @classmethod
     def from_config(cls, cfg: SchedulerConfig) -> ILSPolicy:
@@ -112,14 +115,27 @@ class ILSPolicy:
         return [s.dispatch() for s in slots if s.joining]
 
     def _place(self, r: WaitingRequest, slots: list[_Slot]) -> bool:
+        """The least loaded worker with room; with a prefix cached somewhere, the one holding
+        most of it among those within the balance bound (engine/scheduler/prefix_affinity.py)."""
+        fits = []
         for slot in sorted(slots, key=_Slot.load_key):
             if slot.num_rows >= self.max_rows:
                 continue
             peak = slot.peak_with(r)
             if peak <= slot.memory.budget_bytes:
-                slot.admit(r, peak)
-                return True
-        return False
+                fits.append((slot, peak))
+                if not r.cached_tokens:
+                    break
+        if not fits:
+            return False
+        slot, peak = most_cached(
+            fits,
+            lambda f: f[0].num_rows,
+            lambda f: r.cached_tokens.get(f[0].view.worker_id, 0),
+            self.prefix_balance,
+        )
+        slot.admit(r, peak)
+        return True
 
     def _fits_empty(self, r: WaitingRequest, slots: list[_Slot]) -> bool:
         return any(

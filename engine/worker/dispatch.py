@@ -55,6 +55,8 @@ class DispatchStats:
     transfer_samples: list[tuple[int, float]] = field(default_factory=list)  # (bytes, seconds)
     copy_samples: list[tuple[int, float]] = field(default_factory=list)  # host-to-device restores
     mixed_samples: list[tuple[int, int, int, int, float]] = field(default_factory=list)
+    prefix_query_tokens: int = 0  # context tokens looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # of which found there
 
     def done(self, now: float) -> p.BatchDone:
         return p.BatchDone(
@@ -76,6 +78,8 @@ class DispatchStats:
             transfer_samples=self.transfer_samples[-MAX_SAMPLES:],
             copy_samples=self.copy_samples[-MAX_SAMPLES:],
             mixed_samples=self.mixed_samples[-MAX_SAMPLES:],
+            prefix_query_tokens=self.prefix_query_tokens,
+            prefix_hit_tokens=self.prefix_hit_tokens,
         )
 
 

@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from engine import protocol as p
+from engine.prefix_hash import block_hashes, prefix_root
 from engine.worker.dispatch import MAX_SAMPLES, DispatchStats, check_item, too_big
 from engine.worker.kv_pool import DEFAULT_BLOCK_TOKENS, BlockTable
 from engine.worker.kv_reuse import KVArrived, KVFetchFailed, KVIntake
@@ -74,6 +75,7 @@ class StepResult:
     done: list[p.BatchDone] = field(default_factory=list)
     offloaded: list[str] = field(default_factory=list)  # parked KV moved to the host tier
     evicted: list[str] = field(default_factory=list)  # parked KV freed: these must recompute
+    blocks: p.BlockEvents | None = None  # prefix-cache blocks named and forgotten
 
 
 @dataclass(slots=True)
@@ -86,10 +88,21 @@ class _Row:
     num_new: int = 0  # tokens generated in this dispatch
     table: BlockTable = field(default_factory=BlockTable)  # its blocks in the pool
     kv: ParkedKV | None = None  # reused KV held as tensors, until written into its blocks
+    names: list[bytes] = field(default_factory=list)  # prefix-cache names of its full blocks
+    num_named: int = 0  # of its leading blocks, those registered in the prefix cache
+    cached_tokens: int = 0  # tokens of its context found in the prefix cache at admission
 
     @property
     def request_id(self) -> str:
         return self.item.request_id
+
+
+def cache_root(runner: Runner, block_tokens: int, prefix_cache: bool) -> bytes:
+    """The root of the prefix-cache names of full KV blocks (equal for equal models, dtypes and
+    block sizes only); empty when the prefix cache is off."""
+    if not prefix_cache:
+        return b""
+    return prefix_root(runner.info.name, str(runner.layout.dtype), block_tokens)
 
 
 class Executor:
@@ -104,13 +117,15 @@ class Executor:
         clock: Callable[[], float] = time.perf_counter,
         store: KVStore | None = None,
         block_tokens: int = DEFAULT_BLOCK_TOKENS,
+        prefix_cache: bool = True,
     ) -> None:
         self.runner = runner
         self.info = runner.info
         self.kv_budget_bytes = kv_budget_bytes
         self.max_step_tokens = max_step_tokens  # tokens fed per step, prefill chunks included
         self.prefill_chunk_tokens = prefill_chunk_tokens  # a prompt is prefilled in such chunks
-        self.pool = runner.new_pool(kv_budget_bytes, block_tokens)
+        self.pool = runner.new_pool(kv_budget_bytes, block_tokens, prefix_cache)
+        self.prefix_root = cache_root(runner, block_tokens, prefix_cache)
         self._clock = clock
         self._store = store if store is not None else KVStore()
         self._store.pool = self.pool
@@ -254,6 +269,9 @@ class Executor:
 
     def _flush(self) -> StepResult:
         out, self._out = self._out, StepResult()
+        stored, removed = self.pool.take_events()
+        if stored or removed:
+            out.blocks = p.BlockEvents(stored=stored, removed=removed)
         return out
 
     def _admit(self) -> None:
@@ -292,7 +310,29 @@ class Executor:
             row.table = entry.table  # parked here: its blocks are adopted as they are
         elif entry is not None:
             row.kv = entry  # restored or handed off: written into blocks before the step
+        elif self.prefix_root:  # shares the leading blocks the prefix cache holds, if any
+            context = len(row.token_ids) - 1
+            row.names = self._names(row, context // self.pool.block_tokens)
+            row.cached_tokens = self.pool.share_prefix(row.table, row.names)
+            row.num_named = len(row.table.blocks)
+            stats = self._stats[batch_id]
+            stats.prefix_query_tokens += context
+            stats.prefix_hit_tokens += row.cached_tokens
         return row
+
+    def _names(self, row: _Row, num_blocks: int) -> list[bytes]:
+        """Prefix-cache names of the row's first ``num_blocks`` full blocks."""
+        return block_hashes(
+            row.token_ids, self.pool.block_tokens, self.prefix_root, num_blocks, row.names
+        )
+
+    def _register(self, row: _Row) -> None:
+        """Name the row's blocks that became full (their KV written) in the prefix cache."""
+        full = row.table.num_tokens // self.pool.block_tokens
+        if self.prefix_root and full > row.num_named:
+            row.names = self._names(row, full)
+            self.pool.register(row.table, row.names, row.num_named)
+            row.num_named = full
 
     def _steps_left(self, row: _Row) -> int:
         item = row.item
@@ -360,6 +400,7 @@ class Executor:
                 assert row.kv.layers is not None
                 self.pool.write(row.table, row.kv.layers)
                 row.kv = None
+                self._register(row)
             elif row.table.num_tokens < len(row.token_ids) - 1:
                 self._count_prefill(row)
         self._rows += cands
@@ -391,8 +432,9 @@ class Executor:
 
     def _count_prefill(self, row: _Row) -> None:
         stats = self._stats[row.batch_id]
-        stats.prefill_tokens += len(row.token_ids) - 1
-        stats.recomputed_tokens += max(0, row.item.num_generated - 1)
+        todo = len(row.token_ids) - 1 - row.table.num_tokens
+        stats.prefill_tokens += todo
+        stats.recomputed_tokens += max(0, min(row.item.num_generated - 1, todo))
 
     def _guard(self) -> None:
         """Before a step: every row gets a block for its next token, evicting parked KV, then
@@ -421,6 +463,8 @@ class Executor:
         full = [
             (k, i, r) for k, (i, r, _) in enumerate(fed) if r.table.num_tokens == len(r.token_ids)
         ]
+        for _, r, _ in fed:
+            self._register(r)
         ready = [i for _, i, _ in full]
         rows = [r for _, _, r in full]
         indices = [r.item.num_generated + r.num_new for r in rows]
@@ -488,7 +532,9 @@ class Executor:
                 self._store.park_table(row.request_id, row.token_ids[:-1], row.table)
             else:
                 self.pool.free(row.table)
-            self._release(row.batch_id, row.request_id, reason, row.num_new, kept, message)
+            self._release(
+                row.batch_id, row.request_id, reason, row.num_new, kept, message, row.cached_tokens
+            )
         self._rows = [r for i, r in enumerate(self._rows) if i not in leaving]
 
     def _release(
@@ -499,10 +545,12 @@ class Executor:
         num_generated: int,
         kv_kept: bool,
         message: str = "",
+        cached_tokens: int = 0,
     ) -> None:
         self._out.released.append(p.Released(
             batch_id=batch_id, request_id=request_id, reason=reason,
             num_generated=num_generated, kv_kept=kv_kept, message=message,
+            cached_tokens=cached_tokens,
         ))  # fmt: skip
         stats = self._stats[batch_id]
         stats.num_open -= 1

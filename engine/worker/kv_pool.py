@@ -6,11 +6,21 @@ Layout: per layer, keys and values of shape [kv_heads, num_blocks * block_tokens
 (head-major), so that a run of consecutive blocks is a plain view that attention reads in place.
 Allocation therefore prefers consecutive blocks (best fit, and extending a table's last run);
 when the free blocks are scattered a table may span several runs, and attention gathers it.
+
+Prefix cache: a full block whose KV is written may be named (engine/prefix_hash.py) with
+``register``; a new sequence whose leading blocks carry names the pool knows shares them
+(``share_prefix``: reference-counted, no copy). A block is in one of three states: in use (held
+by one or more tables), cached (no table holds it, its name is known: reusable until the pool
+needs the room, least recently used first), or free. Cached blocks count as free for every
+caller: allocation takes truly free blocks first and then evicts cached ones, so the cache never
+costs a request its room. A shared block is never written again: a sequence only writes past
+its last full block.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,7 +80,11 @@ class KVPool:
     allocation: the compute thread allocates and frees, the handoff thread frees what it sends."""
 
     def __init__(
-        self, layout: KVLayout, budget_bytes: int, block_tokens: int = DEFAULT_BLOCK_TOKENS
+        self,
+        layout: KVLayout,
+        budget_bytes: int,
+        block_tokens: int = DEFAULT_BLOCK_TOKENS,
+        prefix_cache: bool = True,
     ) -> None:
         self.layout = layout
         self.block_tokens = block_tokens
@@ -81,8 +95,14 @@ class KVPool:
         # nothing until used; on a GPU the whole pool is reserved up front, as the budget says.
         self.keys = [self._empty(shape) for _ in range(layout.num_layers)]
         self.values = [self._empty(shape) for _ in range(layout.num_layers)]
-        self._free = np.ones(self.num_blocks, dtype=bool)
-        self._num_free = self.num_blocks
+        self._free = np.ones(self.num_blocks, dtype=bool)  # held by no table and not cached
+        self._num_free = self.num_blocks  # truly free blocks (cached ones not included)
+        self._refs = np.zeros(self.num_blocks, dtype=np.int32)  # tables holding each block
+        self.prefix_cache = prefix_cache
+        self._name_of: dict[int, bytes] = {}  # block -> its name, for named blocks
+        self._block_of: dict[bytes, int] = {}  # name -> block
+        self._cached: OrderedDict[int, None] = OrderedDict()  # unheld named blocks, LRU first
+        self._events: dict[bytes, bool] = {}  # name -> known, changed since take_events
         self._lock = threading.Lock()
 
     def _empty(self, shape: tuple[int, ...]) -> torch.Tensor:
@@ -92,11 +112,18 @@ class KVPool:
 
     @property
     def num_free(self) -> int:
-        return self._num_free
+        """Blocks a caller may allocate: free ones and cached ones (evicted on demand)."""
+        return self._num_free + len(self._cached)
+
+    @property
+    def num_cached(self) -> int:
+        """Named blocks that no table holds (reusable by a sequence with the same prefix)."""
+        return len(self._cached)
 
     @property
     def used_bytes(self) -> int:
-        return (self.num_blocks - self._num_free) * self.block_bytes
+        """Bytes of blocks held by tables: each shared block counts once; cached ones not."""
+        return (self.num_blocks - self.num_free) * self.block_bytes
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_tokens)
@@ -117,17 +144,20 @@ class KVPool:
         if need <= 0:
             return True
         with self._lock:
-            if need > self._num_free:
+            if need > self._num_free + len(self._cached):
                 return False
+            self._evict_cached(need - self._num_free)
             after = table.blocks[-1] + 1 if table.blocks else None
             new = self._take(need, after)
             self._free[new] = False
+            self._refs[new] = 1
             self._num_free -= len(new)
         table.blocks.extend(int(b) for b in new)
         return True
 
     def free(self, table: BlockTable, keep_tokens: int = 0) -> None:
-        """Return the blocks of ``table`` beyond those holding its first ``keep_tokens``."""
+        """Let go of the blocks of ``table`` beyond those holding its first ``keep_tokens``: a
+        block no other table holds becomes cached if it is named, else free."""
         keep = self.blocks_for(keep_tokens)
         if keep >= len(table.blocks):
             return
@@ -135,10 +165,86 @@ class KVPool:
         del table.blocks[keep:]
         table.num_tokens = min(table.num_tokens, keep_tokens)
         with self._lock:
-            if self._free[gone].any():
+            if (self._refs[gone] <= 0).any():
                 raise RuntimeError(f"KV blocks freed twice: {gone}")
-            self._free[gone] = True
-            self._num_free += len(gone)
+            for b in gone:  # one at a time: a table may hold a block only once, but be safe
+                self._refs[b] -= 1
+                if self._refs[b] == 0:
+                    if b in self._name_of:
+                        self._cached[b] = None
+                    else:
+                        self._free[b] = True
+                        self._num_free += 1
+
+    # -- prefix cache --------------------------------------------------------------------------
+
+    def register(self, table: BlockTable, names: list[bytes], start: int = 0) -> None:
+        """Name the table's blocks ``start .. len(names) - 1``, whose KV must be written (full
+        blocks only). A block already named keeps its name; a name already given to another
+        block (the same prefix computed twice) leaves this block unnamed, freed when released."""
+        if not self.prefix_cache:
+            return
+        with self._lock:
+            for b, name in zip(table.blocks[start:], names[start:], strict=False):
+                if b in self._name_of or name in self._block_of:
+                    continue
+                self._name_of[b] = name
+                self._block_of[name] = b
+                self._events[name] = True
+
+    def share_prefix(self, table: BlockTable, names: list[bytes]) -> int:
+        """Give an empty table the longest run of leading blocks whose names are known (shared,
+        no copy); returns the tokens of KV it now holds."""
+        if not self.prefix_cache or table.blocks:
+            return 0
+        with self._lock:
+            for name in names:
+                b = self._block_of.get(name)
+                if b is None:
+                    break
+                if self._refs[b] == 0:
+                    del self._cached[b]
+                self._refs[b] += 1
+                table.blocks.append(b)
+        table.num_tokens = len(table.blocks) * self.block_tokens
+        return table.num_tokens
+
+    def cached_prefix_blocks(self, names: list[bytes]) -> int:
+        """How many leading blocks of these names the pool holds (in use or cached)."""
+        n = 0
+        for name in names:
+            if name not in self._block_of:
+                break
+            n += 1
+        return n
+
+    def take_events(self) -> tuple[list[bytes], list[bytes]]:
+        """Names that became known and names forgotten since the last call (net changes, for
+        the broker's prefix index)."""
+        with self._lock:
+            events, self._events = self._events, {}
+        return [n for n, known in events.items() if known], [
+            n for n, known in events.items() if not known
+        ]
+
+    def clear_cache(self) -> None:
+        """Forget every name (blocks in use stay in use; cached ones become free)."""
+        with self._lock:
+            self._evict_cached(len(self._cached))
+            for b, name in list(self._name_of.items()):
+                del self._name_of[b]
+                del self._block_of[name]
+                self._events[name] = False
+
+    def _evict_cached(self, num: int) -> None:
+        """Turn the ``num`` least recently used cached blocks into free ones (lock held)."""
+        for _ in range(max(0, min(num, len(self._cached)))):
+            b, _ = self._cached.popitem(last=False)
+            name = self._name_of.pop(b)
+            del self._block_of[name]
+            self._events[name] = False
+            self._free[b] = True
+            self._num_free += 1
 
     def _take(self, need: int, after: int | None) -> np.ndarray:
         """Block ids to allocate: consecutive after ``after`` where free, then the smallest free

@@ -19,7 +19,7 @@ from engine.config import DEFAULT_KV_BUDGET_BYTES, WorkerConfig
 from engine.cost_model import CostModelError, TimeModel
 from engine.models import models_cache_root
 from engine.start_checks import check_kv_budget
-from engine.worker.executor import Executor
+from engine.worker.executor import Executor, cache_root
 from engine.worker.kv_pool import DEFAULT_BLOCK_TOKENS
 from engine.worker.kv_setup import kv_store_factory
 from engine.worker.memory_probe import probe
@@ -129,8 +129,13 @@ def build(cfg: WorkerConfig) -> tuple[Callable[[], Executor], p.Ready]:
         kv_block_tokens=DEFAULT_BLOCK_TOKENS,
     )
     make_store, kv_fields = kv_store_factory(cfg, loaded.device, params)
+
+    def make_executor() -> Executor:
+        return Executor(runner, budget, store=make_store(), prefix_cache=cfg.prefix_cache)
+
+    kv_fields["prefix_root"] = cache_root(runner, DEFAULT_BLOCK_TOKENS, cfg.prefix_cache)
     ready = msgspec.structs.replace(ready, **kv_fields)
-    return lambda: Executor(runner, budget, store=make_store()), ready
+    return make_executor, ready
 
 
 def run_worker(cfg: WorkerConfig) -> int:

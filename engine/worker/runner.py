@@ -50,9 +50,11 @@ class Runner:
         self.slowdown = slowdown
         self._unseeded = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
 
-    def new_pool(self, budget_bytes: int, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> KVPool:
+    def new_pool(
+        self, budget_bytes: int, block_tokens: int = DEFAULT_BLOCK_TOKENS, prefix_cache: bool = True
+    ) -> KVPool:
         """A KV pool of this model's layout holding at most ``budget_bytes``."""
-        return KVPool(self.layout, budget_bytes, block_tokens)
+        return KVPool(self.layout, budget_bytes, block_tokens, prefix_cache)
 
     def synchronize(self) -> None:
         """Wait for queued device work (GPU), so that wall-clock timings are real."""

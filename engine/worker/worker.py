@@ -100,6 +100,8 @@ class ComputeThread(threading.Thread):
         result = self.executor.step()
         if result.generated is not None and result.generated.tokens:
             out.send(p.encode(result.generated))
+        if result.blocks is not None:
+            out.send(p.encode(result.blocks))
         for msg in result.released:
             out.send(p.encode(msg))
         if result.offloaded:

@@ -34,6 +34,7 @@ SCLS_NAMES = {
     "scls:kv_offloaded_bytes", "scls:kv_budget_bytes", "scls:kv_host_budget_bytes",
     "scls:kv_predicted_peak_bytes", "scls:mem_used_bytes", "scls:mem_total_bytes",
     "scls:worker_tokens_per_second", "scls:worker_generated_tokens", "scls:worker_busy_seconds",
+    "scls:prefix_cached_tokens", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits",
     "scls:request_slices", "scls:requests_rejected", "scls:batches", "scls:batch_early_returns",
     "scls:decode_steps", "scls:prefill_tokens", "scls:pad_tokens", "scls:invalid_tokens",
     "scls:recomputed_tokens", "scls:reused_kv_tokens", "scls:handoff_tokens",

@@ -39,7 +39,11 @@ def test_preemption_keeps_optimistic_joins_within_budget(runner):
     executor.submit(make_run(9, [item]))
     resumed = drain(executor)
     assert generated + resumed.tokens["r2"] == solo_greedy(runner, prompts[2], 40)
-    assert resumed.done[9].recomputed_tokens == len(generated) - 1
+    # its full blocks stayed in the prefix cache after the preemption: only the rest is prefilled
+    done = resumed.done[9]
+    assert done.prefix_hit_tokens > 0
+    assert done.prefill_tokens + done.prefix_hit_tokens == len(prompts[2]) + len(generated) - 1
+    assert done.recomputed_tokens == min(len(generated) - 1, done.prefill_tokens)
     for i in (0, 1):
         assert trace.tokens[f"r{i}"] == solo_greedy(runner, prompts[i], 40)
 

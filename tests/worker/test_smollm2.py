@@ -62,3 +62,41 @@ def test_smollm2_slices_with_kept_or_recomputed_kv_equal_one_dispatch(smollm2):
     kept = generate_sliced(Executor(runner, BIG_BUDGET), prompts, 32, 8, keep_kv=True)
     recomputed = generate_sliced(Executor(runner, BIG_BUDGET), prompts, 32, 8, keep_kv=False)
     assert kept == whole and recomputed == whole
+
+
+def test_smollm2_prefix_cache_hit_changes_no_token(smollm2):
+    """Two chats that share a long system prompt: the second reuses its blocks (and a follow-up
+    turn reuses the first chat's whole history) with the same greedy tokens as without."""
+    runner, tokenizer = smollm2
+    system = "You are a careful assistant. " * 12
+
+    def ids(*turns: str) -> list[int]:
+        roles = ["user", "assistant"]
+        messages = [{"role": "system", "content": system}] + [
+            {"role": roles[i % 2], "content": t} for i, t in enumerate(turns)
+        ]
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_dict=False
+        )
+
+    first = ids(QUESTIONS[0])
+    cached, plain = Executor(runner, BIG_BUDGET), Executor(runner, BIG_BUDGET, prefix_cache=False)
+    answers = {}
+    for n, prompt in enumerate([first, ids(QUESTIONS[1])]):
+        item = make_item(f"c{n}", prompt, max_steps=16, ignore_eos=False)
+        cached.submit(make_run(n + 1, [item]))
+        with_cache = drain(cached)
+        plain.submit(make_run(n + 1, [item]))
+        assert with_cache.tokens == drain(plain).tokens
+        answers[n] = with_cache
+    assert answers[0].done[1].prefix_hit_tokens == 0
+    system_len = len(tokenizer(system)["input_ids"])
+    assert answers[1].done[2].prefix_hit_tokens >= 16 * (system_len // 16)
+    answer = tokenizer.decode(answers[0].tokens["c0"], skip_special_tokens=True)
+    follow = ids(QUESTIONS[0], answer, QUESTIONS[2])
+    item = make_item("c2", follow, max_steps=8, ignore_eos=False)
+    cached.submit(make_run(3, [item]))
+    plain.submit(make_run(3, [item]))
+    again, reference = drain(cached), drain(plain)
+    assert again.tokens == reference.tokens
+    assert again.done[3].prefix_hit_tokens >= 16 * (len(first) // 16)

@@ -1,0 +1,91 @@
+"""The broker's index of the workers' prefix caches: which named KV blocks each worker holds, as
+told by its BlockEvents (engine/protocol.py), and how many leading blocks of a request's
+context each worker could reuse. A hint for placement, never a promise: a block may be evicted
+between the plan and the dispatch, and the worker then simply prefills it.
+
+Names follow engine/prefix_hash.py; a worker's names are chained from the root it announced in
+Ready (workers serving another model or dtype share nothing). A request's names are computed
+once per root and extended as it generates (``RequestNames``). No zmq, no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.prefix_hash import block_hashes
+
+
+@dataclass(slots=True)
+class _WorkerCache:
+    root: bytes
+    block_tokens: int
+    names: set[bytes] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class RequestNames:
+    """A request's block names under one root, for its context as last asked."""
+
+    names: list[bytes] = field(default_factory=list)
+
+
+class PrefixIndex:
+    """Per worker, the names of the blocks its prefix cache holds."""
+
+    def __init__(self) -> None:
+        self._workers: dict[str, _WorkerCache] = {}
+
+    def add_worker(self, worker_id: str, root: bytes, block_tokens: int) -> None:
+        """A worker joined (or announced itself again): its cache starts empty. No root: it
+        has no prefix cache and is not indexed."""
+        self._workers.pop(worker_id, None)
+        if root and block_tokens > 0:
+            self._workers[worker_id] = _WorkerCache(root, block_tokens)
+
+    def remove_worker(self, worker_id: str) -> None:
+        self._workers.pop(worker_id, None)
+
+    def apply(self, worker_id: str, stored: list[bytes], removed: list[bytes]) -> None:
+        cache = self._workers.get(worker_id)
+        if cache is None:
+            return
+        cache.names.difference_update(removed)
+        cache.names.update(stored)
+
+    @property
+    def active(self) -> bool:
+        """Whether any worker holds a named block (else lookups can be skipped)."""
+        return any(c.names for c in self._workers.values())
+
+    def num_blocks(self, worker_id: str) -> int:
+        cache = self._workers.get(worker_id)
+        return len(cache.names) if cache is not None else 0
+
+    def block_tokens(self, worker_id: str) -> int:
+        cache = self._workers.get(worker_id)
+        return cache.block_tokens if cache is not None else 0
+
+    def cached_tokens(
+        self, token_ids: list[int], memo: dict[bytes, RequestNames]
+    ) -> dict[str, int]:
+        """Per worker with a hit: tokens of ``token_ids[:-1]`` (the context whose KV a worker
+        must hold before the next step) found in its prefix cache. ``memo`` keeps the
+        request's names per root between calls."""
+        out: dict[str, int] = {}
+        context = len(token_ids) - 1
+        for worker_id, cache in self._workers.items():
+            if not cache.names:
+                continue
+            b = cache.block_tokens
+            entry = memo.setdefault(cache.root, RequestNames())
+            want = context // b
+            if len(entry.names) < want:
+                entry.names = block_hashes(token_ids, b, cache.root, want, entry.names)
+            n = 0
+            for name in entry.names[:want]:
+                if name not in cache.names:
+                    break
+                n += 1
+            if n:
+                out[worker_id] = n * b
+        return out
