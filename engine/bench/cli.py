@@ -23,7 +23,9 @@ def add_bench_parser(p: argparse.ArgumentParser) -> None:
     """The flags of ``run.py bench`` (plus the scheduling and worker flags of ``serve``)."""
     p.add_argument("--policies", default=None, help="comma-separated: sls, ils, "
                    "ils:reserve, ils:optimistic, scls, scls:keep, scls:recompute, scls:auto, "
-                   "scls:strict, scls:strict:keep, scls:strict:recompute, scls:strict:auto "
+                   "scls:strict, scls:strict:keep, scls:strict:recompute, scls:strict:auto, "
+                   "scls:load-placement, ils:load-placement (prefix caches on, placed by load "
+                   "alone), scls:no-prefix-cache, ils:no-prefix-cache "
                    "(default sls,ils,scls; none with --endpoint)")  # fmt: skip
     p.add_argument("--peers", nargs="?", const="hf_generate,hf_generate_batch", default="",
                    help="also run transformers peers in-process (default both: "
@@ -91,6 +93,9 @@ def add_load_flags(p: argparse.ArgumentParser) -> None:
                    "closed:CONCURRENCY (default: trace for traces with timestamps, else offline)")  # fmt: skip
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--trace-offset", type=int, default=0, help="first trace row to replay")
+    p.add_argument("--sample-conversations", type=float, default=None, metavar="FRACTION",
+                   help="mooncake: keep this fraction of the trace's conversations (drawn with "
+                   "--seed), every turn of each, before --trace-offset and --num-requests")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="results directory")
     p.add_argument(
@@ -177,6 +182,7 @@ class Prepared(NamedTuple):
 def prepare(args: argparse.Namespace, max_gen_len: int) -> Prepared:
     """The workload, arrival spec, load items and send times from the flags."""
     from engine.bench.loadgen import LoadItem
+    from engine.bench.prefix_stats import ideal_prefix_hits
     from engine.bench.prompts import PromptMaker
     from engine.models import load_model_config, load_tokenizer
 
@@ -191,9 +197,15 @@ def prepare(args: argparse.Namespace, max_gen_len: int) -> Prepared:
     maker = PromptMaker(tokenizer, args.seed)
     max_tokens = max_gen_len if args.lengths == "hidden" else None
     items = [
-        LoadItem(r.index, maker.make(r.index, r.prompt_len, r.prompt_ids), r.output_len, max_tokens)
+        LoadItem(
+            r.index,
+            maker.make(r.index, r.prompt_len, r.prompt_ids, r.segments),
+            r.output_len,
+            max_tokens,
+        )
         for r in workload.requests
     ]
+    workload.description["prefix"] = ideal_prefix_hits([it.prompt_ids for it in items])
     return Prepared(workload, arrival, items, times, maker)
 
 
@@ -206,8 +218,9 @@ def scaled_load(
     from engine.bench.workloads import LengthScaling, load_workload, scale_workload
 
     workload = load_workload(
-        args.workload, args.num_requests, args.seed, args.trace_offset, tokenize
-    )
+        args.workload, args.num_requests, args.seed, args.trace_offset, tokenize,
+        conversations=args.sample_conversations,
+    )  # fmt: skip
     max_output = min(args.max_output_len or max_gen_len, max_gen_len)
     max_prompt = args.max_prompt_len
     if args.lengths == "hidden":  # the engine checks prompt + max_tokens against the context

@@ -55,7 +55,13 @@ class LoadOutcome:
 
 def _worker_totals(snap: StatsSnapshot) -> dict[str, dict[str, float]]:
     return {
-        w.worker_id: {"busy_s": w.busy_s, "generated_tokens": float(w.generated_tokens)}
+        w.worker_id: {
+            "busy_s": w.busy_s,
+            "generated_tokens": float(w.generated_tokens),
+            "prefix_query_tokens": float(w.prefix_query_tokens),
+            "prefix_hit_tokens": float(w.prefix_hit_tokens),
+            "prefix_cached_tokens": float(w.prefix_cached_tokens),
+        }
         for w in snap.workers
     }
 
@@ -291,6 +297,7 @@ async def _send_zmq(
         return
     rec.finish_reason = stream.result.finish_reason
     rec.num_slices = stream.result.num_slices
+    rec.cached_tokens = stream.result.usage.cached_tokens
 
 
 async def _settle(client: AsyncClient, timeout_s: float = 5.0) -> StatsSnapshot | None:

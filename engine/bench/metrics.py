@@ -192,13 +192,31 @@ def per_worker(run: RunResult) -> dict[str, dict[str, float]]:
     out = {}
     for worker_id, end in run.workers_end.items():
         start = run.workers_start.get(worker_id, {})
+
+        def grew(key: str, end=end, start=start) -> float:
+            return end.get(key, 0.0) - start.get(key, 0.0)
+
         out[worker_id] = {
             "busy_s": sampled.get(worker_id, 0.0),
-            "dispatch_s": end.get("busy_s", 0.0) - start.get("busy_s", 0.0),
-            "generated_tokens": end.get("generated_tokens", 0.0)
-            - start.get("generated_tokens", 0.0),
+            "dispatch_s": grew("busy_s"),
+            "generated_tokens": grew("generated_tokens"),
+            # prefix cache: context tokens found there during the load, and held at its end
+            "prefix_hit_tokens": grew("prefix_hit_tokens"),
+            "prefix_cached_tokens": end.get("prefix_cached_tokens", 0.0),
         }
     return out
+
+
+def prefix_metrics(run: RunResult) -> dict[str, Any]:
+    """``prefix_hit_rate``: prompt tokens served from a prefix cache over all prompt tokens
+    (successful requests; engine runs only: peers report none)."""
+    done = [r for r in run.requests if r.success]
+    prompt_tokens = sum(r.prompt_len for r in done)
+    cached = sum(r.cached_tokens for r in done)
+    return {
+        "prefix_cached_tokens": cached,
+        "prefix_hit_rate": cached / prompt_tokens if prompt_tokens else None,
+    }
 
 
 def _sum(batches: Sequence[Mapping[str, Any]], key: str) -> int:
@@ -292,6 +310,7 @@ def engine_metrics(run: RunResult, slice_len: int | None) -> dict[str, Any]:
     }
     out.update(failure_counts(run, slice_len))
     out.update(memory_metrics(run))
+    out.update(prefix_metrics(run))
     return out
 
 

@@ -48,12 +48,24 @@ class PromptMaker:
     def _encode(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text, add_special_tokens=False)]
 
-    def make(self, index: int, length: int, base_ids: Sequence[int] | None = None) -> list[int]:
+    def make(
+        self,
+        index: int,
+        length: int,
+        base_ids: Sequence[int] | None = None,
+        segments: Sequence[tuple[int, int]] | None = None,
+    ) -> list[int]:
         """Exactly ``length`` ids (>= 1). ``base_ids`` (a trace's real prompt) are used first,
-        cut to ``length`` or extended with text."""
+        cut to ``length`` or extended with text; else ``segments`` (RequestSpec.segments: the
+        same id gives the same tokens in every prompt, so that prompts share prefixes)."""
         if length < 1:
             raise PromptError(f"prompt length must be at least 1 token, got {length}")
-        head = list(base_ids) if base_ids is not None else self._header(index)
+        if base_ids is not None:
+            head = list(base_ids)
+        elif segments:
+            head = [t for sid, n in segments for t in self.segment(sid, n)]
+        else:
+            head = self._header(index)
         if len(head) >= length:
             return head[:length]
         rng = np.random.default_rng([self.seed, 3, index])
@@ -61,6 +73,12 @@ class PromptMaker:
         num_rest = length - len(head)
         positions = (start + np.arange(num_rest)) % len(self._pool)
         return head + [int(t) for t in self._pool[positions]]
+
+    def segment(self, segment_id: int, length: int) -> list[int]:
+        """The first ``length`` tokens of segment ``segment_id``: ordinary tokens drawn at
+        random (seeded by the segment), so that two segments never share a prefix by chance."""
+        rng = np.random.default_rng([self.seed, 5, segment_id])
+        return [int(t) for t in self._pool[rng.integers(len(self._pool), size=length)]]
 
     def _header(self, index: int) -> list[int]:
         return [t for t in self._encode(f"Request {index}: ") if t not in self._special]

@@ -39,6 +39,7 @@ class RequestRecord:
     num_slices: int = 0  # dispatches the engine made for it (peers: 1; 0: unknown)
     excess_tokens: int = 0  # tokens received beyond output_len (hidden lengths), not counted
     hidden_length: bool = False  # max_tokens exceeded output_len: the client cancelled at it
+    cached_tokens: int = 0  # prompt tokens the engine served from its prefix cache
     error: str | None = None
 
     @property

@@ -39,6 +39,7 @@ SERVING_COLUMNS = (
 ENGINE_COLUMNS = (
     ("load_imbalance", "imbalance", "{:.1%}"),
     ("busy_cv", "busy CV", "{:.1%}"),
+    ("prefix_hit_rate", "prefix hits", "{:.1%}"),
     ("mean_slices_per_request", "slices/req", "{:.2f}"),
     ("early_return_ratio", "early ret.", "{:.0%}"),
     ("pad_tokens", "pad tok", "{:.0f}"),
@@ -242,6 +243,13 @@ def _workload_lines(workload: Mapping[str, Any], arrival: Mapping[str, Any]) -> 
             f"({scaling.get('num_prompts_clipped')} clipped), output clipped to "
             f"{scaling.get('max_output_len')} ({scaling.get('num_outputs_clipped')} clipped), "
             f"context at most {scaling.get('max_total_len')}"
+        )
+    prefix = desc.get("prefix")
+    if prefix:
+        lines.append(
+            f"- shared prefixes: an infinite prefix cache would serve "
+            f"{prefix['ideal_hit_rate']:.1%} of the {prefix['prompt_tokens']} prompt tokens "
+            f"(blocks of {prefix['block_tokens']}; the ideal `prefix_hit_rate`)"
         )
     if desc.get("attribution"):
         lines.append(f"- data: {desc['attribution']}")

@@ -39,6 +39,16 @@ POLICY_VARIANTS = {
     "scls:strict:keep": {"policy": "scls:strict", "kv_mode": "keep"},
     "scls:strict:recompute": {"policy": "scls:strict", "kv_mode": "recompute"},
     "scls:strict:auto": {"policy": "scls:strict", "kv_mode": "auto"},
+    # prefix caching: placement by load alone (the caches on), and the caches off
+    "scls:load-placement": {"prefix_placement": False},
+    "ils:load-placement": {"prefix_placement": False},
+    "scls:no-prefix-cache": {},
+    "ils:no-prefix-cache": {},
+}
+#: Entries whose workers run with extra flags.
+WORKER_VARIANTS = {
+    "scls:no-prefix-cache": ["--no-prefix-cache"],
+    "ils:no-prefix-cache": ["--no-prefix-cache"],
 }
 
 
@@ -120,7 +130,7 @@ def policy_config(base: SchedulerConfig, spec: str) -> SchedulerConfig:
     return replace(base, **fields)  # type: ignore[arg-type]
 
 
-def worker_args(settings: BenchSettings) -> list[str]:
+def worker_args(settings: BenchSettings, spec: str = "") -> list[str]:
     worker = WorkerConfig(
         model=settings.model,
         dtype=settings.dtype,
@@ -128,7 +138,8 @@ def worker_args(settings: BenchSettings) -> list[str]:
         num_threads=settings.threads_per_worker,
         profile=settings.profile,
     )
-    return [*worker_flags(worker), "--log-level", settings.log_level]
+    extra = WORKER_VARIANTS.get(spec, [])
+    return [*worker_flags(worker), *extra, "--log-level", settings.log_level]
 
 
 def run_policy(
@@ -155,7 +166,7 @@ def run_policy(
     started = time.monotonic()
     progress = Progress(f"{spec} #{repeat + 1}", len(items))
     slow = settings.slow_worker > 1 and settings.num_workers > 1
-    with LocalEngine(cfg, settings.num_workers - slow, worker_args(settings)) as engine:
+    with LocalEngine(cfg, settings.num_workers - slow, worker_args(settings, spec)) as engine:
         if slow:
             engine.add_worker(["--slowdown", str(settings.slow_worker)])
             engine.wait_for_workers(settings.num_workers)
@@ -172,7 +183,7 @@ def run_policy(
         name=spec,
         kind="policy",
         repeat=repeat,
-        config={"scheduler": dataclasses.asdict(sched), "worker_args": worker_args(settings)},
+        config={"scheduler": dataclasses.asdict(sched), "worker_args": worker_args(settings, spec)},
         requests=outcome.records,
         duration_s=outcome.duration_s,
         wall_s=time.monotonic() - started,

@@ -6,7 +6,9 @@ Formats (the public ones, unchanged):
   TIMESTAMP is a wall-clock ``YYYY-MM-DD HH:MM:SS.fffffff``).
 - burstgpt: CSV ``Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type``
   (Timestamp in seconds; rows with 0 response tokens are the trace's failed requests: skipped).
-- mooncake: JSONL ``{"timestamp": ms, "input_length": n, "output_length": n, "hash_ids": [...]}``.
+- mooncake: JSONL ``{"timestamp": ms, "input_length": n, "output_length": n, "hash_ids": [...]}``;
+  each hash id names a block of 512 prompt tokens (the last one partial): equal ids become equal
+  token blocks (``RequestSpec.segments``), so that requests share prefixes as in the trace.
 - sharegpt: JSON list (or JSONL) of ``{"conversations": [{"from": "human", "value": ...},
   {"from": "gpt", "value": ...}, ...]}``; as in vLLM's benchmark, the first turn is the prompt
   and the second one's token count the output length; entries with fewer than two turns are
@@ -71,10 +73,13 @@ def parse(
         raise WorkloadError(f"{file} holds no requests: check that it is a {kind} trace")
     rows.sort(key=lambda r: r[0])  # stable: equal timestamps keep file order
     first = rows[0][0]
-    return [
-        RequestSpec(index=i, prompt_len=p, output_len=o, arrival_s=t - first)
-        for i, (t, p, o) in enumerate(rows)
-    ]
+    out = []
+    for i, (t, p, o, *segments) in enumerate(rows):
+        seg = segments[0] if segments else None
+        out.append(
+            RequestSpec(index=i, prompt_len=p, output_len=o, arrival_s=t - first, segments=seg)
+        )
+    return out
 
 
 # -- CSV traces ------------------------------------------------------------------------------
@@ -194,7 +199,30 @@ def _field_count(file: Path, line_no: int, obj: dict, name: str) -> int:
     return int(value)
 
 
-def _mooncake(file: Path) -> Iterator[tuple[float, int, int]]:
+MOONCAKE_BLOCK_TOKENS = 512  # tokens per hash id (the trace's README)
+
+
+def _mooncake_segments(
+    file: Path, line_no: int, obj: dict, input_len: int
+) -> tuple[tuple[int, int], ...] | None:
+    ids = obj.get("hash_ids")
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in ids
+    ):
+        raise TraceFormatError(file, line_no, f'"hash_ids" is {ids!r}, expected a list of ints')
+    b = MOONCAKE_BLOCK_TOKENS
+    out = []
+    for k, block_id in enumerate(ids):
+        n = min(b, input_len - k * b)
+        if n <= 0:
+            break
+        out.append((block_id, n))
+    return tuple(out) or None
+
+
+def _mooncake(file: Path) -> Iterator[tuple[float, int, int, tuple | None]]:
     for line_no, obj in _json_lines(file):
         if not isinstance(obj, dict):
             raise TraceFormatError(file, line_no, "expected a JSON object per line")
@@ -203,10 +231,12 @@ def _mooncake(file: Path) -> Iterator[tuple[float, int, int]]:
             raise TraceFormatError(
                 file, line_no, f'"timestamp" is {stamp!r}, expected milliseconds since the start'
             )
+        input_len = _field_count(file, line_no, obj, "input_length")
         yield (
             float(stamp) / 1000.0,
-            _field_count(file, line_no, obj, "input_length"),
+            input_len,
             _field_count(file, line_no, obj, "output_length"),
+            _mooncake_segments(file, line_no, obj, input_len),
         )
 
 

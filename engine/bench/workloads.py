@@ -58,6 +58,10 @@ class RequestSpec:
     ``arrival_s``: the trace's own offset from its first request (None for synthetic loads).
     ``prompt_ids``: real prompt tokens when the source had text (ShareGPT); cut or extended to
     ``prompt_len`` when prompts are made.
+    ``segments``: the prompt as a sequence of (segment id, tokens) where the same id always
+    stands for the same tokens (a shorter length: a prefix of them), so that requests share
+    prefixes as the source says (Mooncake's hash_ids, a conversation's earlier turns, a shared
+    system prompt); None: the prompt shares nothing with other requests.
     """
 
     index: int
@@ -65,6 +69,7 @@ class RequestSpec:
     output_len: int
     arrival_s: float | None = None
     prompt_ids: tuple[int, ...] | None = None
+    segments: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +119,14 @@ class LengthScaling:
                 )
 
     def apply(self, req: RequestSpec) -> tuple[RequestSpec, bool, bool]:
-        """The scaled request, and whether its prompt / output was clipped by a maximum."""
-        prompt = max(self.min_prompt_len, round(req.prompt_len / self.prompt_divisor))
+        """The scaled request, and whether its prompt / output was clipped by a maximum.
+        Segments are scaled one by one (so that equal ones stay equal), the prompt with them."""
+        segments = req.segments
+        if segments is not None:
+            segments = tuple((sid, max(1, round(n / self.prompt_divisor))) for sid, n in segments)
+            prompt = max(self.min_prompt_len, sum(n for _, n in segments))
+        else:
+            prompt = max(self.min_prompt_len, round(req.prompt_len / self.prompt_divisor))
         output = max(self.min_output_len, round(req.output_len / self.output_divisor))
         output_clipped = self.max_output_len is not None and output > self.max_output_len
         if output_clipped:
@@ -132,7 +143,7 @@ class LengthScaling:
         prompt_clipped = max_prompt is not None and prompt > max_prompt
         if prompt_clipped:
             prompt = max_prompt
-        scaled = replace(req, prompt_len=int(prompt), output_len=int(output))
+        scaled = replace(req, prompt_len=int(prompt), output_len=int(output), segments=segments)
         return scaled, bool(prompt_clipped), bool(output_clipped)
 
     def describe(self) -> dict[str, Any]:
@@ -205,16 +216,45 @@ def select(
     ]
 
 
+def sample_conversations(
+    requests: Sequence[RequestSpec], fraction: float, seed: int
+) -> list[RequestSpec]:
+    """The requests of a random ``fraction`` of a trace's conversations (drawn with ``seed``),
+    every turn of each kept: a conversation is named by its first block after the prefix all
+    requests share (Mooncake: the second hash id), since each turn's prompt starts with the
+    earlier turns. A trace shrunk so, unlike a window of consecutive rows, keeps its reuse."""
+    if not 0 < fraction <= 1:
+        raise WorkloadError(f"--sample-conversations must be in (0, 1], got {fraction}")
+    if any(r.segments is None for r in requests):
+        raise WorkloadError(
+            "--sample-conversations needs a trace whose prompts name their blocks (mooncake)"
+        )
+
+    def key(r: RequestSpec) -> tuple[int, int]:
+        segments = r.segments or ()
+        return (0, segments[1][0]) if len(segments) > 1 else (1, r.index)
+
+    keys = sorted({key(r) for r in requests})
+    rng = np.random.default_rng([seed, 6])
+    kept = {k for k, draw in zip(keys, rng.random(len(keys)), strict=True) if draw < fraction}
+    out = [replace(r, index=i) for i, r in enumerate(r for r in requests if key(r) in kept)]
+    if not out:
+        raise WorkloadError(f"--sample-conversations {fraction} kept no conversation: raise it")
+    return out
+
+
 def load_workload(
     spec: str,
     num_requests: int,
     seed: int = 0,
     offset: int = 0,
     tokenize: Callable[[str], list[int]] | None = None,
+    conversations: float | None = None,
 ) -> Workload:
     """Parse ``KIND:PATH`` (KIND in TRACE_KINDS) or ``synthetic:SPEC`` and keep
-    ``num_requests`` requests (traces: consecutive rows from ``offset``; synthetic: drawn with
-    ``seed``). ShareGPT needs ``tokenize`` (text -> token ids) to measure its texts."""
+    ``num_requests`` requests (traces: consecutive rows from ``offset``, after keeping a
+    ``conversations`` fraction of its conversations if given; synthetic: drawn with ``seed``).
+    ShareGPT needs ``tokenize`` (text -> token ids) to measure its texts."""
     from engine.bench import synthetic, traces
 
     kind, sep, rest = spec.partition(":")
@@ -223,6 +263,11 @@ def load_workload(
         raise WorkloadError(
             f"workload {spec!r} has no ':': pass KIND:PATH (KIND one of {', '.join(TRACE_KINDS)}) "
             "or synthetic:SPEC, e.g. synthetic:prompt=40,output=lognormal:250:0.8"
+        )
+    if kind == "synthetic" and conversations is not None:
+        raise WorkloadError(
+            "--sample-conversations needs a trace whose prompts name their blocks (mooncake); "
+            "synthetic:SPEC makes conversations of its own with turns="
         )
     if kind == "synthetic":
         requests, description = synthetic.generate(rest, num_requests, seed, tokenize)
@@ -234,14 +279,19 @@ def load_workload(
             f"unknown workload kind {kind!r}: use one of {', '.join(TRACE_KINDS)} or synthetic"
         )
     parsed = traces.parse(kind, rest, tokenize, limit=offset + num_requests)
+    num_rows = len(parsed)
+    if conversations is not None:
+        parsed = sample_conversations(parsed, conversations, seed)
     kept = select(parsed, num_requests, offset)
     description = {
         "kind": kind,
         "path": rest,
-        "num_rows": len(parsed),
+        "num_rows": num_rows,
         "offset": offset,
         "num_requests": len(kept),
     }
+    if conversations is not None:
+        description["conversations_kept"] = {"fraction": conversations, "seed": seed}
     if ATTRIBUTIONS.get(kind):
         description["attribution"] = ATTRIBUTIONS[kind]
     return Workload(f"{kind}:{rest}", kind, tuple(kept), description)

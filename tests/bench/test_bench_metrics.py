@@ -106,12 +106,15 @@ def test_engine_metrics(records):
         events=[{"at_s": 1.0, "level": "error", "message": "worker w1 failed batch 3: boom"}],
         workers_start={"w0": {"busy_s": 1.0, "generated_tokens": 0.0}},
         workers_end={
-            "w0": {"busy_s": 4.0, "generated_tokens": 10.0},
+            "w0": {"busy_s": 4.0, "generated_tokens": 10.0, "prefix_hit_tokens": 32.0, "prefix_cached_tokens": 64.0},
             "w1": {"busy_s": 1.0, "generated_tokens": 10.0},
         },
     )  # fmt: skip
     m = metrics.engine_metrics(run, slice_len=2)
-    assert m["per_worker"]["w0"] == {"busy_s": 2.0, "dispatch_s": 3.0, "generated_tokens": 10.0}
+    assert m["per_worker"]["w0"] == {
+        "busy_s": 2.0, "dispatch_s": 3.0, "generated_tokens": 10.0,
+        "prefix_hit_tokens": 32.0, "prefix_cached_tokens": 64.0,
+    }  # fmt: skip
     assert m["per_worker"]["w1"]["busy_s"] == 1.0
     assert m["load_imbalance"] == pytest.approx(2.0 / 1.5 - 1.0)
     assert m["busy_cv"] == pytest.approx(0.5 / 1.5)

@@ -177,7 +177,7 @@ def test_synthetic_empirical(tmp_path):
     [
         ("prompt=40", "lacks output="),
         ("prompt=40,output=2,prompt=3", "gives prompt= twice"),
-        ("prompt=40,size=2", "is not prompt=DIST"),
+        ("prompt=40,size=2", "is not KEY=VALUE"),
         ("prompt=uniform:9:3,output=2", "swap them"),
         ("prompt=lognormal:5,output=2", "write lognormal:MEAN:SIGMA"),
         ("prompt=zipf:2,output=2", "unknown length distribution"),
