@@ -60,9 +60,13 @@ class Entry:
     owner: bytes
     arrived_wall: float
     deadline_wall: float | None
-    generated: list[int] = field(default_factory=list)
+    chunks: list[list[int]] = field(default_factory=list)  # its tokens, as they were delivered
     finished: p.Finished | None = None
     ended_wall: float = 0.0  # when it finished (wall clock), if it did
+
+    @property
+    def generated(self) -> list[int]:
+        return [token for chunk in self.chunks for token in chunk]
 
 
 @dataclass(slots=True)
@@ -299,20 +303,22 @@ class Journal(NoJournal):
     def _read_tokens(self, entries: dict[str, Entry], out: Recovered) -> None:
         """Each live request's tokens: the longest run without a gap or a damaged row."""
         broken: set[str] = set()
+        num_tokens: dict[str, int] = {}
         sql = "SELECT request_id, start, ids, ids_crc FROM tokens ORDER BY request_id, start"
         try:
             for rid, start, blob, crc in self._db.execute(sql):
                 entry = entries.get(rid)
                 if entry is None or entry.finished is not None or rid in broken:
                     continue
-                if start != len(entry.generated) or _crc(blob) != crc:
+                if start != num_tokens.get(rid, 0) or _crc(blob) != crc:
                     broken.add(rid)
                     out.dropped.append(
-                        f"request {rid!r}: its tokens from index {len(entry.generated)} are "
+                        f"request {rid!r}: its tokens from index {num_tokens.get(rid, 0)} are "
                         "damaged or missing; it continues from there (greedy and seeded "
                         "requests produce the same tokens again)"
                     )
                     continue
-                entry.generated += _unpack(blob)
+                entry.chunks.append(_unpack(blob))
+                num_tokens[rid] = start + len(entry.chunks[-1])
         except sqlite3.DatabaseError as exc:
             out.dropped.append(f"the journal's table of tokens is damaged ({exc}): some dropped")

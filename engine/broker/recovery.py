@@ -79,7 +79,7 @@ def _request(entry: Entry, core: BrokerCore, now: float, wall: float) -> Request
     req.fingerprint = fingerprint(entry.submit, entry.prompt_ids)
     if entry.deadline_wall is not None:
         req.deadline_at = now + (entry.deadline_wall - wall)
-    if entry.generated:
-        req.generated = list(entry.generated)
-        req.text.add(req.generated)  # what it had emitted: a resumed stream's catch-up
+    for chunk in entry.chunks:  # as delivered: the text stream is where it was, to the char
+        req.generated += chunk
+        req.text.add(req.generated)
     return req

@@ -76,7 +76,10 @@ def test_sigkilled_broker_restarts_and_every_accepted_request_completes_once(
     tiny_model_dir, tmp_path
 ):
     load = make_load()
-    with supervised_engine(tiny_model_dir, tmp_path / "journal.sqlite") as eng, zmq.Context() as ctx:
+    with (
+        supervised_engine(tiny_model_dir, tmp_path / "journal.sqlite") as eng,
+        zmq.Context() as ctx,
+    ):
         first = RawClient(ctx, eng.client_addr)
         second = None
         try:
@@ -115,9 +118,9 @@ def test_sigkilled_broker_restarts_and_every_accepted_request_completes_once(
                 assert second.records[request_id].tokens[: len(seen)] == seen, request_id
             outputs |= {i.split("-")[1]: (first.records[i].finished[0]["token_ids"],
                                           first.records[i].finished[0]["text"]) for i in ended}  # fmt: skip
-            wrong = [i for i in reference if outputs.get(i) != reference[i]]
+            wrong = [(i, outputs[i][0] == reference[i][0]) for i in reference if outputs.get(i) != reference[i]]  # fmt: skip
             resumed = [i for i in resubmitted if second.records[i].accepted[0].get("resumed")]
-            assert len(outputs) == NUM_REQUESTS and wrong == []
+            assert len(outputs) == NUM_REQUESTS and wrong == [], f"(index, same tokens): {wrong}"
             assert restarted_pid != old_pid and eng.broker.num_restarts == 1
             assert len(resumed) >= len(in_flight) - 5  # all but those the journal never acked
         finally:
@@ -130,3 +133,49 @@ def test_sigkilled_broker_restarts_and_every_accepted_request_completes_once(
         f"journal), lost 0, duplicated 0, wrong text {len(wrong)}; first token after the kill "
         f"in {got_token_after:.1f} s"
     )
+
+
+def test_a_journal_that_cannot_write_refuses_new_work_and_loses_nothing_accepted(
+    tiny_model_dir, tmp_path
+):
+    """The broker's files may not grow (RLIMIT_FSIZE, set on the running broker: its writes
+    fail with EFBIG as on a full disk): accepted requests finish, new ones are refused with
+    journal_unavailable; once it can write again it accepts again."""
+    import resource
+
+    load = make_load()
+    with (
+        supervised_engine(tiny_model_dir, tmp_path / "journal.sqlite") as eng,
+        zmq.Context() as ctx,
+    ):
+        client = RawClient(ctx, eng.client_addr)
+        try:
+            accepted = submit(client, "acc", load, range(40))
+            deadline = time.monotonic() + 60
+            while sum(bool(client.records[i].tokens) for i in accepted) < 10:
+                assert time.monotonic() < deadline, "the load never got going"
+                client.pump(5)
+            pid = eng.broker.proc.pid
+            old = resource.prlimit(pid, resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY))
+            refused = submit(client, "new", load, range(40, 45))
+            client.wait(accepted + refused, timeout_s=120)
+            codes = [client.records[i].errors[0]["code"] for i in refused]
+            assert codes == ["journal_unavailable"] * 5
+            assert (
+                "cannot write its request journal"
+                in client.records[refused[0]].errors[0]["message"]
+            )
+            outputs_of(client, accepted)  # every accepted request finished, once, whole
+            assert all(len(client.records[i].tokens) == load[int(i.split("-")[1])]["max_tokens"]
+                       for i in accepted)  # fmt: skip
+
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, old)  # room again
+            later = []
+            while not later or client.records[later[-1]].errors:
+                assert len(later) < 200, "still refused with room on the disk"
+                later += submit(client, f"later{len(later)}", load, [45])
+                client.wait(later[-1:], timeout_s=60)
+            outputs_of(client, later[-1:])
+            assert eng.broker.proc.pid == pid  # the same broker all along
+        finally:
+            client.close()
