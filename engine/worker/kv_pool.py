@@ -102,6 +102,8 @@ class KVPool:
         self._name_of: dict[int, bytes] = {}  # block -> its name, for named blocks
         self._block_of: dict[bytes, int] = {}  # name -> block
         self._cached: OrderedDict[int, None] = OrderedDict()  # unheld named blocks, LRU first
+        self._cached_at = np.zeros(self.num_blocks, dtype=np.float64)  # when it became cached
+        self._clock = 0
         self._events: dict[bytes, bool] = {}  # name -> known, changed since take_events
         self._lock = threading.Lock()
 
@@ -146,7 +148,6 @@ class KVPool:
         with self._lock:
             if need > self._num_free + len(self._cached):
                 return False
-            self._evict_cached(need - self._num_free)
             after = table.blocks[-1] + 1 if table.blocks else None
             new = self._take(need, after)
             self._free[new] = False
@@ -167,11 +168,15 @@ class KVPool:
         with self._lock:
             if (self._refs[gone] <= 0).any():
                 raise RuntimeError(f"KV blocks freed twice: {gone}")
-            for b in gone:  # one at a time: a table may hold a block only once, but be safe
+            # last block first: a chain's tail becomes cached before its head, so it is evicted
+            # first (a head evicted first would leave the rest of its chain unreachable)
+            for b in reversed(gone):
                 self._refs[b] -= 1
                 if self._refs[b] == 0:
                     if b in self._name_of:
                         self._cached[b] = None
+                        self._clock += 1
+                        self._cached_at[b] = self._clock
                     else:
                         self._free[b] = True
                         self._num_free += 1
@@ -239,16 +244,24 @@ class KVPool:
     def _evict_cached(self, num: int) -> None:
         """Turn the ``num`` least recently used cached blocks into free ones (lock held)."""
         for _ in range(max(0, min(num, len(self._cached)))):
-            b, _ = self._cached.popitem(last=False)
-            name = self._name_of.pop(b)
-            del self._block_of[name]
-            self._events[name] = False
-            self._free[b] = True
-            self._num_free += 1
+            self._evict(next(iter(self._cached)))
+
+    def _evict(self, b: int) -> None:
+        """A cached block becomes free: its name is forgotten (lock held)."""
+        del self._cached[b]
+        name = self._name_of.pop(b)
+        del self._block_of[name]
+        self._events[name] = False
+        self._free[b] = True
+        self._num_free += 1
 
     def _take(self, need: int, after: int | None) -> np.ndarray:
-        """Block ids to allocate: consecutive after ``after`` where free, then the smallest free
-        run that holds the rest, else the first free blocks wherever they are."""
+        """Block ids to allocate (lock held; free plus cached blocks hold ``need``): consecutive
+        after ``after`` where free, then the smallest free run that holds the rest; else the
+        run of unheld blocks (free or cached) whose cached ones were least recently used, its
+        cached blocks evicted; else cached blocks evicted least recently used first and the
+        first free blocks wherever they are. Evicting a run rather than the oldest blocks
+        wherever they lie keeps tables in few runs, which attention reads in place."""
         taken: list[np.ndarray] = []
         if after is not None and after < self.num_blocks:
             stop = after
@@ -261,16 +274,49 @@ class KVPool:
             free = self._free.copy()
             for t in taken:
                 free[t] = False
-            edges = np.diff(np.concatenate(([0], free.astype(np.int8), [0])))
-            starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-            lens = ends - starts
-            fit = np.flatnonzero(lens >= need)
-            if len(fit):
-                best = fit[np.argmin(lens[fit])]
-                taken.append(np.arange(starts[best], starts[best] + need))
-            else:
-                taken.append(np.flatnonzero(free)[:need])
+            run = self._best_run(free, need)
+            if run is None and self._cached:
+                unheld = free | (self._refs == 0)
+                for t in taken:
+                    unheld[t] = False
+                run = self._least_recent_run(unheld, need)
+                if run is not None:
+                    for b in run[~free[run]]:
+                        self._evict(int(b))
+            if run is None:
+                self._evict_cached(need - int(free.sum()))
+                free = self._free.copy()
+                for t in taken:
+                    free[t] = False
+                run = np.flatnonzero(free)[:need]
+            taken.append(run)
         return np.concatenate(taken)
+
+    @staticmethod
+    def _best_run(free: np.ndarray, need: int) -> np.ndarray | None:
+        """The first ``need`` blocks of the smallest run of free blocks that holds them."""
+        edges = np.diff(np.concatenate(([0], free.astype(np.int8), [0])))
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        lens = ends - starts
+        fit = np.flatnonzero(lens >= need)
+        if not len(fit):
+            return None
+        best = fit[np.argmin(lens[fit])]
+        return np.arange(starts[best], starts[best] + need)
+
+    def _least_recent_run(self, unheld: np.ndarray, need: int) -> np.ndarray | None:
+        """``need`` consecutive unheld blocks whose cached ones became cached longest ago (the
+        least sum of their times; free blocks count 0), or None when no such run exists."""
+        if need > len(unheld):
+            return None
+        count = np.concatenate(([0], np.cumsum(unheld)))
+        age = np.concatenate(([0.0], np.cumsum(np.where(self._free, 0.0, self._cached_at))))
+        whole = np.flatnonzero(count[need:] - count[:-need] == need)
+        if not len(whole):
+            return None
+        cost = age[whole + need] - age[whole]
+        start = int(whole[np.argmin(cost)])
+        return np.arange(start, start + need)
 
     # -- copies in and out ---------------------------------------------------------------------
 

@@ -48,19 +48,28 @@ def test_a_shared_block_is_freed_only_by_its_last_user():
     assert pool.share_prefix(third, names) == 8 and pool.num_cached == 0
 
 
-def test_cached_blocks_give_way_least_recently_used_first():
-    pool = pool_of(6)
-    a, names_a = filled(pool, list(range(8)))
-    b, names_b = filled(pool, list(range(100, 108)))
+def test_cached_blocks_give_way_tails_first_and_in_runs():
+    """Unused named blocks are evicted only for room: a chain's tail before its head (its head
+    alone is still a hit), and, when no free run holds a new table, the run of blocks cached
+    longest ago, so that the table stays in one run."""
+    pool = pool_of(4)
+    a, names_a = filled(pool, list(range(16)))  # 4 full blocks
     pool.free(a)
-    pool.free(b)  # a's blocks were unused first
     pool.take_events()
+    one = BlockTable()
+    assert pool.allocate(one, 4)
+    assert pool.take_events() == ([], [names_a[3]])  # the tail went
+    assert pool.cached_prefix_blocks(names_a) == 3
+
+    pool = pool_of(6)
+    a, names_a = filled(pool, list(range(8)))  # blocks 0, 1
+    b, names_b = filled(pool, list(range(100, 108)))  # blocks 2, 3; 4 and 5 free
+    pool.free(a)
+    pool.free(b)
     c = BlockTable()
-    assert pool.allocate(c, 12)  # 3 blocks: 2 free ones and then a's oldest block
-    stored, removed = pool.take_events()
-    assert stored == [] and removed == [names_a[0]]
-    assert pool.cached_prefix_blocks(names_b) == 2
-    assert pool.cached_prefix_blocks(names_a) == 0  # the chain is broken at its first block
+    assert pool.allocate(c, 12)  # 3 blocks: no free run of 3; b's tail and the free 4, 5
+    assert c.blocks == [3, 4, 5]
+    assert pool.cached_prefix_blocks(names_b) == 1 and pool.cached_prefix_blocks(names_a) == 2
 
 
 @settings(max_examples=150, deadline=None)
