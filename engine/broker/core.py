@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from engine import protocol as p
@@ -485,12 +486,13 @@ class BrokerCore:
             cached_tokens=self._cached_tokens(req),
         )
 
-    def _cached_tokens(self, req: Request) -> dict[str, int]:
-        """Per worker, tokens of the request's context its prefix cache holds (by the index)."""
+    def _cached_tokens(self, req: Request) -> Mapping[str, int]:
+        """Per worker, tokens of the request's context its prefix cache holds (by the index),
+        looked up only if the policy reads them."""
         if not (self.cfg.prefix_placement and self.prefix.active):
             return {}
         memo = self._prefix_names.setdefault(req.request_id, {})
-        return self.prefix.cached_tokens(req.prompt_ids + req.generated, memo)
+        return self.prefix.lazy_cached_tokens(lambda: req.prompt_ids + req.generated, memo)
 
     def _worker_view(self, worker: WorkerState) -> WorkerView:
         running = []

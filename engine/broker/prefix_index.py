@@ -10,6 +10,7 @@ once per root and extended as it generates (``RequestNames``). No zmq, no torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from engine.prefix_hash import block_hashes
@@ -65,6 +66,14 @@ class PrefixIndex:
         cache = self._workers.get(worker_id)
         return cache.block_tokens if cache is not None else 0
 
+    def lazy_cached_tokens(
+        self, token_ids: Callable[[], list[int]], memo: dict[bytes, RequestNames]
+    ) -> Mapping[str, int]:
+        """``cached_tokens`` computed when a policy first reads it: a round may look at a few
+        of thousands of waiting requests, and the lookups (and the context's token list) of
+        the others are not needed."""
+        return _Lazy(lambda: self.cached_tokens(token_ids(), memo))
+
     def cached_tokens(
         self, token_ids: list[int], memo: dict[bytes, RequestNames]
     ) -> dict[str, int]:
@@ -89,3 +98,27 @@ class PrefixIndex:
             if n:
                 out[worker_id] = n * b
         return out
+
+
+class _Lazy(Mapping[str, int]):
+    """A mapping filled by ``compute`` on first use."""
+
+    __slots__ = ("_compute", "_value")
+
+    def __init__(self, compute: Callable[[], dict[str, int]]) -> None:
+        self._compute = compute
+        self._value: dict[str, int] | None = None
+
+    def _get(self) -> dict[str, int]:
+        if self._value is None:
+            self._value = self._compute()
+        return self._value
+
+    def __getitem__(self, key: str) -> int:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())

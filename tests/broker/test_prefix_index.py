@@ -1,0 +1,51 @@
+"""The broker's prefix index: per worker, the names its BlockEvents announced; per request, the
+leading tokens each worker holds, hashed once per root and looked up only when read."""
+
+from __future__ import annotations
+
+from engine.broker.prefix_index import PrefixIndex
+from engine.prefix_hash import block_hashes, prefix_root
+
+ROOT = prefix_root("m", "float32", 4)
+OTHER = prefix_root("other", "float32", 4)
+
+
+def test_leading_blocks_per_worker_from_events():
+    index = PrefixIndex()
+    index.add_worker("a", ROOT, 4)
+    index.add_worker("b", ROOT, 4)
+    index.add_worker("c", b"", 4)  # no prefix cache: never indexed
+    tokens = list(range(13))  # 12 tokens of context: 3 full blocks
+    names = block_hashes(tokens, 4, ROOT)
+    assert not index.active and index.cached_tokens(tokens, {}) == {}
+    index.apply("a", names[:2], [])
+    index.apply("b", [names[0], names[2]], [])
+    index.apply("c", names, [])
+    assert index.cached_tokens(tokens, {}) == {"a": 8, "b": 4}  # b's chain breaks at block 1
+    index.apply("a", [], [names[0]])
+    assert index.cached_tokens(tokens, {}) == {"b": 4}
+    index.add_worker("b", ROOT, 4)  # announced again (a reset): it holds nothing now
+    assert index.cached_tokens(tokens, {}) == {}
+    index.remove_worker("a")
+    assert index.num_blocks("a") == 0 and not index.active
+
+
+def test_names_are_memoised_per_root_and_lookups_wait_until_read():
+    index = PrefixIndex()
+    index.add_worker("a", ROOT, 4)
+    index.add_worker("z", OTHER, 4)  # another model: its own names
+    tokens = list(range(9))
+    index.apply("a", block_hashes(tokens, 4, ROOT), [])
+    index.apply("z", block_hashes(tokens, 4, OTHER), [])
+    memo: dict = {}
+    calls = []
+
+    def context():
+        calls.append(1)
+        return tokens
+
+    lazy = index.lazy_cached_tokens(context, memo)
+    assert calls == []  # nothing computed until a policy reads it
+    assert dict(lazy) == {"a": 8, "z": 8} and len(calls) == 1
+    assert lazy.get("a") == 8 and len(calls) == 1
+    assert set(memo) == {ROOT, OTHER} and len(memo[ROOT].names) == 2
