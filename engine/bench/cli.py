@@ -86,7 +86,8 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
 def add_load_flags(p: argparse.ArgumentParser) -> None:
     """What load to send and what to write (``bench`` and ``simulate`` share them)."""
     p.add_argument("--workload", default=DEFAULT_WORKLOAD,
-                   help="KIND:PATH (azure, burstgpt, mooncake, sharegpt) or synthetic:SPEC "
+                   help="KIND:PATH (azure, burstgpt, mooncake, sharegpt, sharegpt-chat: every "
+                   "turn, each prompt the conversation so far) or synthetic:SPEC "
                    "(see docs/BENCHMARKS.md)")  # fmt: skip
     p.add_argument("--arrival", default=None,
                    help="offline | poisson:RATE | gamma:RATE:BURSTINESS | trace[:SPEED] | "

@@ -121,7 +121,7 @@ def _empirical(rest: str, column: str) -> LengthDist:
 
     kind, sep, path = rest.partition(":")
     if sep and kind.lower() in TRACE_KINDS:
-        if kind.lower() == "sharegpt":
+        if kind.lower().startswith("sharegpt"):
             raise WorkloadError("empirical:sharegpt needs a tokenizer: use sharegpt:PATH instead")
         rows = traces.parse(kind.lower(), path)
         values = [r.prompt_len if column == "prompt" else r.output_len for r in rows]

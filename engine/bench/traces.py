@@ -13,6 +13,11 @@ Formats (the public ones, unchanged):
   {"from": "gpt", "value": ...}, ...]}``; as in vLLM's benchmark, the first turn is the prompt
   and the second one's token count the output length; entries with fewer than two turns are
   skipped. Lengths need the model's tokenizer.
+- sharegpt-chat: the same files, every turn a request: turn k's prompt is the conversation so
+  far (its earlier messages and answers, then message k; token ids concatenated, so each turn's
+  prompt starts with the previous one's) and answer k's token count its output length.
+  ``CHAT_CONVERSATIONS`` conversations take turns round robin (a new one starts when one ends),
+  as users of a chat service do.
 """
 
 from __future__ import annotations
@@ -54,11 +59,12 @@ def parse(
         rows = list(_burstgpt(file))
     elif kind == "mooncake":
         rows = list(_mooncake(file))
-    elif kind == "sharegpt":
+    elif kind in ("sharegpt", "sharegpt-chat"):
         if tokenize is None:
             raise WorkloadError("sharegpt workloads need the model's tokenizer to count tokens")
         out = []
-        for req in _sharegpt(file, tokenize):
+        source = _sharegpt(file, tokenize) if kind == "sharegpt" else _chats(file, tokenize)
+        for req in source:
             if limit is not None and len(out) >= limit:
                 break
             out.append(req)
@@ -67,7 +73,7 @@ def parse(
         return out
     else:
         raise WorkloadError(
-            f"unknown trace kind {kind!r}: use azure, burstgpt, mooncake or sharegpt"
+            f"unknown trace kind {kind!r}: use azure, burstgpt, mooncake, sharegpt or sharegpt-chat"
         )
     if not rows:
         raise WorkloadError(f"{file} holds no requests: check that it is a {kind} trace")
@@ -255,25 +261,64 @@ def _sharegpt_entries(file: Path) -> Iterator[tuple[str, Any]]:
             yield f"line {line_no}", entry
 
 
+def _turn_texts(file: Path, where: str, entry: Any, limit: int | None) -> list[str]:
+    """The texts of an entry's first ``limit`` turns (all: None)."""
+    turns = entry.get("conversations") if isinstance(entry, dict) else None
+    if not isinstance(turns, list):
+        raise WorkloadError(
+            f'{file}: {where}: expected an object with a "conversations" list of '
+            '{"from": ..., "value": ...} turns'
+        )
+    texts = []
+    for turn in turns[:limit]:
+        value = turn.get("value") if isinstance(turn, dict) else None
+        if not isinstance(value, str):
+            raise WorkloadError(
+                f'{file}: {where}: a turn is {turn!r}, expected {{"from": ..., "value": "text"}}'
+            )
+        texts.append(value)
+    return texts
+
+
+CHAT_CONVERSATIONS = 8
+
+
+def _chats(file: Path, tokenize: Callable[[str], list[int]]) -> Iterator[RequestSpec]:
+    """Every turn of every conversation, conversations interleaved round robin."""
+
+    def turns_of(texts: list[str]) -> list[tuple[list[int], int]]:
+        history: list[int] = []
+        out = []
+        for ask, answer in zip(texts[::2], texts[1::2], strict=False):
+            prompt, reply = history + tokenize(ask), tokenize(answer)
+            if len(prompt) and reply:
+                out.append((prompt, len(reply)))
+            history = prompt + reply
+        return out
+
+    entries = (_turn_texts(file, where, e, None) for where, e in _sharegpt_entries(file))
+    pending = (t for t in map(turns_of, entries) if t)
+    active: list[list[tuple[list[int], int]]] = []
+    index = 0
+    while True:
+        while len(active) < CHAT_CONVERSATIONS and (nxt := next(pending, None)) is not None:
+            active.append(nxt)
+        if not active:
+            return
+        for conv in list(active):
+            prompt, output_len = conv.pop(0)
+            yield RequestSpec(index, len(prompt), output_len, None, tuple(prompt))
+            index += 1
+            if not conv:
+                active.remove(conv)
+
+
 def _sharegpt(file: Path, tokenize: Callable[[str], list[int]]) -> Iterator[RequestSpec]:
     index = 0
     for where, entry in _sharegpt_entries(file):
-        turns = entry.get("conversations") if isinstance(entry, dict) else None
-        if not isinstance(turns, list):
-            raise WorkloadError(
-                f'{file}: {where}: expected an object with a "conversations" list of '
-                '{"from": ..., "value": ...} turns'
-            )
-        if len(turns) < 2:
+        texts = _turn_texts(file, where, entry, 2)
+        if len(texts) < 2:
             continue  # nothing to answer (vLLM skips these too)
-        texts = []
-        for turn in turns[:2]:
-            value = turn.get("value") if isinstance(turn, dict) else None
-            if not isinstance(value, str):
-                raise WorkloadError(
-                    f'{file}: {where}: a turn is {turn!r}, expected {{"from": ..., "value": "text"}}'
-                )
-            texts.append(value)
         prompt_ids = tokenize(texts[0])
         output_len = len(tokenize(texts[1]))
         if not prompt_ids or output_len == 0:

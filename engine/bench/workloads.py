@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-TRACE_KINDS = ("azure", "burstgpt", "mooncake", "sharegpt")
+TRACE_KINDS = ("azure", "burstgpt", "mooncake", "sharegpt", "sharegpt-chat")
 
 #: Attribution that every published result from a trace must carry (licence terms).
 ATTRIBUTIONS = {
@@ -32,6 +32,7 @@ ATTRIBUTIONS = {
         'Disaggregated Architecture for LLM Serving", FAST 2025.'
     ),
     "sharegpt": "ShareGPT conversations (as used by vLLM's serving benchmark).",
+    "sharegpt-chat": "ShareGPT conversations (as used by vLLM's serving benchmark), every turn.",
 }
 
 

@@ -104,3 +104,34 @@ def test_sampled_conversations_keep_every_turn(tmp_path):
         assert [r.index for r in kept.requests] == list(range(len(kept.requests)))
     with pytest.raises(WorkloadError, match="needs a trace whose prompts name"):
         load_workload("synthetic:prompt=4,output=4", 4, conversations=0.5)
+
+
+def test_sharegpt_chat_turns_resend_the_conversation(tmp_path, maker):
+    convs = [
+        {"conversations": [
+            {"from": "human", "value": "Tell me about rivers."},
+            {"from": "gpt", "value": "Rivers flow to the sea."},
+            {"from": "human", "value": "And mountains?"},
+            {"from": "gpt", "value": "Mountains rise above the clouds, mostly."},
+        ]},
+        {"conversations": [
+            {"from": "human", "value": "Bake bread?"},
+            {"from": "gpt", "value": "Flour, water, salt and yeast."},
+        ]},
+    ]  # fmt: skip
+    path = tmp_path / "chats.json"
+    path.write_text(json.dumps(convs))
+    tok = maker.tokenizer
+
+    def tokenize(text):
+        return list(tok.encode(text, add_special_tokens=False))
+
+    w = load_workload(f"sharegpt-chat:{path}", 10, tokenize=tokenize)
+    first, other, second = w.requests  # round robin: turn 1 of both, then turn 2
+    assert other.prompt_ids == tuple(tokenize("Bake bread?"))
+    assert second.prompt_ids[: first.prompt_len] == first.prompt_ids
+    assert second.prompt_len == first.prompt_len + first.output_len + len(
+        tokenize("And mountains?")
+    )
+    assert second.output_len == len(tokenize("Mountains rise above the clouds, mostly."))
+    assert [r.index for r in w.requests] == [0, 1, 2]
