@@ -68,9 +68,9 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.plot(xs, ys, marker="o", label=f"{fixed} = {value}")
         ax.set_xlabel(key)
         ax.set_ylabel("simulation wall time (s)")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
         ax.legend()
     fig.suptitle("Simulation time (continuous SCLS, H100 + Llama-3-8B, Azure-like load)")
     fig.tight_layout()
@@ -88,7 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate-per-instance", type=float, default=8.0)
     ap.add_argument("--device-model", default="h100-80gb:llama-3-8b")
     ap.add_argument("--trace", default=AZURE)
+    ap.add_argument(
+        "--replot", action="store_true", help="only redraw OUT/scale.png from OUT/scale.json"
+    )
     args = ap.parse_args(argv)
+    if args.replot:
+        plot(json.loads((args.out / "scale.json").read_text()), args.out / "scale.png")
+        return 0
     grid = {(int(n), args.fixed_instances) for n in args.requests.split(",")}
     grid |= {(args.fixed_requests, int(i)) for i in args.instances.split(",")}
     rows = []
