@@ -61,6 +61,7 @@ class Entry:
     table: Table | None = None
     tier: str = "device"  # "device" | "host"
     handed_off: bool = False
+    transfer_s: float = 0.0  # how long its handoff took (handed off only)
 
 
 @dataclass(slots=True)

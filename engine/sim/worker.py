@@ -125,16 +125,16 @@ class SimWorker:
         outside the pool, until its row starts); gone there, the row recomputes."""
         peer = self._peers(item.kv_source)
         entry = peer.store.take(item.request_id) if peer is not None else None
-        if entry is None or entry.num_tokens != len(item.token_ids) - 1:
-            if entry is not None and peer is not None:
-                peer.store.release(entry)
+        if entry is None or peer is None:
             return
-        if peer is not None:
-            peer.store.release(entry)
+        peer.store.release(entry)  # its blocks go back there: the KV travels as bytes
+        if entry.num_tokens != len(item.token_ids) - 1:
+            return  # stale: it covers other tokens
         d = self.device
-        arrive_at = now + d.transfer_latency_s + entry.nbytes / d.transfer_bytes_per_s
-        self._awaited[item.request_id] = arrive_at
-        self.store.park(item.request_id, Entry(entry.num_tokens, entry.nbytes, handed_off=True))
+        transfer_s = d.transfer_latency_s + entry.nbytes / d.transfer_bytes_per_s
+        self._awaited[item.request_id] = now + transfer_s
+        arrived = Entry(entry.num_tokens, entry.nbytes, handed_off=True, transfer_s=transfer_s)
+        self.store.park(item.request_id, arrived)
 
     def renew(self, renewals: list[tuple[str, int]]) -> None:
         budgets = dict(renewals)
@@ -320,6 +320,7 @@ class SimWorker:
             if entry.handed_off:
                 stats.handoff_tokens += entry.num_tokens
                 stats.handoff_bytes += entry.nbytes
+                stats.transfer_samples.append((entry.nbytes, entry.transfer_s))
             else:
                 copy_s = entry.nbytes / self.device.copy_bytes_per_s
                 stats.restored_tokens += entry.num_tokens

@@ -138,3 +138,19 @@ def test_a_slowdown_stretches_every_step() -> None:
         items, [0.0] * len(items)
     )
     assert slow.duration_s == pytest.approx(2 * fast.duration_s, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["scls", "scls:strict"])
+def test_handoffs_move_kv_between_instances_and_lose_nothing(name: str) -> None:
+    """Three instances, one three times slower: auto mode hands parked KV off to the others."""
+    items, times = load(150, seed=3)
+    a100 = device_model("a100-80gb:llama-3-8b", kv_budget_bytes=GIB // 4)
+    devices = [a100, replace(a100, slowdown=3.0), a100]
+    cfg = replace(POLICIES[name], max_gen_len=256, slice_len=16)
+    sim = CountingSimulation(cfg, devices)
+    out = sim.run(items, times)
+    assert sum(b["handoff_tokens"] for b in out.batches) > 0
+    assert all(r.success for r in out.records)
+    assert sim.finished == {r.request_id: 1 for r in out.records}
+    generated = sum(b["generated_tokens"] for b in out.batches)
+    assert generated == sum(r.num_output_tokens for r in out.records)
