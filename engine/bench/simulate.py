@@ -177,4 +177,5 @@ def simulate_entry(spec, sched, devices, items, times, concurrency, args) -> Any
         workers_end=outcome.workers_end,
         extra={"sim": {"events": outcome.num_events, "broker_rounds": outcome.num_rounds}},
         cut_off_s=outcome.cut_off_s,
+        stall=outcome.stall,
     )

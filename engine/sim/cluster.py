@@ -28,6 +28,9 @@ from engine.sim.worker import SimWorker
 
 CLIENT_ID = b"sim"
 TICK_S = 0.005  # engine/broker/server.py: how often the broker asks the policy while busy
+# Requests waiting, nothing running, nothing due: after this long the run stops as stalled (a
+# policy that never places them would otherwise poll forever).
+STALL_S = 60.0
 
 _ARRIVE, _STEP, _WAKE, _ROUND = range(4)
 
@@ -53,6 +56,7 @@ class SimOutcome:
     workers_end: dict[str, dict[str, float]]
     num_events: int
     num_rounds: int
+    stall: dict | None = None  # why the run stopped before every request ended, if it did
 
 
 class Simulation:
@@ -81,6 +85,7 @@ class Simulation:
         self._heap: list[tuple[float, int, int, int]] = []
         self._seq = itertools.count()
         self._round_at: float | None = None
+        self._stuck_since: float | None = None
         self._last_round = -float("inf")
         self._prompts: dict[int, list[int]] = {}
         self.num_events = self.num_rounds = 0
@@ -110,7 +115,6 @@ class Simulation:
             for it, t in zip(items, send_times or [None] * len(items), strict=True)
         ]
         self._by_rid: dict[str, int] = {}
-        self._open = 0
         self._next_item = 0
         self.timeline: list[TimelineSample] = []
         self.batches: list[dict] = []
@@ -129,8 +133,16 @@ class Simulation:
             now = at
             self.num_events += 1
             self._handle(kind, arg, now)
+        stall = None
+        if cut_off is None and self.core.requests:  # stalled: what is left never ends
+            cut_off = now
+            stall = {"detected_s": now, "reason": f"{len(self.core.waiting)} requests waited "
+                     f"{STALL_S:.0f} s with nothing running: the policy placed none of them"}  # fmt: skip
+            for rec in self.records:
+                if rec.finished_s is None and rec.submitted_s is not None:
+                    rec.finish_reason = "stalled"
         self._sample(now, force=True)
-        return self._outcome(now, cut_off)
+        return self._outcome(now, cut_off, stall)
 
     def _handle(self, kind: int, arg: int, now: float) -> None:
         if kind == _ARRIVE:
@@ -163,7 +175,12 @@ class Simulation:
         self._sample(now)
         idle = not self._heap or self._heap[0][0] > now + self.tick_s
         if self.core.waiting and idle:  # the broker polls while requests wait
-            self._want_round(now)
+            if self._heap or any(w.stepping for w in self.workers):
+                self._stuck_since = None
+            elif self._stuck_since is None:
+                self._stuck_since = now
+            if self._stuck_since is None or now - self._stuck_since < STALL_S:
+                self._want_round(now)
 
     def _start(self, worker: SimWorker, now: float) -> None:
         if worker.stepping:
@@ -286,7 +303,7 @@ class Simulation:
             TimelineSample(now, len(core.waiting), num_running, workers, core.num_preempted)
         )
 
-    def _outcome(self, now: float, cut_off: float | None) -> SimOutcome:
+    def _outcome(self, now: float, cut_off: float | None, stall: dict | None) -> SimOutcome:
         ends = [r.finished_s for r in self.records if r.finished_s is not None]
         events = [{"at_s": at, "level": lvl, "message": m} for at, lvl, m in self.core.events]
         totals = {
@@ -303,4 +320,5 @@ class Simulation:
             workers_end=totals,
             num_events=self.num_events,
             num_rounds=self.num_rounds,
+            stall=stall,
         )

@@ -154,3 +154,15 @@ def test_handoffs_move_kv_between_instances_and_lose_nothing(name: str) -> None:
     assert sim.finished == {r.request_id: 1 for r in out.records}
     generated = sum(b["generated_tokens"] for b in out.batches)
     assert generated == sum(r.num_output_tokens for r in out.records)
+
+
+def test_requests_no_policy_places_end_the_run_as_stalled() -> None:
+    """SLS books prompt + L + 32 tokens a row: a 600-token prompt asking for 10 fits the
+    broker's admission check (748 tokens) but never an SLS batch (600 + 256 + 32 > 780), so it
+    waits with nothing running."""
+    dev = device_model("h100-80gb:llama-3-8b", kv_budget_bytes=780 * 131_072)
+    cfg = SchedulerConfig(policy="sls", max_gen_len=256)
+    items = [SimItem(0, 20, 10), SimItem(1, 600, 10)]
+    out = Simulation(cfg, [dev]).run(items, [0.0, 0.0])
+    assert [r.finish_reason for r in out.records] == ["length", "stalled"]
+    assert out.stall is not None and out.cut_off_s == out.stall["detected_s"] >= 60.0
