@@ -262,6 +262,7 @@ class Executor:
     def step(self) -> StepResult:
         """Admit what may start, then run one decode step of the running set."""
         self._admit()
+        self._adopt_computed()
         self._guard()
         if self._rows:
             self._decode()
@@ -330,8 +331,9 @@ class Executor:
         """Name the row's blocks that became full (their KV written) in the prefix cache."""
         full = row.table.num_tokens // self.pool.block_tokens
         if self.prefix_root and full > row.num_named:
-            row.names = self._names(row, full)
-            self.pool.register(row.table, row.names, row.num_named)
+            if full > len(row.names):
+                row.names = self._names(row, full)
+            self.pool.register(row.table, row.names[:full], row.num_named)
             row.num_named = full
 
     def _steps_left(self, row: _Row) -> int:
@@ -416,25 +418,50 @@ class Executor:
         room = self.max_step_tokens - sum(1 for t in todos if len(t) <= 1)
         feeds = []
         first = True
+        computing: set[bytes] = set()  # names of the blocks this step's prefills complete
+        bt = self.pool.block_tokens
         for row, todo in zip(self._rows, todos, strict=True):
             if len(todo) <= 1:
                 feeds.append(todo)
                 continue
+            start = row.table.num_tokens
+            if start % bt == 0 and start // bt < len(row.names):
+                if row.names[start // bt] in computing:  # an older row computes it now:
+                    feeds.append([])  # take it next step (``_adopt_computed``), not twice
+                    continue
             chunk = self.prefill_chunk_tokens
-            take = todo[: chunk - row.table.num_tokens % chunk]
+            take = todo[: chunk - start % chunk]
             if first or len(take) <= room:
                 feeds.append(take)
                 room -= len(take)
                 first = False
+                computing.update(row.names[start // bt : (start + len(take)) // bt])
             else:
                 feeds.append([])
         return feeds
 
-    def _count_prefill(self, row: _Row) -> None:
+    def _count_prefill(self, row: _Row, sign: int = 1) -> None:
+        """Count (sign -1: uncount) what is left to prefill of the row's context."""
         stats = self._stats[row.batch_id]
         todo = len(row.token_ids) - 1 - row.table.num_tokens
-        stats.prefill_tokens += todo
-        stats.recomputed_tokens += max(0, min(row.item.num_generated - 1, todo))
+        stats.prefill_tokens += sign * todo
+        stats.recomputed_tokens += sign * max(0, min(row.item.num_generated - 1, todo))
+
+    def _adopt_computed(self) -> None:
+        """Rows being prefilled that waited for a block an older row computed (see ``_feeds``)
+        take the named blocks that now continue their context instead of computing them."""
+        bt = self.pool.block_tokens
+        for row in self._rows:
+            table = row.table
+            nxt = table.num_tokens // bt
+            if table.num_tokens % bt or nxt >= len(row.names) or row.names[nxt] not in self.pool:
+                continue  # mid-block, no named block next, or none known
+            self._count_prefill(row, -1)
+            adopted = self.pool.adopt_prefix(table, row.names)
+            self._count_prefill(row)
+            row.cached_tokens += adopted
+            row.num_named = max(row.num_named, table.num_tokens // bt)
+            self._stats[row.batch_id].prefix_hit_tokens += adopted
 
     def _guard(self) -> None:
         """Before a step: every row gets a block for its next token, evicting parked KV, then

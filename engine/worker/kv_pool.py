@@ -214,6 +214,38 @@ class KVPool:
         table.num_tokens = len(table.blocks) * self.block_tokens
         return table.num_tokens
 
+    def __contains__(self, name: bytes) -> bool:
+        """Whether a block of this name is in the pool (in use or cached)."""
+        return name in self._block_of
+
+    def adopt_prefix(self, table: BlockTable, names: list[bytes]) -> int:
+        """A table holding a whole number of blocks of KV, the next ones allocated but not yet
+        written: replace those next blocks by named ones while the pool knows their names
+        (shared, no copy; the table's own blocks go back); returns the tokens it now holds
+        more. For a row that waited while another computed the same prefix."""
+        bt = self.block_tokens
+        if not self.prefix_cache or table.num_tokens % bt:
+            return 0
+        first = i = table.num_tokens // bt
+        with self._lock:
+            while i < min(len(names), len(table.blocks)):
+                b = self._block_of.get(names[i])
+                if b is None:
+                    break
+                own = table.blocks[i]
+                if b != own:
+                    if self._refs[b] == 0:
+                        del self._cached[b]
+                    self._refs[b] += 1
+                    self._refs[own] -= 1  # never written, so never named: it is free now
+                    if self._refs[own] == 0:
+                        self._free[own] = True
+                        self._num_free += 1
+                    table.blocks[i] = b
+                i += 1
+        table.num_tokens += (i - first) * bt
+        return (i - first) * bt
+
     def cached_prefix_blocks(self, names: list[bytes]) -> int:
         """How many leading blocks of these names the pool holds (in use or cached)."""
         n = 0

@@ -5,6 +5,7 @@ same greedy tokens (float32) as without the cache."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -174,3 +175,25 @@ def test_block_events_tell_the_broker_what_is_cached(runner):
     assert removed & set(names_a)
     held = {n for n in stored if n in executor.pool._block_of}
     assert held == stored  # the broker's view is the pool's
+
+
+@pytest.mark.parametrize("step_tokens", [512, 40])
+def test_rows_that_start_together_compute_a_shared_prefix_once(runner, step_tokens):
+    """Three requests with the same new 40-token prefix in one dispatch: the oldest computes
+    it, the others wait and take its blocks as they are completed (chunks of 16 in steps of
+    40 tokens: block by block); tokens as without the cache."""
+    system = make_prompts(46, [40])[0]
+    tails = make_prompts(47, [9, 13, 30])
+    items = [make_item(f"r{i}", system + t, max_steps=10) for i, t in enumerate(tails)]
+    chunks = {"max_step_tokens": step_tokens, "prefill_chunk_tokens": min(256, step_tokens // 2)}
+    cached = Executor(runner, BIG_BUDGET, **chunks)
+    cached.submit(make_run(1, items))
+    together = drain(cached)
+    plain = Executor(runner, BIG_BUDGET, prefix_cache=False, **chunks)
+    plain.submit(make_run(1, items))
+    reference = drain(plain)
+    assert together.tokens == reference.tokens
+    done = together.done[1]
+    assert done.prefix_hit_tokens == 2 * 32  # two full blocks each for r1 and r2
+    assert done.prefill_tokens == reference.done[1].prefill_tokens - 64
+    assert [together.released[f"r{i}"].cached_tokens for i in range(3)] == [0, 32, 32]
