@@ -135,14 +135,20 @@ class Simulation:
             self._handle(kind, arg, now)
         stall = None
         if cut_off is None and self.core.requests:  # stalled: what is left never ends
-            cut_off = now
-            stall = {"detected_s": now, "reason": f"{len(self.core.waiting)} requests waited "
-                     f"{STALL_S:.0f} s with nothing running: the policy placed none of them"}  # fmt: skip
-            for rec in self.records:
-                if rec.finished_s is None and rec.submitted_s is not None:
-                    rec.finish_reason = "stalled"
+            cut_off, stall = now, self._stalled(now)
         self._sample(now, force=True)
         return self._outcome(now, cut_off, stall)
+
+    def _stalled(self, now: float) -> dict:
+        """Mark the requests still open as stalled; why the run stopped."""
+        for rec in self.records:
+            if rec.finished_s is None and rec.submitted_s is not None:
+                rec.finish_reason = "stalled"
+        reason = (
+            f"{len(self.core.waiting)} requests waited {STALL_S:.0f} s with nothing running: "
+            "the policy placed none of them"
+        )
+        return {"detected_s": now, "reason": reason}
 
     def _handle(self, kind: int, arg: int, now: float) -> None:
         if kind == _ARRIVE:
@@ -173,14 +179,15 @@ class Simulation:
         self.core.schedule(now)
         self._route(now)
         self._sample(now)
+        quiet = not self._heap and not any(w.stepping for w in self.workers)
+        if not (self.core.waiting and quiet):
+            self._stuck_since = None
+        elif self._stuck_since is None:
+            self._stuck_since = now
         idle = not self._heap or self._heap[0][0] > now + self.tick_s
-        if self.core.waiting and idle:  # the broker polls while requests wait
-            if self._heap or any(w.stepping for w in self.workers):
-                self._stuck_since = None
-            elif self._stuck_since is None:
-                self._stuck_since = now
-            if self._stuck_since is None or now - self._stuck_since < STALL_S:
-                self._want_round(now)
+        stuck = self._stuck_since is not None and now - self._stuck_since >= STALL_S
+        if self.core.waiting and idle and not stuck:  # the broker polls while requests wait
+            self._want_round(now)
 
     def _start(self, worker: SimWorker, now: float) -> None:
         if worker.stepping:
