@@ -281,8 +281,9 @@ class ContinuousSCLSPolicy:
     def _place(self, r: WaitingRequest, steps: int, slots: dict[str, _Slot], aged: bool) -> bool:
         """Grant ``r`` a slice on the worker where it would end soonest. Workers within
         ``tie_tolerance`` of the soonest count as tied (their fitted models differ by noise):
-        the one with fewer rows, then the one whose dispatched work ends first, takes it, so
-        that idle workers share a light load instead of the nominally fastest taking all."""
+        the one holding more of its prefix, then the one with fewer rows, then the one whose
+        dispatched work ends first, takes it, so that idle workers share a light load instead
+        of the nominally fastest taking all (a prefix may draw it within the balance bound)."""
         options: list[tuple[float, _Slot, tuple[float, bool, bool], int]] = []
         for slot in slots.values():
             if len(slot.rows) >= self.max_batch_size:
@@ -301,9 +302,17 @@ class ContinuousSCLSPolicy:
         if r.cached_tokens:  # a prefix hit must not pile everything onto one worker
             options = balanced(options, lambda o: len(o[1].rows), self.prefix_balance)
         soonest = min(o[0] for o in options) * (1 + self.tie_tolerance)
+        cached = r.cached_tokens
         _, slot, (move_s, prefill, handoff), granted = min(
             (o for o in options if o[0] <= soonest),
-            key=lambda o: (len(o[1].rows), o[1].view.busy_until, o[0]),
+            # among ties, the worker holding more of its prefix (its later turns then find
+            # their history in one place), then fewer rows, then the one free first
+            key=lambda o: (
+                -cached.get(o[1].worker_id, 0),
+                len(o[1].rows),
+                o[1].view.busy_until,
+                o[0],
+            ),
         )
         slot.grant(
             _Grant(r, granted, move_s, prefill, handoff), slot.peak_with(r.context_len, granted)

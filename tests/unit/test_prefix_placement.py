@@ -5,15 +5,15 @@ places by the same rule."""
 from __future__ import annotations
 
 from engine.cost_model import CostModel, MemoryModel, TimeModel
-from engine.scheduler.base import WaitingRequest, WorkerView
+from engine.scheduler.base import RunningRequest, WaitingRequest, WorkerView
 from engine.scheduler.continuous import ContinuousSCLSPolicy
 from engine.scheduler.ils import ILSPolicy
 from engine.scheduler.prefix_affinity import PrefixBalance, balanced, most_cached
 
 
-def worker(worker_id: str, budget: int = 1_000_000) -> WorkerView:
+def worker(worker_id: str, budget: int = 1_000_000, running=()) -> WorkerView:
     cost = CostModel(TimeModel.default(), MemoryModel(1, budget, block_tokens=16))
-    return WorkerView(worker_id, cost, 0.0, 0, (), 0)
+    return WorkerView(worker_id, cost, 0.0, 0, tuple(running), 0)
 
 
 def hot(n: int, cached_on: dict[str, int], context_len: int = 2000) -> list[WaitingRequest]:
@@ -38,6 +38,17 @@ def test_a_request_goes_where_its_prefix_is_cached():
     for policy in policies():
         one = hot(1, {"b": 1984})
         assert placed(policy.schedule(one, [worker("a"), worker("b")], 1.0)) == {"b": 1}, policy
+
+
+def test_a_near_tie_goes_to_the_worker_holding_more_of_the_prefix():
+    """One more block cached on b (16 of 2,000 tokens) saves little time, and b runs one more
+    row, but b then holds the conversation's whole history for its next turn."""
+    busy = RunningRequest("other", 100, 50, 150, 20, 0.0)
+    for policy in policies():
+        one = hot(1, {"a": 1968, "b": 1984})
+        workers = [worker("a"), worker("b", running=(busy,))]
+        assert placed(policy.schedule(one, workers, 1.0)) == {"b": 1}, policy
+        assert placed(policy.schedule(hot(1, {}), workers, 1.0)) == {"a": 1}, policy
 
 
 def test_a_hot_prefix_does_not_send_every_request_to_one_worker():
