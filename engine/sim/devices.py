@@ -159,6 +159,7 @@ class DeviceModel:
     it announces in Ready, and its KV move rates."""
 
     name: str
+    model: str  # what it serves (every instance of a cluster serves the same model)
     timer: Roofline | ProfileTimer
     time_model: TimeModel
     kv_bytes_per_token: int
@@ -205,6 +206,7 @@ def gpu_device(spec: str, kv_budget_bytes: int | None = None) -> DeviceModel:
         )
     return DeviceModel(
         name=f"{gpu.name}:{model.name}" + (f":tp{tp}" if tp > 1 else ""),
+        model=model.name,
         timer=roof,
         time_model=fit_roofline(roof),
         kv_bytes_per_token=model.kv_bytes_per_token,
@@ -234,6 +236,7 @@ def profile_device(
     geometry = MODELS[model]
     return DeviceModel(
         name=f"profile:{path.name}",
+        model=model,
         timer=ProfileTimer(TimeModel(time.prefill, time.decode)),
         time_model=time,
         kv_bytes_per_token=geometry.kv_bytes_per_token,
@@ -258,4 +261,10 @@ def device_models(specs: str, kv_budget_bytes: int | None = None) -> list[Device
     out = [device_model(s.strip(), kv_budget_bytes) for s in specs.split(",") if s.strip()]
     if not out:
         raise DeviceModelError("--device-model is empty: name a GPU:MODEL or a profile JSON")
+    models = sorted({d.model for d in out})
+    if len(models) > 1:
+        raise DeviceModelError(
+            f"--device-model mixes {' and '.join(models)}: every instance serves the same model, "
+            "as every worker of one engine does"
+        )
     return out

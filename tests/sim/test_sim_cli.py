@@ -67,6 +67,7 @@ def test_a_different_seed_changes_a_noisy_run(tmp_path: Path) -> None:
         (["--device-model", "a100-80gb:llama-2-70b"], "tpN"),
         (["--device-model", "/nonexistent/profile.json"], "not a time-model profile"),
         (["--policies", "scls,fifo"], "unknown policy"),
+        (["--device-model", "h200:llama-2-7b,h200:llama-3-8b"], "mixes llama-2-7b and llama-3-8b"),
         (["--policy", "ils"], "--policies"),
         (["--workload", "azure:/nonexistent.csv"], "nonexistent"),
         (["--baseline", "fifo"], "--baseline"),

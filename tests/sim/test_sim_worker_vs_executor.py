@@ -47,7 +47,7 @@ class Pair:
         pool = self.real.pool
         time = TimeModel.default()
         device = DeviceModel(
-            name="tiny", timer=ProfileTimer(time), time_model=time,
+            name="tiny", model="tiny", timer=ProfileTimer(time), time_model=time,
             kv_bytes_per_token=pool.block_bytes // pool.block_tokens, kv_budget_bytes=budget_bytes,
             max_context_len=runner.info.max_context_len, copy_bytes_per_s=1e9,
             transfer_bytes_per_s=1e9, transfer_latency_s=0.0, host_kv_budget_bytes=0,
