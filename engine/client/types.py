@@ -3,7 +3,7 @@ arguments, so that an obviously wrong call fails here with ValueError instead of
 
 from __future__ import annotations
 
-import secrets
+import hashlib
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -109,14 +109,15 @@ def build_submit(
         raise InvalidRequest(
             f"prompt must be a str, got {type(prompt).__name__}: for ids use prompt_ids="
         )
+    request_id = _check_request_id(request_id)
     msg = Submit(
-        request_id=_check_request_id(request_id),
+        request_id=request_id,
         prompt=prompt,
         prompt_ids=_check_prompt_ids(prompt_ids),
         messages=_check_messages(messages),
         stream=stream,
         deadline_s=deadline_s,
-        **msgspec.structs.asdict(_seeded(check_sampling(sampling))),
+        **msgspec.structs.asdict(_seeded(check_sampling(sampling), request_id)),
     )
     return msg, _encode_checked(msg)
 
@@ -137,14 +138,16 @@ def check_sampling(args: Mapping[str, Any]) -> SamplingParams:
     return params
 
 
-def _seeded(params: SamplingParams) -> SamplingParams:
-    """A sampled request without a seed gets a random one: sampled the same way again, it
-    continues with the same tokens if a broker that lost it (restarted without a journal) runs
-    it anew after a resubmission (docs/PROTOCOL.md, section 8). Still a different seed, so
-    different samples, for every request."""
+def _seeded(params: SamplingParams, request_id: str) -> SamplingParams:
+    """A sampled request without a seed gets one derived from its id: run anew after a
+    resubmission (by a broker that lost it: restarted without a journal), it samples the same
+    tokens again (docs/PROTOCOL.md, section 8), and the same request sent again stays the same
+    request for the broker's idempotency check. Ids are unique (a fresh uuid4 by default), so
+    requests still sample differently."""
     if params.greedy or params.seed is not None:
         return params
-    return msgspec.structs.replace(params, seed=secrets.randbits(63))
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return msgspec.structs.replace(params, seed=int.from_bytes(digest, "little") >> 1)
 
 
 def _encode_checked(msg: Submit) -> bytes:

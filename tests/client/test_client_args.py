@@ -78,3 +78,11 @@ def test_a_wrong_address_is_refused_and_host_port_accepted():
     client = AsyncClient("localhost:5555")  # the command line's form works here too
     assert client.addr == "tcp://localhost:5555"
     asyncio.run(client.close())
+
+
+def test_a_sampled_request_without_a_seed_gets_one_from_its_id():
+    first, again = (build_submit("x", temperature=0.7, request_id="r1")[0] for _ in range(2))
+    assert first.seed is not None and first.seed == again.seed  # the same request, resubmitted
+    assert build_submit("x", temperature=0.7, request_id="r2")[0].seed != first.seed
+    assert build_submit("x", temperature=0.7, seed=5)[0].seed == 5
+    assert build_submit("x")[0].seed is None  # greedy needs none

@@ -28,6 +28,7 @@ def strategy(t: msgspec.inspect.Type) -> st.SearchStrategy:
         mi.IntType: st.integers(-(2**63), 2**63 - 1),
         mi.FloatType: st.floats(allow_nan=False),
         mi.StrType: st.text(max_size=8),
+        mi.BytesType: st.binary(max_size=8),
         mi.BoolType: st.booleans(),
         mi.NoneType: st.none(),
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 
 import pytest
 from broker_procs import RUN_PY, BrokerProcs, wait_for_workers
@@ -38,9 +39,12 @@ def procs(request, tiny_model_dir, tmp_path):
         procs.close()
 
 
-def restart(procs: BrokerProcs) -> None:
+def restart(procs: BrokerProcs) -> float:
+    """Kill the broker and start it again; returns when it was killed (time.monotonic())."""
+    killed_at = time.monotonic()
     procs.kill_broker()
     procs.start_broker()
+    return killed_at
 
 
 BOTH = pytest.mark.parametrize("procs", ["no-journal", "journal"], indirect=True)
@@ -50,7 +54,8 @@ BOTH = pytest.mark.parametrize("procs", ["no-journal", "journal"], indirect=True
 def test_streams_and_a_generate_continue_across_a_broker_restart(procs):
     greedy = dict(prompt_ids=PROMPT, max_tokens=NUM_TOKENS, ignore_eos=True)
     sampled = dict(greedy, temperature=0.9, top_k=50)  # no seed given: the client picks one
-    restarted = []
+    restarted = []  # (tokens received before the kill, when it was killed)
+    next_token_at = []  # when the first token after the kill arrived
 
     async def stream(client: AsyncClient, params: dict, kill: bool):
         ids, text = [], ""
@@ -58,9 +63,10 @@ def test_streams_and_a_generate_continue_across_a_broker_restart(procs):
             async for delta in s:
                 ids += delta.token_ids
                 text += delta.text
+                if kill and restarted and not next_token_at:
+                    next_token_at.append(time.monotonic())
                 if kill and len(ids) >= KILL_AFTER and not restarted:
-                    restarted.append(len(ids))  # mid-stream: fewer than NUM_TOKENS so far
-                    await asyncio.to_thread(restart, procs)
+                    restarted.append((len(ids), await asyncio.to_thread(restart, procs)))
         return ids, text, s.result
 
     async def main():
@@ -74,7 +80,12 @@ def test_streams_and_a_generate_continue_across_a_broker_restart(procs):
         return reference, *results
 
     reference, (g_ids, g_text, g_result), (s_ids, s_text, s_result), whole = asyncio.run(main())
-    assert restarted and restarted[0] < NUM_TOKENS
+    ((num_before, killed_at),) = restarted
+    assert num_before < NUM_TOKENS  # the broker died mid-stream
+    print(
+        f"FIGURES client resume ({'journal' if procs.journal else 'no journal'}): the next "
+        f"token arrived {next_token_at[0] - killed_at:.2f} s after the broker was killed"
+    )
     assert g_ids == reference.token_ids and g_text == reference.text  # nothing twice or lost
     assert g_result.token_ids == reference.token_ids
     assert len(s_ids) == NUM_TOKENS and s_ids == s_result.token_ids and s_text == s_result.text
@@ -103,6 +114,8 @@ def test_the_cli_stream_continues_across_a_broker_restart(procs):
     assert cli.returncode == 0, err.decode(errors="replace")
     assert (first + out).decode() == reference.text + "\n"
     assert "resubmitted 1 requests" in err.decode() and "Traceback" not in err.decode()
+    if procs.journal:
+        assert "journal: recovered 1 unfinished requests" in procs.logs("broker")
 
 
 def test_a_broker_that_stays_away_fails_the_request_after_the_resume_timeout(procs):
