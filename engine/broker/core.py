@@ -275,6 +275,8 @@ class BrokerCore:
                 continue  # finished by a stop string or cancelled while the worker ran on
             num_tokens += len(token_ids)
             self._append_tokens(req, token_ids, now)
+        if num_tokens:
+            worker.running_view = None  # its requests' contexts grew
         worker.generated_tokens += num_tokens
         worker.token_times.append((now, num_tokens))
 
@@ -282,6 +284,7 @@ class BrokerCore:
         batch = worker.batches.get(msg.batch_id)
         if batch is not None:
             batch.request_ids.discard(msg.request_id)
+            worker.running_view = None
             if msg.reason in ("eos", "length") and batch.step < batch.dispatch.max_steps:
                 batch.num_finished += 1
         req = self.requests.get(msg.request_id)
@@ -426,7 +429,9 @@ class BrokerCore:
             req.num_slices += 1
             renewals.append((request_id, req.dispatch_steps))
         self.num_renewals += len(renewals)
-        self._send(self.workers[d.worker_id], p.Renew(renewals=renewals))
+        worker = self.workers[d.worker_id]
+        worker.running_view = None  # their slices grew
+        self._send(worker, p.Renew(renewals=renewals))
 
     def _apply(self, d: Dispatch, now: float) -> None:
         if d.renew:
@@ -495,32 +500,43 @@ class BrokerCore:
         return self.prefix.lazy_cached_tokens(lambda: req.prompt_ids + req.generated, memo)
 
     def _worker_view(self, worker: WorkerState) -> WorkerView:
-        running = []
-        for batch in worker.batches.values():
-            for rid in batch.request_ids:
-                req = self.requests.get(rid)
-                if req is not None:
-                    reserved = len(req.prompt_ids) + req.params.max_tokens
-                    done = len(req.generated) - req.generated_at_dispatch
-                    slice_left = max(1, min(req.dispatch_steps - done, req.max_new_tokens))
-                    running.append(
-                        RunningRequest(
-                            rid,
-                            req.context_len,
-                            req.max_new_tokens,
-                            reserved,
-                            slice_left,
-                            req.arrived_at,
-                        )
-                    )
+        if worker.running_view is None:
+            worker.running_view = self._running_view(worker)
         return WorkerView(
             worker_id=worker.worker_id,
             cost=worker.cost,
             busy_until=worker.busy_until,
             num_queued_batches=len(worker.queued_batches()),
-            running=tuple(running),
+            running=worker.running_view,
             parked_kv_bytes=self.kv.parked_bytes(worker.worker_id),
         )
+
+    def _running_view(self, worker: WorkerState) -> tuple[RunningRequest, ...]:
+        """The requests in the worker's batches, as the policy sees them. Cached on the worker
+        (``running_view``) until a batch, a batch's requests, or one of their token counts or
+        slices changes: every place that changes one sets it to None."""
+        running = []
+        requests = self.requests
+        for batch in worker.batches.values():
+            for rid in batch.request_ids:
+                req = requests.get(rid)
+                if req is not None:
+                    num_prompt, num_generated = len(req.prompt_ids), len(req.generated)
+                    max_tokens = req.params.max_tokens
+                    max_new = max_tokens - num_generated
+                    done = num_generated - req.generated_at_dispatch
+                    slice_left = max(1, min(req.dispatch_steps - done, max_new))
+                    running.append(
+                        RunningRequest(
+                            rid,
+                            num_prompt + num_generated,
+                            max_new,
+                            num_prompt + max_tokens,
+                            slice_left,
+                            req.arrived_at,
+                        )
+                    )
+        return tuple(running)
 
     # -- request lifecycle -----------------------------------------------------------------
 
@@ -605,6 +621,7 @@ class BrokerCore:
             batch = self.workers[req.worker_id].batches.get(req.batch_id)
             if batch is not None:
                 batch.request_ids.discard(req.request_id)
+                self.workers[req.worker_id].running_view = None
         self.done.append(req)
 
     def _send_all(self, commands: list[tuple[str, p.DropKV]]) -> None:

@@ -56,6 +56,10 @@ class WorkerState:
     prefix_hit_tokens: int = 0
     busy_s: float = 0.0
     token_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
+    # The policy's view of the requests in its batches (BrokerCore._running_view), kept between
+    # rounds; None (stale) whenever a batch, a batch's requests or a request's tokens or slice
+    # change. Rebuilding it for every worker every round was most of a large simulation's time.
+    running_view: tuple | None = None
 
     @property
     def kv_budget_bytes(self) -> int:
@@ -71,6 +75,7 @@ class WorkerState:
         if not self.batches:  # idle until now: the hang clock starts with this batch
             self.progress_at = now
         self.batches[batch.batch_id] = batch
+        self.running_view = None
         if batch.dispatch.join:
             self.busy_until = max(self.busy_until, now + batch.dispatch.predicted_s)
         else:
@@ -78,6 +83,7 @@ class WorkerState:
 
     def finish_batch(self, batch_id: int, measured_s: float, now: float) -> BatchState | None:
         batch = self.batches.pop(batch_id, None)
+        self.running_view = None
         self.busy_s += measured_s
         # The rest of the queue is still predicted; what ran is now known.
         remaining = sum(b.dispatch.predicted_s for b in self.batches.values())
