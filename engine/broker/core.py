@@ -265,18 +265,16 @@ class BrokerCore:
     def on_generated(self, worker: WorkerState, msg: p.Generated, now: float) -> None:
         worker.progress_at = now
         num_tokens = 0
+        worker_id, requests, running = worker.worker_id, self.requests, RequestState.RUNNING
+        holder = self.workers.get(worker_id)  # the state its requests' batches are in
         for request_id, token_ids in msg.tokens:
-            req = self.requests.get(request_id)
-            if (
-                req is None
-                or req.worker_id != worker.worker_id
-                or req.state is not RequestState.RUNNING
-            ):
+            req = requests.get(request_id)
+            if req is None or req.worker_id != worker_id or req.state is not running:
                 continue  # finished by a stop string or cancelled while the worker ran on
             num_tokens += len(token_ids)
-            self._append_tokens(req, token_ids, now)
-        if num_tokens:
-            worker.running_view = None  # its requests' contexts grew
+            self._append_tokens(req, token_ids, now, holder)
+        if num_tokens and holder is not None:
+            holder.running_view = None  # its requests' contexts grew
         worker.generated_tokens += num_tokens
         worker.token_times.append((now, num_tokens))
 
@@ -540,19 +538,19 @@ class BrokerCore:
 
     # -- request lifecycle -----------------------------------------------------------------
 
-    def _append_tokens(self, req: Request, token_ids: list[int], now: float) -> None:
+    def _append_tokens(
+        self, req: Request, token_ids: list[int], now: float, worker: WorkerState | None
+    ) -> None:
+        """``worker``: the state of the worker ``req`` runs on (None: it is gone)."""
         if req.first_token_at is None:
             req.first_token_at = now
-        self.journal.tokens(req.request_id, len(req.generated), token_ids)
-        req.generated.extend(token_ids)
-        batch = (
-            self.workers[req.worker_id].batches.get(req.batch_id)
-            if req.worker_id in self.workers
-            else None
-        )
+        generated = req.generated
+        self.journal.tokens(req.request_id, len(generated), token_ids)
+        generated.extend(token_ids)
+        batch = worker.batches.get(req.batch_id) if worker is not None else None
         if batch is not None:
-            batch.step = max(batch.step, len(req.generated) - req.generated_at_dispatch)
-        delta = req.text.add(req.generated)
+            batch.step = max(batch.step, len(generated) - req.generated_at_dispatch)
+        delta = req.text.add(generated)
         if req.stream and (delta or token_ids):
             self.outbox.append(
                 ToClient(

@@ -37,7 +37,9 @@ class TextStream:
             self.text += new_text[len(prefix_text) :]
             self._prefix_offset = self._read_offset
             self._read_offset = len(token_ids)
-        if self._stop and self._cut_at_stop():
+        if not self._stop:  # nothing to hold back (the common case: one call less per token)
+            return self._take(len(self.text))
+        if self._cut_at_stop():
             self.stopped = True
             return self._take(len(self.text))
         return self._take(len(self.text) - self._held_back())
