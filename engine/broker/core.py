@@ -14,18 +14,19 @@ from engine.broker import admission, intake
 from engine.broker.expiry import Expiry
 from engine.broker.journal import Journal, NoJournal
 from engine.broker.kv_ledger import KVLedger
-from engine.broker.prefix_index import PrefixIndex, RequestNames
+from engine.broker.prefix_index import PrefixIndex
 from engine.broker.request_log import log_request_end
 from engine.broker.requests import Request, RequestState
 from engine.broker.resume import FinishedCache, FinishedEntry, fingerprint
 from engine.broker.text import Decode
 from engine.broker.validation import Limits
+from engine.broker.views import waiting_view, worker_view
 from engine.broker.workers import BatchState, WorkerState
 from engine.config import SchedulerConfig
 from engine.cost_model import CostModel
 from engine.errors import SubmitError
 from engine.kv_cost import KVMoveModel
-from engine.scheduler.base import Dispatch, Policy, RunningRequest, WaitingRequest, WorkerView
+from engine.scheduler.base import Dispatch, Policy, WaitingRequest, WorkerView
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,6 @@ class BrokerCore:
         self.kv = KVLedger()  # the one owner of where parked KV is, and of handoffs in flight
         self.journal = journal or NoJournal()  # what a restarted broker continues from
         self.prefix = PrefixIndex()  # which KV blocks each worker's prefix cache holds
-        self._prefix_names: dict[str, dict[bytes, RequestNames]] = {}  # per request, per root
 
     # -- clients ---------------------------------------------------------------------------
 
@@ -476,65 +476,14 @@ class BrokerCore:
         source = self.workers.get(source_id) if source_id else None
         return source.ready.peer_addr if source is not None else ""
 
-    def _waiting_view(self, req: Request) -> WaitingRequest:
-        return WaitingRequest(
-            request_id=req.request_id,
-            context_len=req.context_len,
-            prompt_len=len(req.prompt_ids),
-            num_generated=len(req.generated),
-            max_new_tokens=req.max_new_tokens,
-            arrived_at=req.arrived_at,
-            kv_worker_id=self.kv.holder(req.request_id),
-            kv_on_host=self.kv.on_host(req.request_id),
-            cached_tokens=self._cached_tokens(req),
-        )
-
-    def _cached_tokens(self, req: Request) -> Mapping[str, int]:
-        """Per worker, tokens of the request's context its prefix cache holds (by the index),
-        looked up only if the policy reads them."""
-        if not (self.cfg.prefix_placement and self.prefix.active):
-            return {}
-        memo = self._prefix_names.setdefault(req.request_id, {})
-        return self.prefix.lazy_cached_tokens(lambda: req.prompt_ids + req.generated, memo)
-
     def _worker_view(self, worker: WorkerState) -> WorkerView:
-        if worker.running_view is None:
-            worker.running_view = self._running_view(worker)
-        return WorkerView(
-            worker_id=worker.worker_id,
-            cost=worker.cost,
-            busy_until=worker.busy_until,
-            num_queued_batches=len(worker.queued_batches()),
-            running=worker.running_view,
-            parked_kv_bytes=self.kv.parked_bytes(worker.worker_id),
-        )
+        return worker_view(worker, self.requests, self.kv)
 
-    def _running_view(self, worker: WorkerState) -> tuple[RunningRequest, ...]:
-        """The requests in the worker's batches, as the policy sees them. Cached on the worker
-        (``running_view``) until a batch, a batch's requests, or one of their token counts or
-        slices changes: every place that changes one sets it to None."""
-        running = []
-        requests = self.requests
-        for batch in worker.batches.values():
-            for rid in batch.request_ids:
-                req = requests.get(rid)
-                if req is not None:
-                    num_prompt, num_generated = len(req.prompt_ids), len(req.generated)
-                    max_tokens = req.params.max_tokens
-                    max_new = max_tokens - num_generated
-                    done = num_generated - req.generated_at_dispatch
-                    slice_left = max(1, min(req.dispatch_steps - done, max_new))
-                    running.append(
-                        RunningRequest(
-                            rid,
-                            num_prompt + num_generated,
-                            max_new,
-                            num_prompt + max_tokens,
-                            slice_left,
-                            req.arrived_at,
-                        )
-                    )
-        return tuple(running)
+    def _waiting_view(self, req: Request) -> WaitingRequest:
+        cached: Mapping[str, int] = {}
+        if self.cfg.prefix_placement:  # looked up only if the policy reads them
+            cached = self.prefix.for_request(req.request_id, lambda: req.prompt_ids + req.generated)
+        return waiting_view(req, self.kv, cached)
 
     # -- request lifecycle -----------------------------------------------------------------
 
@@ -609,7 +558,7 @@ class BrokerCore:
         self.num_failed += 1
 
     def _forget(self, req: Request) -> None:
-        self._prefix_names.pop(req.request_id, None)
+        self.prefix.forget(req.request_id)
         if self.requests.pop(req.request_id, None) is not None:
             self.num_queued_tokens -= req.queued_tokens
         self.waiting.pop(req.request_id, None)

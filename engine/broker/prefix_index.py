@@ -35,6 +35,7 @@ class PrefixIndex:
 
     def __init__(self) -> None:
         self._workers: dict[str, _WorkerCache] = {}
+        self._requests: dict[str, dict[bytes, RequestNames]] = {}  # names per request, per root
 
     def add_worker(self, worker_id: str, root: bytes, block_tokens: int) -> None:
         """A worker joined (or announced itself again): its cache starts empty. No root: it
@@ -65,6 +66,17 @@ class PrefixIndex:
     def block_tokens(self, worker_id: str) -> int:
         cache = self._workers.get(worker_id)
         return cache.block_tokens if cache is not None else 0
+
+    def for_request(self, request_id: str, token_ids: Callable[[], list[int]]) -> Mapping[str, int]:
+        """``cached_tokens`` of a live request, its names kept until ``forget``; empty while no
+        worker holds a named block."""
+        if not self.active:
+            return {}
+        return self.lazy_cached_tokens(token_ids, self._requests.setdefault(request_id, {}))
+
+    def forget(self, request_id: str) -> None:
+        """The request ended: drop its names."""
+        self._requests.pop(request_id, None)
 
     def lazy_cached_tokens(
         self, token_ids: Callable[[], list[int]], memo: dict[bytes, RequestNames]

@@ -175,7 +175,15 @@ def test_the_broker_core_and_its_rules_import_neither_zmq_nor_torch():
     from layering import ENGINE, imported_modules
 
     names = ["core", "intake", "admission", "expiry", "resume", "requests", "workers", "validation"]
-    names += ["kv_ledger", "request_log", "journal", "journal_wal", "recovery", "prefix_index"]
+    names += [
+        "kv_ledger",
+        "request_log",
+        "journal",
+        "journal_wal",
+        "recovery",
+        "prefix_index",
+        "views",
+    ]
     for path in (ENGINE / "broker" / f"{name}.py" for name in names):
         for module in imported_modules(path):
             assert module.split(".")[0] not in {"zmq", "torch"}, f"{path.name} imports {module}"

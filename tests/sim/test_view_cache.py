@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from engine.broker.core import BrokerCore
+from engine.broker.views import running_view
 from engine.sim.cluster import Simulation
 from tests.sim.test_sim_runs import POLICIES, load, small_cluster
 
@@ -17,7 +18,7 @@ def test_the_cached_running_view_is_never_stale(name: str, monkeypatch) -> None:
 
     def checking(core: BrokerCore, worker):
         view = original(core, worker)
-        assert view.running == core._running_view(worker)
+        assert view.running == running_view(worker, core.requests)
         checked.append(len(view.running))
         return view
 
