@@ -243,6 +243,26 @@ class BrokerCore:
             now, "warning", f"worker {worker_id} lost ({reason}); {num_requeued} requests requeued"
         )
 
+    def on_worker_message(self, worker: WorkerState, msg: p.FromWorker, now: float) -> None:
+        """Apply a message of a worker that has joined (its Ready goes to ``add_worker``): the
+        one dispatch the server and the simulator share."""
+        if isinstance(msg, p.Generated):
+            self.on_generated(worker, msg, now)
+        elif isinstance(msg, p.Released):
+            self.on_released(worker, msg, now)
+        elif isinstance(msg, p.BatchDone):
+            self.on_batch_done(worker, msg, now)
+        elif isinstance(msg, p.Heartbeat):
+            self.on_heartbeat(worker, msg, now)
+        elif isinstance(msg, p.KVEvicted):
+            self.on_kv_evicted(worker, msg.request_ids, msg.offloaded)
+        elif isinstance(msg, p.BlockEvents):
+            self.prefix.apply(worker.worker_id, msg.stored, msg.removed)
+        elif isinstance(msg, p.WorkerFailed):
+            self.on_worker_failed(worker, msg, now)
+        elif isinstance(msg, p.Draining):
+            self.on_draining(worker, msg, now)
+
     def worker_by_identity(self, identity: bytes) -> WorkerState | None:
         for worker in self.workers.values():
             if worker.identity == identity:

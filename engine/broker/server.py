@@ -247,22 +247,8 @@ class BrokerServer:
                 self._reset_stranger(identity, msg.session, now)
             return
         worker.last_seen_at = now
-        if isinstance(msg, p.Generated):
-            self.core.on_generated(worker, msg, now)
-        elif isinstance(msg, p.Released):
-            self.core.on_released(worker, msg, now)
-        elif isinstance(msg, p.BatchDone):
-            self.core.on_batch_done(worker, msg, now)
-        elif isinstance(msg, p.Heartbeat):
-            self.core.on_heartbeat(worker, msg, now)
-        elif isinstance(msg, p.KVEvicted):
-            self.core.on_kv_evicted(worker, msg.request_ids, msg.offloaded)
-        elif isinstance(msg, p.BlockEvents):
-            self.core.prefix.apply(worker.worker_id, msg.stored, msg.removed)
-        elif isinstance(msg, p.WorkerFailed):
-            self.core.on_worker_failed(worker, msg, now)
-        elif isinstance(msg, p.Draining):
-            self.core.on_draining(worker, msg, now)
+        self.core.on_worker_message(worker, msg, now)
+        if isinstance(msg, p.Draining):  # every RunBatch it will get was sent before this Ping
             self._send_worker(identity, p.Ping(draining=True))
 
     def _on_ready(self, identity: bytes, msg: p.Ready, now: float) -> None:

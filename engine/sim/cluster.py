@@ -210,18 +210,11 @@ class Simulation:
     # -- messages -------------------------------------------------------------------------------
 
     def _from_worker(self, worker: SimWorker, msg, now: float) -> None:
-        state = self.core.workers[worker.worker_id]
-        if isinstance(msg, p.Generated):
-            self.core.on_generated(state, msg, now)
-        elif isinstance(msg, p.Released):
-            self.core.on_released(state, msg, now)
-        elif isinstance(msg, p.BatchDone):
-            self.core.on_batch_done(state, msg, now)
+        self.core.on_worker_message(self.core.workers[worker.worker_id], msg, now)
+        if isinstance(msg, p.BatchDone):
             record = self.core.batch_records[-1] if self.core.batch_records else None
             if record is not None and record.batch_id == msg.batch_id:
                 self.batches.append({f: getattr(record, f) for f in record.__struct_fields__})
-        elif isinstance(msg, p.KVEvicted):
-            self.core.on_kv_evicted(state, msg.request_ids, msg.offloaded)
 
     def _route(self, now: float) -> None:
         """Deliver the broker's outbox until it is empty (a delivery may answer at once)."""
