@@ -269,6 +269,13 @@ def add_worker_flags(ap: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not reuse the KV of repeated prompt prefixes (automatic prefix caching is on)",
     )
+    g.add_argument(
+        "--step-log",
+        metavar="DIR",
+        default=None,
+        help="append every forward's shape and seconds to DIR/<worker id>.jsonl "
+        "(for fitting the simulator: python -m engine.bench.calibrate)",
+    )
     g.add_argument("--slowdown", type=float, default=1.0, help=argparse.SUPPRESS)  # benchmarks
 
 
@@ -343,6 +350,7 @@ def worker_config(
         peer_bind=getattr(args, "peer_bind", None) or "tcp://127.0.0.1:*",
         slowdown=getattr(args, "slowdown", 1.0),
         prefix_cache=not getattr(args, "no_prefix_cache", False),
+        step_log=getattr(args, "step_log", None),
         worker_id=getattr(args, "worker_id", None),
         drain_timeout_s=getattr(args, "drain_timeout", 30.0),
         curve_secret_key=getattr(args, "curve_key", None),
@@ -370,4 +378,6 @@ def worker_flags(cfg: WorkerConfig) -> list[str]:
         flags += ["--slowdown", str(cfg.slowdown)]
     if not cfg.prefix_cache:
         flags.append("--no-prefix-cache")
+    if cfg.step_log:
+        flags += ["--step-log", cfg.step_log]
     return flags

@@ -115,6 +115,9 @@ class WorkerConfig:
     loopback unless told otherwise, e.g. tcp://0.0.0.0:* for workers on several hosts."""
     slowdown: float = 1.0
     """Benchmarks only: every forward pass takes this many times as long (a slower device)."""
+    step_log: str | None = None
+    """A directory: every forward's shape and seconds are appended to ``<worker id>.jsonl`` there
+    (what the simulator's calibration fits step times from)."""
     prefix_cache: bool = True
     """Reuse the KV of full blocks whose tokens (and every token before them) equal those of an
     earlier request on this worker (automatic prefix caching)."""

@@ -184,6 +184,49 @@ class TimeModel:
         return model
 
     @classmethod
+    def fit_measured(
+        cls,
+        prior: TimeModel,
+        prefill_samples: Iterable[Sequence[float]],
+        decode_samples: Iterable[Sequence[float]],
+        mixed_samples: Iterable[Sequence[float]] = (),
+        prior_weight: float = 0.05,
+    ) -> TimeModel:
+        """Every step one worker measured in a run, fitted at once (``observe`` keeps a window
+        of the latest): decode steps (n, c, s), prefill steps (p, l, s) and mixed steps (n, c,
+        p, l, s), one forward that decoded n rows and prefilled p chunks, timed as
+        ``T_decode(n, c) + T_prefill(p, l)`` less the prefill's fixed term (the simulator's
+        ProfileTimer). ``prior``'s anchors weigh as ``prior_weight`` samples in all: enough to
+        keep a term the run's shapes cannot tell apart at the prior's figure, too little to
+        pull a fit of hundreds of steps towards shapes the run never took."""
+        dec = np.concatenate([prior._anchors[1], _as_samples(list(decode_samples), "decode")])
+        weights = np.ones(len(dec))
+        weights[: len(prior._anchors[1])] = prior_weight / max(len(prior._anchors[1]), 1)
+        decode = _fit_terms(dec, _decode_features, weights)
+        d = decode
+        rows = [(float(n), float(ln), float(t), 1.0) for n, ln, t in prior._anchors[0].tolist()]
+        num_anchors = len(rows)
+        rows += [(float(n), float(ln), float(t), 1.0) for n, ln, t in prefill_samples]
+        for n, c, pn, ln, t in mixed_samples:  # what prefilling inside the forward added
+            extra = t - (d[0] * n * c + d[1] * n + d[2] * c + d[3])
+            if extra > 0 and pn > 0 and ln > 0:
+                rows.append((float(pn), float(ln), float(extra), 0.0))
+        arr = np.asarray(rows, dtype=np.float64)
+        keep = arr[:, 2] > 0
+        mask = np.ones((len(arr), len(PREFILL_TERMS)))
+        mask[:, 3] = arr[:, 3]  # a mixed step's prefill pays no fixed cost of its own
+        weights = np.ones(len(arr))
+        weights[:num_anchors] = prior_weight / max(num_anchors, 1)
+        arr, mask, weights = arr[keep], mask[keep], weights[keep]
+
+        def features(n: FloatArray, length: FloatArray) -> FloatArray:
+            return _prefill_features(n, length) * mask
+
+        model = cls(_fit_terms(arr[:, :3], features, weights), decode)
+        model._anchors = prior._anchors
+        return model
+
+    @classmethod
     def from_params(cls, params: TimeModelParams) -> TimeModel:
         """From the wire; a 4-term prefill (no attention term) is accepted and padded with 0."""
         prefill = list(params.prefill)

@@ -3,7 +3,14 @@
 command) as `run.py simulate` with the same load and scheduling flags and one simulated instance
 per worker, and prints, per policy, the measured and simulated request throughput, mean TTFT
 and p99 end-to-end latency with their errors; ``--doc FILE --name NAME`` also writes that table
-between ``<!-- calibration:NAME -->`` and ``<!-- /calibration:NAME -->`` in FILE."""
+between ``<!-- calibration:NAME -->`` and ``<!-- /calibration:NAME -->`` in FILE.
+
+When the bench ran with ``--step-log DIR`` (every worker logs each forward's shape and
+seconds), each policy is simulated on the step times its own run measured: one device model
+per worker, fitted on all that worker's steps of that run (``TimeModel.fit_measured``, with
+PROFILE.json as the prior), as Vidur profiles the target machine before simulating it. That
+separates what the simulator models (scheduling, the worker's contract) from what it is given
+(how long a step takes on a machine shared with other work)."""
 
 from __future__ import annotations
 
@@ -14,6 +21,11 @@ from pathlib import Path
 
 from engine.bench.cli import add_bench_parser
 from engine.bench.simulate import add_simulate_parser, run_simulate
+from engine.cost_model import TimeModel
+
+#: a step that began within this long of the previous one's end followed it back to back: its
+#: period (start to next start: the worker loop's own work included) is what the step cost
+BACK_TO_BACK_S = 0.005
 
 METRICS = (("request_throughput", "req/s", "{:.3f}"), ("mean_ttft_ms", "mean TTFT ms", "{:.0f}"),
            ("p99_e2el_ms", "p99 e2e ms", "{:.0f}"))  # fmt: skip
@@ -40,6 +52,50 @@ def simulate_args(bench_command: str, device_model: str, out: Path) -> argparse.
     args.no_plots = True
     args.argv = ["simulate", "(from)", *bench_argv]
     return args
+
+
+def read_step_log(path: Path) -> tuple[list, list, list]:
+    """(prefill, decode, mixed) samples of one worker's step log, each step's seconds its
+    period when the next step followed back to back, else the step itself."""
+    steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    prefill: list = []
+    decode: list = []
+    mixed: list = []
+    for step, nxt in zip(steps, [*steps[1:], None], strict=True):
+        seconds = step["step_s"]
+        if nxt is not None and nxt["at"] - (step["at"] + seconds) < BACK_TO_BACK_S:
+            seconds = nxt["at"] - step["at"]
+        if seconds <= 0:
+            continue
+        rows, context, p_rows, p_len = (
+            step["rows"], step["context"], step["prefill_rows"], step["prefill_len"]
+        )  # fmt: skip
+        if rows and p_rows:
+            mixed.append((rows, context, p_rows, p_len, seconds))
+        elif rows:
+            decode.append((rows, context, seconds))
+        elif p_rows:
+            prefill.append((p_rows, p_len, seconds))
+    return prefill, decode, mixed
+
+
+def fit_step_logs(run_dir: Path, prior_path: str, out_dir: Path) -> list[str]:
+    """One profile JSON per worker log in ``run_dir``, fitted on its steps (``prior_path``'s
+    samples as the prior), written under ``out_dir``; their paths."""
+    prior = TimeModel.load_cached(Path(prior_path).expanduser())
+    if prior is None:
+        raise SystemExit(f"error: --device-model {prior_path} is not a time-model profile")
+    logs = sorted(run_dir.glob("*.jsonl"))
+    if not logs:
+        raise SystemExit(f"error: no step log (*.jsonl) in {run_dir}: run bench with --step-log")
+    paths = []
+    for log_path in logs:
+        prefill, decode, mixed = read_step_log(log_path)
+        model = TimeModel.fit_measured(prior, prefill, decode, mixed)
+        target = out_dir / f"{log_path.stem}.json"
+        model.save(target)
+        paths.append(str(target))
+    return paths
 
 
 def error(sim: float | None, real: float | None) -> str:
@@ -106,13 +162,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--name", default=None, help="the block's name in --doc")
     ap.add_argument("--step-scale", type=float, default=1.0, help="simulate's --step-scale")
+    ap.add_argument(
+        "--step-log",
+        type=Path,
+        default=None,
+        help="the bench's --step-log DIR (default: as its results.json records; 'none': "
+        "simulate every policy on --device-model as it is)",
+    )
     args = ap.parse_args(argv)
     real = json.loads((args.bench_dir / "results.json").read_text())
     out = args.out or args.bench_dir.with_name(args.bench_dir.name + "-sim")
-    sim_args = simulate_args(real["command"], args.device_model, out)
-    sim_args.step_scale = args.step_scale
-    run_simulate(sim_args)
-    sim = json.loads((out / "results.json").read_text())
+    steps_dir = args.step_log or real["config"].get("step_log_dir")
+    if steps_dir is None or str(steps_dir) == "none":
+        sim_args = simulate_args(real["command"], args.device_model, out)
+        sim_args.step_scale = args.step_scale
+        run_simulate(sim_args)
+        sim = json.loads((out / "results.json").read_text())
+    else:
+        sim = {"summary": {}}
+        for spec in real["summary"]:
+            run_name = f"{spec.replace(':', '-')}-1"
+            models = fit_step_logs(
+                Path(steps_dir) / run_name, args.device_model, out / "models" / run_name
+            )
+            sim_args = simulate_args(real["command"], ",".join(models), out / run_name)
+            sim_args.policies = spec
+            sim_args.step_scale = args.step_scale
+            sim_args.slow_worker = 1.0  # a slow worker's steps are in its own log
+            run_simulate(sim_args)
+            result = json.loads((out / run_name / "results.json").read_text())
+            sim["summary"][spec] = result["summary"][spec]
     table = compare(real, sim)
     print(table)
     if args.doc is not None:

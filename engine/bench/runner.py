@@ -86,6 +86,7 @@ class BenchSettings:
     stall_timeout_s: float | None = 60.0  # no token for this long while requests are in flight
     stats_interval_s: float = 0.25
     journal_dir: str | None = None  # each engine run journals into a fresh file here
+    step_log_dir: str | None = None  # each engine run's workers log their steps under here
     peer_batch_size: int | None = None
     peer_page_size: int = 32
     peer_max_batch_tokens: int = 1024
@@ -130,13 +131,21 @@ def policy_config(base: SchedulerConfig, spec: str) -> SchedulerConfig:
     return replace(base, **fields)  # type: ignore[arg-type]
 
 
-def worker_args(settings: BenchSettings, spec: str = "") -> list[str]:
+def step_log_dir(settings: BenchSettings, spec: str, repeat: int) -> str | None:
+    """Where one engine run's workers log their steps (``--step-log``): a folder per run."""
+    if settings.step_log_dir is None:
+        return None
+    return str(Path(settings.step_log_dir) / f"{spec.replace(':', '-')}-{repeat + 1}")
+
+
+def worker_args(settings: BenchSettings, spec: str = "", repeat: int = 0) -> list[str]:
     worker = WorkerConfig(
         model=settings.model,
         dtype=settings.dtype,
         kv_budget_bytes=settings.kv_budget_bytes,
         num_threads=settings.threads_per_worker,
         profile=settings.profile,
+        step_log=step_log_dir(settings, spec, repeat),
     )
     extra = WORKER_VARIANTS.get(spec, [])
     return [*worker_flags(worker), *extra, "--log-level", settings.log_level]
@@ -166,9 +175,9 @@ def run_policy(
     started = time.monotonic()
     progress = Progress(f"{spec} #{repeat + 1}", len(items))
     slow = settings.slow_worker > 1 and settings.num_workers > 1
-    with LocalEngine(cfg, settings.num_workers - slow, worker_args(settings, spec)) as engine:
+    with LocalEngine(cfg, settings.num_workers - slow, worker_args(settings, spec, repeat)) as engine:
         if slow:
-            engine.add_worker(["--slowdown", str(settings.slow_worker)])
+            engine.add_worker(["--slowdown", str(settings.slow_worker)])  # its steps logged too
             engine.wait_for_workers(settings.num_workers)
         cpu_before, load_before = workers_cpu_s(engine.procs), os.getloadavg()[0]
         outcome = asyncio.run(
@@ -183,7 +192,7 @@ def run_policy(
         name=spec,
         kind="policy",
         repeat=repeat,
-        config={"scheduler": dataclasses.asdict(sched), "worker_args": worker_args(settings, spec)},
+        config={"scheduler": dataclasses.asdict(sched), "worker_args": worker_args(settings, spec, repeat)},
         requests=outcome.records,
         duration_s=outcome.duration_s,
         wall_s=time.monotonic() - started,

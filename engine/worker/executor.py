@@ -137,6 +137,9 @@ class Executor:
         self._out = StepResult()
         self._seq = 0
         self.progress = 0  # decode steps done
+        # the last forward: (decode rows, their mean context, prefill rows, their mean length,
+        # seconds), the shape a step log records (--step-log)
+        self.last_shape: tuple[int, int, int, int, float] | None = None
 
     # -- commands (between steps) --------------------------------------------------------------
 
@@ -528,6 +531,7 @@ class Executor:
         n = len(decoded)
         context_len = round(sum(r.table.num_tokens for r in decoded) / n) if n else 0
         mean_len = round(sum(prefills) / len(prefills)) if prefills else 0
+        self.last_shape = (n, context_len, len(prefills), mean_len, elapsed_s)
         for batch_id in batch_ids:
             stats = self._stats[batch_id]
             if not prefills:

@@ -40,11 +40,14 @@ _RESET, _FINISH = object(), object()  # commands to the compute thread
 class ComputeThread(threading.Thread):
     """Runs the executor: applies commands between steps, steps while there is work."""
 
-    def __init__(self, ctx: zmq.Context, make_executor: Callable[[], object]) -> None:
+    def __init__(
+        self, ctx: zmq.Context, make_executor: Callable[[], object], step_log: StepLog | None = None
+    ) -> None:
         super().__init__(name="compute", daemon=True)
         self.ctx = ctx
         self.make_executor = make_executor
         self.executor = make_executor()
+        self.step_log = step_log
         self.commands: queue.Queue = queue.Queue()
         self.stopping = threading.Event()
         self.failed: str | None = None
@@ -97,6 +100,7 @@ class ComputeThread(threading.Thread):
                 return
 
     def _step(self, out: zmq.Socket) -> None:
+        started_at, progress = time.perf_counter(), self.executor.progress
         result = self.executor.step()
         if result.generated is not None and result.generated.tokens:
             out.send(p.encode(result.generated))
@@ -110,6 +114,36 @@ class ComputeThread(threading.Thread):
             out.send(p.encode(p.KVEvicted(request_ids=list(result.evicted))))
         for msg in result.done:
             out.send(p.encode(msg))
+        if self.step_log is not None and self.executor.progress != progress:
+            self.step_log.write(started_at, time.perf_counter() - started_at, self.executor)
+
+
+class StepLog:
+    """``--step-log DIR``: one JSON line per forward in ``DIR/<worker id>.jsonl``: when the step
+    began (``at``, seconds on this process's monotonic clock), its shape (decode rows and their
+    mean context, prefill rows and their mean length), the forward's seconds and the whole
+    step's (admission, forward, sampling and the messages out). What the simulator's
+    calibration fits a device model from (engine/bench/calibrate.py)."""
+
+    def __init__(self, directory: str, worker_id: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in worker_id)
+        self.path = os.path.join(directory, f"{safe}.jsonl")
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 (line-buffered; close())
+
+    def write(self, at: float, step_s: float, executor: object) -> None:
+        shape = getattr(executor, "last_shape", None)
+        if shape is None:
+            return
+        rows, context, prefill_rows, prefill_len, forward_s = shape
+        self._file.write(
+            f'{{"at": {at:.6f}, "rows": {rows}, "context": {context}, '
+            f'"prefill_rows": {prefill_rows}, "prefill_len": {prefill_len}, '
+            f'"forward_s": {forward_s:.6f}, "step_s": {step_s:.6f}}}\n'
+        )
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class WorkerLoop:
@@ -139,7 +173,8 @@ class WorkerLoop:
         if cfg.curve_secret_key:
             ClientKeys.load(cfg.curve_secret_key, cfg.curve_server_key or "").apply(self.broker)
         self.broker.connect(cfg.connect)
-        self.compute = ComputeThread(self.ctx, make_executor)
+        self.step_log = StepLog(cfg.step_log, ready.worker_id) if cfg.step_log else None
+        self.compute = ComputeThread(self.ctx, make_executor, self.step_log)
         self.handoffs, self.ready = attach_handoffs(self.ctx, self.compute, ready, cfg)
 
     @property
@@ -177,6 +212,8 @@ class WorkerLoop:
             self.handoffs.stop()
             self.compute.join(timeout=5.0)
             self.handoffs.join(timeout=2.0)
+            if self.step_log is not None and not self.compute.is_alive():
+                self.step_log.close()
             # Let the last messages (releases, a WorkerFailed) reach the broker, briefly.
             self.ctx.destroy(linger=0 if abort.is_set() else 1000)
 

@@ -23,6 +23,8 @@ CONFIGS = [
         profile=False,
         peer_bind="tcp://0.0.0.0:*",
         slowdown=2.0,
+        prefix_cache=False,
+        step_log="/tmp/steps",
     ),
 ]
 
@@ -33,7 +35,8 @@ def test_worker_flags_round_trip(cfg: WorkerConfig) -> None:
     args = build_parser().parse_args(argv)
     back = cli_args.worker_config(args, args.connect, args.device, args.threads)
     fields = ("model", "device", "dtype", "kv_budget_bytes", "num_threads")
-    fields += ("host_kv_budget_bytes", "profile", "peer_bind", "slowdown")
+    fields += ("host_kv_budget_bytes", "profile", "peer_bind", "slowdown", "prefix_cache")
+    fields += ("step_log",)
     assert {f: getattr(back, f) for f in fields} == {f: getattr(cfg, f) for f in fields}, (
         dataclasses.asdict(back)
     )

@@ -3,9 +3,15 @@ compares what was measured with what was simulated."""
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
-from engine.bench.calibrate import compare, simulate_args, write_block
+import pytest
+
+from engine.bench.calibrate import compare, read_step_log, simulate_args, write_block
+from engine.cost_model import TimeModel
+from engine.sim.devices import ProfileTimer, StepShape
 
 COMMAND = (
     "run.py --log-level WARNING bench --model embedded --workers 3 --threads 1 --kv-budget 48MiB "
@@ -43,3 +49,45 @@ def test_the_table_and_its_block(tmp_path: Path) -> None:
     doc.write_text("a\n<!-- calibration:x -->\nold\n<!-- /calibration:x -->\nb\n")
     write_block(doc, "x", table)
     assert doc.read_text() == f"a\n<!-- calibration:x -->\n{table}\n<!-- /calibration:x -->\nb\n"
+
+
+def test_a_step_log_becomes_samples_timed_by_their_period(tmp_path: Path) -> None:
+    """A step followed back to back costs its period (the loop's own work included); one
+    followed by idle time costs what it measured; each shape goes to its kind."""
+    lines = [
+        {"at": 10.0, "rows": 0, "context": 0, "prefill_rows": 2, "prefill_len": 40,
+         "forward_s": 0.09, "step_s": 0.1},
+        {"at": 10.102, "rows": 2, "context": 41, "prefill_rows": 0, "prefill_len": 0,
+         "forward_s": 0.04, "step_s": 0.05},
+        {"at": 11.0, "rows": 2, "context": 42, "prefill_rows": 1, "prefill_len": 30,
+         "forward_s": 0.07, "step_s": 0.08},
+    ]  # fmt: skip
+    log = tmp_path / "w.jsonl"
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    prefill, decode, mixed = read_step_log(log)
+    assert prefill == [(2, 40, pytest.approx(0.102))]
+    assert decode == [(2, 41, 0.05)]  # the next step came 0.848 s after its end: idle between
+    assert mixed == [(2, 42, 1, 30, 0.08)]
+
+
+def test_fitting_a_run_recovers_its_step_times_from_any_prior() -> None:
+    """Steps timed by a known model (decode, prefill and mixed, as the simulator times them)
+    fit back to that model, though the prior says otherwise."""
+    true = TimeModel(prefill=(1.5e-3, 4e-3, 2e-5, 0.03, 1e-6), decode=(3e-6, 3e-3, 1e-5, 0.05))
+    timer = ProfileTimer(true)
+    rng = random.Random(0)
+    decode, prefill, mixed = [], [], []
+    for _ in range(300):
+        n, c = rng.randint(1, 48), rng.randint(20, 400)
+        decode.append((n, c, timer.step_s(StepShape(n, n * c))))
+        p, ln = rng.randint(1, 8), rng.randint(16, 256)
+        prefill.append((p, ln, timer.step_s(StepShape(0, 0, [(0, ln)] * p))))
+        mixed.append((n, c, p, ln, timer.step_s(StepShape(n, n * c, [(0, ln)] * p))))
+    fitted = TimeModel.fit_measured(TimeModel.default(), prefill[:40], decode, mixed)
+    for n, c in ((1, 30), (16, 200), (40, 380)):
+        assert fitted.decode_step_s(n, c) == pytest.approx(true.decode_step_s(n, c), rel=0.03)
+    for p, ln in ((1, 32), (4, 128), (8, 250)):
+        assert fitted.prefill_s(p, ln) == pytest.approx(true.prefill_s(p, ln), rel=0.05)
+    fitted_timer = ProfileTimer(fitted)
+    shape = StepShape(20, 20 * 150, [(0, 100)] * 3)
+    assert fitted_timer.step_s(shape) == pytest.approx(timer.step_s(shape), rel=0.03)
