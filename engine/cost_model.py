@@ -104,6 +104,10 @@ def _fit_terms(
     return tuple(float(c) for c in coef)
 
 
+def _mean_or_one(values: FloatArray) -> float:
+    return float(values.mean()) if len(values) else 1.0
+
+
 def _check_coefficients(values: Sequence[float], num_terms: int, kind: str) -> tuple[float, ...]:
     coef = tuple(float(v) for v in values)
     if len(coef) != num_terms or not all(math.isfinite(c) and c >= 0 for c in coef):
@@ -200,8 +204,13 @@ class TimeModel:
         keep a term the run's shapes cannot tell apart at the prior's figure, too little to
         pull a fit of hundreds of steps towards shapes the run never took."""
         dec = np.concatenate([prior._anchors[1], _as_samples(list(decode_samples), "decode")])
-        weights = np.ones(len(dec))
-        weights[: len(prior._anchors[1])] = prior_weight / max(len(prior._anchors[1]), 1)
+        # Least squares on seconds, not relative ones (the weights undo _fit_terms' 1/s): a
+        # step slowed by other work counts in full, so the fit's total over the run is the
+        # measured total (relative errors fit the typical step, below the mean).
+        # The prior's anchors count by relative error, as if each took the run's mean step.
+        weights = dec[:, 2] ** 2
+        num = len(prior._anchors[1])
+        weights[:num] = prior_weight / max(num, 1) * _mean_or_one(dec[num:, 2]) ** 2
         decode = _fit_terms(dec, _decode_features, weights)
         d = decode
         rows = [(float(n), float(ln), float(t), 1.0) for n, ln, t in prior._anchors[0].tolist()]
@@ -215,8 +224,9 @@ class TimeModel:
         keep = arr[:, 2] > 0
         mask = np.ones((len(arr), len(PREFILL_TERMS)))
         mask[:, 3] = arr[:, 3]  # a mixed step's prefill pays no fixed cost of its own
-        weights = np.ones(len(arr))
-        weights[:num_anchors] = prior_weight / max(num_anchors, 1)
+        weights = arr[:, 2] ** 2
+        mean_s = _mean_or_one(arr[num_anchors:, 2][keep[num_anchors:]])
+        weights[:num_anchors] = prior_weight / max(num_anchors, 1) * mean_s**2
         arr, mask, weights = arr[keep], mask[keep], weights[keep]
 
         def features(n: FloatArray, length: FloatArray) -> FloatArray:

@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             sim_args.policies = spec
             sim_args.step_scale = args.step_scale
             sim_args.slow_worker = 1.0  # a slow worker's steps are in its own log
+            sim_args.announced_model = args.device_model  # what the real workers announced
             run_simulate(sim_args)
             result = json.loads((out / run_name / "results.json").read_text())
             sim["summary"][spec] = result["summary"][spec]

@@ -36,6 +36,10 @@ def add_simulate_parser(p: argparse.ArgumentParser) -> None:
                    "(e.g. a calibration factor for a profile; see docs/SIMULATOR.md)")  # fmt: skip
     p.add_argument("--slow-worker", type=float, default=1.0, metavar="FACTOR",
                    help="the last instance runs FACTOR times slower, as bench's --slow-worker")  # fmt: skip
+    p.add_argument("--announced-model", default=None, metavar="PROFILE.json",
+                   help="the time model each instance announces to the broker (default: its "
+                   "device model's own), e.g. the profile a real worker announced while its "
+                   "steps took other times (calibration; a mis-profiled worker)")  # fmt: skip
     p.add_argument("--noise", type=float, default=0.0, metavar="SIGMA",
                    help="run-to-run noise: each step's time times exp(N(0, SIGMA^2)), seeded")  # fmt: skip
     p.add_argument("--tick", type=float, default=0.005, metavar="S",
@@ -67,9 +71,32 @@ def _check(args: argparse.Namespace):
         entries = check_entries(args.policies.split(","))
         goodput_ms = parse_goodput(args.goodput)
         devices = device_models(args.device_model, args.kv_budget)
+        if args.announced_model is not None:
+            announced = announced_model(args.announced_model)
+            devices = [replace(d, time_model=announced) for d in devices]
     except (BenchError, MetricsError, DeviceModelError) as exc:
         raise UsageError(str(exc)) from None
     return entries, goodput_ms, devices
+
+
+def announced_model(path: str):
+    from pathlib import Path
+
+    from engine.cost_model import TimeModel
+    from engine.sim.devices import DeviceModelError
+
+    try:
+        model = TimeModel.load_cached(Path(path).expanduser())
+    except OSError as exc:
+        raise DeviceModelError(
+            f"--announced-model {path}: cannot read it ({exc.strerror})"
+        ) from None
+    if model is None:
+        raise DeviceModelError(
+            f"--announced-model {path}: not a time-model profile (a worker writes one under "
+            "~/.cache/scls-engine/profiles/; `run.py profile` makes it)"
+        )
+    return model
 
 
 def _tokenize(model: str):

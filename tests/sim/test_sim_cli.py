@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli import main
+from engine.cost_model import TimeModel
 
 RUN_PY = Path(__file__).resolve().parents[2] / "run.py"
 ARGS = [
@@ -59,6 +60,31 @@ def test_a_different_seed_changes_a_noisy_run(tmp_path: Path) -> None:
     assert c["summary"]["scls"]["mean_ttft_ms"] != d["summary"]["scls"]["mean_ttft_ms"]
 
 
+def test_the_broker_plans_with_the_announced_model(tmp_path: Path) -> None:
+    """--announced-model: the instances announce a model twice as slow as their steps, so the
+    broker (not refining it) predicts twice as long for what the batches take."""
+    from engine.sim.devices import device_model
+
+    true = device_model("a100-80gb:llama-2-7b").time_model
+    slow = TimeModel([2 * c for c in true.prefill], [2 * c for c in true.decode])
+    slow.save(tmp_path / "slow.json")
+    base = [
+        "simulate", "--policies", "scls", "--instances", "2", "--device-model",
+        "a100-80gb:llama-2-7b", "--num-requests", "60", "--arrival", "poisson:20",
+        "--max-gen-len", "256", "--slice-len", "32", "--seed", "4", "--no-plots", "--no-refine",
+    ]  # fmt: skip
+    ratios = []
+    for name, extra in (("own", []), ("slow", ["--announced-model", str(tmp_path / "slow.json")])):
+        assert main([*base, *extra, "--out", str(tmp_path / name)]) == 0
+        doc = json.loads((tmp_path / name / "results.json").read_text())
+        batches = doc["runs"]["scls"][0]["batches"]
+        ratios.append(
+            sum(b["predicted_s"] for b in batches) / sum(b["measured_s"] for b in batches)
+        )
+    # (a dispatch's prediction is its own slice; what it measures spans the joins around it)
+    assert ratios[1] == pytest.approx(2 * ratios[0], rel=0.2), ratios
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [
@@ -71,6 +97,7 @@ def test_a_different_seed_changes_a_noisy_run(tmp_path: Path) -> None:
         (["--policy", "ils"], "--policies"),
         (["--workload", "azure:/nonexistent.csv"], "nonexistent"),
         (["--baseline", "fifo"], "--baseline"),
+        (["--announced-model", "/nonexistent/profile.json"], "--announced-model"),
     ],
 )
 def test_a_mistake_is_one_line_and_status_2(args: list[str], words: str) -> None:
