@@ -22,6 +22,7 @@ from pathlib import Path
 from engine.bench.cli import add_bench_parser
 from engine.bench.simulate import add_simulate_parser, run_simulate
 from engine.cost_model import TimeModel
+from engine.sim.devices import ProfileTimer, SlowdownTrace, StepShape
 
 #: a step that began within this long of the previous one's end followed it back to back: its
 #: period (start to next start: the worker loop's own work included) is what the step cost
@@ -54,13 +55,12 @@ def simulate_args(bench_command: str, device_model: str, out: Path) -> argparse.
     return args
 
 
-def read_step_log(path: Path) -> tuple[list, list, list]:
-    """(prefill, decode, mixed) samples of one worker's step log, each step's seconds its
-    period when the next step followed back to back, else the step itself."""
+def timed_steps(path: Path) -> list[tuple[float, str, tuple]]:
+    """Each step of one worker's log as (when it began, kind, sample): "prefill" (p, l, s),
+    "decode" (n, c, s) or "mixed" (n, c, p, l, s), its seconds its period when the next step
+    followed back to back, else the step itself."""
     steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    prefill: list = []
-    decode: list = []
-    mixed: list = []
+    out: list[tuple[float, str, tuple]] = []
     for step, nxt in zip(steps, [*steps[1:], None], strict=True):
         seconds = step["step_s"]
         if nxt is not None and nxt["at"] - (step["at"] + seconds) < BACK_TO_BACK_S:
@@ -71,31 +71,84 @@ def read_step_log(path: Path) -> tuple[list, list, list]:
             step["rows"], step["context"], step["prefill_rows"], step["prefill_len"]
         )  # fmt: skip
         if rows and p_rows:
-            mixed.append((rows, context, p_rows, p_len, seconds))
+            out.append((step["at"], "mixed", (rows, context, p_rows, p_len, seconds)))
         elif rows:
-            decode.append((rows, context, seconds))
+            out.append((step["at"], "decode", (rows, context, seconds)))
         elif p_rows:
-            prefill.append((p_rows, p_len, seconds))
-    return prefill, decode, mixed
+            out.append((step["at"], "prefill", (p_rows, p_len, seconds)))
+    return out
 
 
-def fit_step_logs(run_dir: Path, prior_path: str, out_dir: Path) -> list[str]:
-    """One profile JSON per worker log in ``run_dir``, fitted on its steps (``prior_path``'s
-    samples as the prior), written under ``out_dir``; their paths."""
+def read_step_log(path: Path) -> tuple[list, list, list]:
+    """(prefill, decode, mixed) samples of one worker's step log (``timed_steps``)."""
+    kinds: dict[str, list] = {"prefill": [], "decode": [], "mixed": []}
+    for _, kind, sample in timed_steps(path):
+        kinds[kind].append(sample)
+    return kinds["prefill"], kinds["decode"], kinds["mixed"]
+
+
+def predicted_s(timer: ProfileTimer, kind: str, sample: tuple) -> float:
+    """What ``timer`` says a logged step takes."""
+    if kind == "decode":
+        n, c, _ = sample
+        return timer.step_s(StepShape(n, n * c))
+    if kind == "prefill":
+        p, ln, _ = sample
+        return timer.step_s(StepShape(0, 0, [(0, ln)] * p))
+    n, c, p, ln, _ = sample
+    return timer.step_s(StepShape(n, n * c, [(0, ln)] * p))
+
+
+def contention(
+    steps: list[tuple[float, str, tuple]], timer: ProfileTimer, origin: float, window_s: float
+) -> SlowdownTrace:
+    """The measured seconds of the steps that began in each window over what ``timer`` says
+    they take (1 where no step began): the machine's other work, as the simulator replays it."""
+    measured: dict[int, float] = {}
+    predicted: dict[int, float] = {}
+    for at, kind, sample in steps:
+        k = int((at - origin) // window_s)
+        measured[k] = measured.get(k, 0.0) + sample[-1]
+        predicted[k] = predicted.get(k, 0.0) + predicted_s(timer, kind, sample)
+    num = max(measured, default=-1) + 1
+    factors = tuple(
+        measured[k] / predicted[k] if predicted.get(k, 0.0) > 0 else 1.0 for k in range(num)
+    )
+    return SlowdownTrace(window_s, factors)
+
+
+def fit_step_logs(
+    run_dir: Path, prior_path: str, out_dir: Path, window_s: float | None = None
+) -> tuple[list[str], list[str], float]:
+    """Per worker log in ``run_dir``, a profile JSON fitted on its steps (``prior_path``'s
+    samples as the prior) and, given ``window_s``, its contention over the run (a slowdown
+    trace, from the run's first step), written under ``out_dir``: their paths, and how much
+    longer the run's steps took than the prior says (measured over predicted, all workers)."""
     prior = TimeModel.load_cached(Path(prior_path).expanduser())
     if prior is None:
         raise SystemExit(f"error: --device-model {prior_path} is not a time-model profile")
     logs = sorted(run_dir.glob("*.jsonl"))
     if not logs:
         raise SystemExit(f"error: no step log (*.jsonl) in {run_dir}: run bench with --step-log")
-    paths = []
-    for log_path in logs:
-        prefill, decode, mixed = read_step_log(log_path)
-        model = TimeModel.fit_measured(prior, prefill, decode, mixed)
+    runs = [timed_steps(log_path) for log_path in logs]
+    origin = min((steps[0][0] for steps in runs if steps), default=0.0)
+    models, traces, measured, by_prior = [], [], 0.0, 0.0
+    for log_path, steps in zip(logs, runs, strict=True):
+        kinds: dict[str, list] = {"prefill": [], "decode": [], "mixed": []}
+        for _, kind, sample in steps:
+            kinds[kind].append(sample)
+        model = TimeModel.fit_measured(prior, kinds["prefill"], kinds["decode"], kinds["mixed"])
         target = out_dir / f"{log_path.stem}.json"
         model.save(target)
-        paths.append(str(target))
-    return paths
+        models.append(str(target))
+        if window_s is not None:
+            trace = contention(steps, ProfileTimer(model), origin, window_s)
+            trace_path = out_dir / f"{log_path.stem}.slowdown.json"
+            trace_path.write_text(json.dumps(trace.to_json()) + "\n")
+            traces.append(str(trace_path))
+        measured += sum(sample[-1] for _, _, sample in steps)
+        by_prior += sum(predicted_s(ProfileTimer(prior), k, sample) for _, k, sample in steps)
+    return models, traces, measured / by_prior if by_prior > 0 else 1.0
 
 
 def error(sim: float | None, real: float | None) -> str:
@@ -113,13 +166,14 @@ def cpu_share(summary: dict, num_workers: int) -> float | None:
     return cpu_s / (num_workers * duration_s)
 
 
-def compare(real: dict, sim: dict) -> str:
-    """A Markdown table: per policy, each metric measured, simulated and the error, and the
-    measured throughput divided by the workers' CPU share (what they would have served with
-    a core each: the simulator models dedicated devices)."""
+def compare(real: dict, sim: dict, step_factors: dict[str, float] | None = None) -> str:
+    """A Markdown table: per policy, each metric measured, simulated and the error; then, when
+    each run was simulated on its own steps, how much longer those steps took than the profile
+    (``step_factors``), else the measured throughput divided by the workers' CPU share (what
+    they would have served with a core each: the simulator models dedicated devices)."""
     head = ["policy", "load", "CPU share"]
     head += [f"{label} {kind}" for _, label, _ in METRICS for kind in ("real", "sim", "error")]
-    head += ["req/s real / share", "error"]
+    head += ["steps / profile"] if step_factors is not None else ["req/s real / share", "error"]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     num_workers = real["config"].get("num_workers") or 1
     for name, measured in real["summary"].items():
@@ -133,6 +187,11 @@ def compare(real: dict, sim: dict) -> str:
             r, s = measured.get(key), simulated.get(key)
             cells += [fmt.format(r) if r is not None else "n/a"]
             cells += [fmt.format(s) if s is not None else "n/a", error(s, r)]
+        if step_factors is not None:
+            factor = step_factors.get(name)
+            cells += [f"{factor:.2f}x" if factor is not None else "n/a"]
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
         r, s = measured.get("request_throughput"), simulated.get("request_throughput")
         fair = r / share if r is not None and share else None
         cells += [f"{fair:.3f}" if fair is not None else "n/a", error(s, fair)]
@@ -163,6 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None, help="the block's name in --doc")
     ap.add_argument("--step-scale", type=float, default=1.0, help="simulate's --step-scale")
     ap.add_argument(
+        "--contention-window",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="with step logs: replay how much slower than their fitted model each worker's "
+        "steps ran, per window of S seconds (0: only the fitted model)",
+    )
+    ap.add_argument(
         "--step-log",
         type=Path,
         default=None,
@@ -173,27 +240,32 @@ def main(argv: list[str] | None = None) -> int:
     real = json.loads((args.bench_dir / "results.json").read_text())
     out = args.out or args.bench_dir.with_name(args.bench_dir.name + "-sim")
     steps_dir = args.step_log or real["config"].get("step_log_dir")
+    factors: dict[str, float] | None = None
     if steps_dir is None or str(steps_dir) == "none":
         sim_args = simulate_args(real["command"], args.device_model, out)
         sim_args.step_scale = args.step_scale
         run_simulate(sim_args)
         sim = json.loads((out / "results.json").read_text())
     else:
-        sim = {"summary": {}}
+        sim, factors = {"summary": {}}, {}
         for spec in real["summary"]:
             run_name = f"{spec.replace(':', '-')}-1"
-            models = fit_step_logs(
-                Path(steps_dir) / run_name, args.device_model, out / "models" / run_name
+            models, traces, factors[spec] = fit_step_logs(
+                Path(steps_dir) / run_name,
+                args.device_model,
+                out / "models" / run_name,
+                args.contention_window or None,
             )
             sim_args = simulate_args(real["command"], ",".join(models), out / run_name)
             sim_args.policies = spec
             sim_args.step_scale = args.step_scale
             sim_args.slow_worker = 1.0  # a slow worker's steps are in its own log
             sim_args.announced_model = args.device_model  # what the real workers announced
+            sim_args.slowdown_trace = ",".join(traces) or None
             run_simulate(sim_args)
             result = json.loads((out / run_name / "results.json").read_text())
             sim["summary"][spec] = result["summary"][spec]
-    table = compare(real, sim)
+    table = compare(real, sim, factors)
     print(table)
     if args.doc is not None:
         write_block(args.doc, args.name or args.bench_dir.name, table)

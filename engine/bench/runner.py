@@ -175,7 +175,9 @@ def run_policy(
     started = time.monotonic()
     progress = Progress(f"{spec} #{repeat + 1}", len(items))
     slow = settings.slow_worker > 1 and settings.num_workers > 1
-    with LocalEngine(cfg, settings.num_workers - slow, worker_args(settings, spec, repeat)) as engine:
+    with LocalEngine(
+        cfg, settings.num_workers - slow, worker_args(settings, spec, repeat)
+    ) as engine:
         if slow:
             engine.add_worker(["--slowdown", str(settings.slow_worker)])  # its steps logged too
             engine.wait_for_workers(settings.num_workers)
@@ -192,7 +194,10 @@ def run_policy(
         name=spec,
         kind="policy",
         repeat=repeat,
-        config={"scheduler": dataclasses.asdict(sched), "worker_args": worker_args(settings, spec, repeat)},
+        config={
+            "scheduler": dataclasses.asdict(sched),
+            "worker_args": worker_args(settings, spec, repeat),
+        },
         requests=outcome.records,
         duration_s=outcome.duration_s,
         wall_s=time.monotonic() - started,

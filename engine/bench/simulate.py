@@ -40,6 +40,10 @@ def add_simulate_parser(p: argparse.ArgumentParser) -> None:
                    help="the time model each instance announces to the broker (default: its "
                    "device model's own), e.g. the profile a real worker announced while its "
                    "steps took other times (calibration; a mis-profiled worker)")  # fmt: skip
+    p.add_argument("--slowdown-trace", default=None, metavar="TRACE.json[,...]",
+                   help='each instance (in turn) also takes the factor its trace gives for when '
+                   'a step begins: {"window_s": S, "factors": [...]} (calibrate writes them from '
+                   "a step log: the machine's other work, replayed)")  # fmt: skip
     p.add_argument("--noise", type=float, default=0.0, metavar="SIGMA",
                    help="run-to-run noise: each step's time times exp(N(0, SIGMA^2)), seeded")  # fmt: skip
     p.add_argument("--tick", type=float, default=0.005, metavar="S",
@@ -57,7 +61,7 @@ def add_simulate_parser(p: argparse.ArgumentParser) -> None:
 def _check(args: argparse.Namespace):
     from engine.bench.metrics import MetricsError, parse_goodput
     from engine.bench.runner import BenchError, check_entries
-    from engine.sim.devices import DeviceModelError, device_models
+    from engine.sim.devices import DeviceModelError, SlowdownTrace, device_models
 
     if args.policy is not None:
         raise UsageError("simulate compares policies: pass --policies scls,ils,... not --policy")
@@ -71,6 +75,13 @@ def _check(args: argparse.Namespace):
         entries = check_entries(args.policies.split(","))
         goodput_ms = parse_goodput(args.goodput)
         devices = device_models(args.device_model, args.kv_budget)
+        if args.slowdown_trace:
+            traces = [SlowdownTrace.load(t.strip()) for t in args.slowdown_trace.split(",")]
+            num = max(len(devices), len(traces))  # instances take the pairs in turn
+            devices = [
+                replace(devices[i % len(devices)], slowdown_trace=traces[i % len(traces)])
+                for i in range(num)
+            ]
         if args.announced_model is not None:
             announced = announced_model(args.announced_model)
             devices = [replace(d, time_model=announced) for d in devices]

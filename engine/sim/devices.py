@@ -4,6 +4,8 @@ roofline of a named GPU serving a named model. Figures and assumptions: docs/SIM
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +156,45 @@ class ProfileTimer:
 
 
 @dataclass(frozen=True, slots=True)
+class SlowdownTrace:
+    """How much longer than its device model an instance's steps take over time: ``factors[k]``
+    for the steps that begin in ``[k * window_s, (k + 1) * window_s)`` simulated seconds, 1
+    after the last window. Measured on a real worker (engine/bench/calibrate.py writes one from
+    a step log: the machine's other work, replayed), or written by hand (a noisy neighbour, a
+    throttled GPU)."""
+
+    window_s: float
+    factors: tuple[float, ...]
+
+    def at(self, t: float) -> float:
+        k = int(t // self.window_s)
+        return self.factors[k] if 0 <= k < len(self.factors) else 1.0
+
+    def to_json(self) -> dict:
+        return {"format": "scls-slowdown-trace", "window_s": self.window_s,
+                "factors": list(self.factors)}  # fmt: skip
+
+    @classmethod
+    def load(cls, path: str) -> SlowdownTrace:
+        where = f"--slowdown-trace {path}"
+        try:
+            data = json.loads(Path(path).expanduser().read_text())
+        except OSError as exc:
+            raise DeviceModelError(f"{where}: cannot read it ({exc.strerror})") from None
+        except ValueError:
+            raise DeviceModelError(f"{where}: not JSON") from None
+        try:
+            window_s, factors = float(data["window_s"]), tuple(float(f) for f in data["factors"])
+        except (KeyError, TypeError, ValueError):
+            raise DeviceModelError(
+                f'{where}: write {{"window_s": SECONDS, "factors": [FACTOR, ...]}}'
+            ) from None
+        if not (window_s > 0 and all(math.isfinite(f) and f > 0 for f in factors)):
+            raise DeviceModelError(f"{where}: window_s and every factor must be above 0")
+        return cls(window_s, factors)
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceModel:
     """Everything a simulated worker is: its step timer, KV geometry and budgets, the time model
     it announces in Ready, and its KV move rates."""
@@ -170,6 +211,7 @@ class DeviceModel:
     transfer_latency_s: float
     host_kv_budget_bytes: int = HOST_KV_BUDGET_BYTES
     slowdown: float = 1.0  # every step takes this many times longer than the timer says
+    slowdown_trace: SlowdownTrace | None = None  # and this many times, by when it begins
 
 
 def fit_roofline(roof: Roofline) -> TimeModel:

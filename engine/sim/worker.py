@@ -205,7 +205,10 @@ class SimWorker:
             sum(r.table.num_tokens + 1 for r, f in zip(self._rows, feeds, strict=True) if f == 1),
             [(r.table.num_tokens, f) for r, f in zip(self._rows, feeds, strict=True) if f > 1],
         )
-        step_s = self.device.timer.step_s(shape) * self.device.slowdown + self._extra_s
+        step_s = self.device.timer.step_s(shape) * self.device.slowdown
+        if self.device.slowdown_trace is not None:
+            step_s *= self.device.slowdown_trace.at(now)
+        step_s += self._extra_s
         if self._rng is not None:
             step_s *= self._rng.lognormvariate(0.0, self._noise)
         self._extra_s = 0.0

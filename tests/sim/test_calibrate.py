@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.bench.calibrate import compare, read_step_log, simulate_args, write_block
+from engine.bench.calibrate import compare, contention, read_step_log, simulate_args, write_block
+from engine.cli import main
 from engine.cost_model import TimeModel
-from engine.sim.devices import ProfileTimer, StepShape
+from engine.sim.devices import ProfileTimer, SlowdownTrace, StepShape
 
 COMMAND = (
     "run.py --log-level WARNING bench --model embedded --workers 3 --threads 1 --kv-budget 48MiB "
@@ -91,3 +92,48 @@ def test_fitting_a_run_recovers_its_step_times_from_any_prior() -> None:
     fitted_timer = ProfileTimer(fitted)
     shape = StepShape(20, 20 * 150, [(0, 100)] * 3)
     assert fitted_timer.step_s(shape) == pytest.approx(timer.step_s(shape), rel=0.03)
+
+
+def test_the_table_of_runs_simulated_on_their_own_steps() -> None:
+    real = {
+        "config": {"num_workers": 2},
+        "summary": {"scls": {"request_throughput": 1.0, "mean_ttft_ms": 200.0, "p99_e2el_ms": 900.0,
+                             "cpu_s": 50.0, "duration_s": 50.0, "loadavg_1m": 1.5}},
+    }  # fmt: skip
+    sim = {"summary": {"scls": {"request_throughput": 0.95, "mean_ttft_ms": 210.0,
+                                "p99_e2el_ms": 900.0}}}  # fmt: skip
+    head, _, row = compare(real, sim, {"scls": 1.234}).splitlines()
+    assert head.endswith("| steps / profile |") and "req/s real / share" not in head
+    assert row.endswith("| -5.0% | 200 | 210 | +5.0% | 900 | 900 | +0.0% | 1.23x |")
+
+
+def test_contention_is_measured_over_predicted_per_window() -> None:
+    """Steps that took twice the model's time in the second window, none in the fourth."""
+    model = TimeModel(prefill=(1e-3, 0.0, 0.0, 0.01, 0.0), decode=(0.0, 1e-3, 0.0, 0.02))
+    timer = ProfileTimer(model)
+    steps = []
+    for i in range(40):  # 4 per second over 10 s, starting at 100.0
+        at = 100.0 + i * 0.25
+        factor = 2.0 if 2.0 <= at - 100.0 < 4.0 else 1.0
+        if 6.0 <= at - 100.0 < 8.0:
+            continue
+        steps.append((at, "decode", (4, 50, factor * timer.step_s(StepShape(4, 200)))))
+    trace = contention(steps, timer, origin=100.0, window_s=2.0)
+    assert trace.factors == pytest.approx((1.0, 2.0, 1.0, 1.0, 1.0))
+    assert trace.at(3.0) == 2.0 and trace.at(-1.0) == trace.at(50.0) == 1.0
+
+
+def test_a_slowdown_trace_of_a_constant_is_a_step_scale(tmp_path: Path) -> None:
+    """Every instance slowed 3x by its trace runs exactly as --step-scale 3 runs it."""
+    (tmp_path / "x3.json").write_text(json.dumps(SlowdownTrace(1000.0, (3.0,)).to_json()))
+    base = [
+        "simulate", "--policies", "scls", "--instances", "2", "--device-model",
+        "a100-80gb:llama-2-7b", "--num-requests", "40", "--arrival", "poisson:20",
+        "--max-gen-len", "256", "--slice-len", "32", "--seed", "4", "--no-plots",
+    ]  # fmt: skip
+    assert main([*base, "--step-scale", "3", "--out", str(tmp_path / "a")]) == 0
+    trace = str(tmp_path / "x3.json")
+    assert main([*base, "--slowdown-trace", trace, "--out", str(tmp_path / "b")]) == 0
+    assert main([*base, "--out", str(tmp_path / "c")]) == 0
+    a, b, c = (json.loads((tmp_path / x / "results.json").read_text()) for x in "abc")
+    assert a["summary"] == b["summary"] != c["summary"]

@@ -98,6 +98,8 @@ def test_the_broker_plans_with_the_announced_model(tmp_path: Path) -> None:
         (["--workload", "azure:/nonexistent.csv"], "nonexistent"),
         (["--baseline", "fifo"], "--baseline"),
         (["--announced-model", "/nonexistent/profile.json"], "--announced-model"),
+        (["--slowdown-trace", "/nonexistent/trace.json"], "--slowdown-trace"),
+        (["--slowdown-trace", str(RUN_PY)], "not JSON"),
     ],
 )
 def test_a_mistake_is_one_line_and_status_2(args: list[str], words: str) -> None:
