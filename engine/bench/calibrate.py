@@ -15,6 +15,7 @@ separates what the simulator models (scheduling, the worker's contract) from wha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 from pathlib import Path
@@ -151,6 +152,25 @@ def fit_step_logs(
     return models, traces, measured / by_prior if by_prior > 0 else 1.0
 
 
+def simulate_quietly(sim_args: argparse.Namespace, out: Path) -> None:
+    """`run.py simulate`, its report appended to OUT/simulate.log rather than printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "simulate.log").open("a") as log, contextlib.redirect_stdout(log):
+        run_simulate(sim_args)
+
+
+def within(table: str, limit_pct: float = 10.0) -> tuple[int, int]:
+    """(cells within ``limit_pct``, cells) of a ``compare`` table's metric error columns."""
+    lines = table.splitlines()
+    head = [cell.strip() for cell in lines[0].split("|")[1:-1]]
+    columns = [i for i, name in enumerate(head) if name.endswith(" error")]
+    errors = []
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        errors += [float(cells[i].rstrip("%")) for i in columns if cells[i] != "n/a"]
+    return sum(abs(e) <= limit_pct for e in errors), len(errors)
+
+
 def error(sim: float | None, real: float | None) -> str:
     if sim is None or real is None or real == 0:
         return "n/a"
@@ -244,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if steps_dir is None or str(steps_dir) == "none":
         sim_args = simulate_args(real["command"], args.device_model, out)
         sim_args.step_scale = args.step_scale
-        run_simulate(sim_args)
+        simulate_quietly(sim_args, out)
         sim = json.loads((out / "results.json").read_text())
     else:
         sim, factors = {"summary": {}}, {}
@@ -262,11 +282,13 @@ def main(argv: list[str] | None = None) -> int:
             sim_args.slow_worker = 1.0  # a slow worker's steps are in its own log
             sim_args.announced_model = args.device_model  # what the real workers announced
             sim_args.slowdown_trace = ",".join(traces) or None
-            run_simulate(sim_args)
+            simulate_quietly(sim_args, out)
             result = json.loads((out / run_name / "results.json").read_text())
             sim["summary"][spec] = result["summary"][spec]
     table = compare(real, sim, factors)
     print(table)
+    ok, cells = within(table)
+    print(f"\n{ok} of {cells} cells within 10%; simulations' reports in {out}/simulate.log")
     if args.doc is not None:
         write_block(args.doc, args.name or args.bench_dir.name, table)
     return 0

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from engine.bench.calibrate import compare, contention, read_step_log, simulate_args, write_block
+from engine.bench.calibrate import (
+    compare,
+    contention,
+    read_step_log,
+    simulate_args,
+    within,
+    write_block,
+)
 from engine.cli import main
 from engine.cost_model import TimeModel
 from engine.sim.devices import ProfileTimer, SlowdownTrace, StepShape
@@ -137,3 +144,13 @@ def test_a_slowdown_trace_of_a_constant_is_a_step_scale(tmp_path: Path) -> None:
     assert main([*base, "--out", str(tmp_path / "c")]) == 0
     a, b, c = (json.loads((tmp_path / x / "results.json").read_text()) for x in "abc")
     assert a["summary"] == b["summary"] != c["summary"]
+
+
+def test_cells_within_ten_percent_are_counted_from_the_metric_errors() -> None:
+    table = (
+        "| policy | load | req/s real | req/s sim | req/s error | x ms real | x ms sim | x ms error "
+        "| req/s real / share | error |\n|---|\n"
+        "| a | 1.0 | 1 | 1 | +9.9% | 1 | 1 | -10.1% | 2 | +50.0% |\n"
+        "| b | 1.0 | 1 | 1 | -0.0% | 1 | 1 | n/a | 2 | +50.0% |\n"
+    )
+    assert within(table) == (2, 3)
