@@ -335,6 +335,21 @@ def broker_config(args: argparse.Namespace, host: str, port: int) -> BrokerConfi
     )
 
 
+def step_log_dir(directory: str | None) -> str | None:
+    """``--step-log DIR``, created if missing; a UsageError when it cannot be written."""
+    if directory is None:
+        return None
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"--step-log {directory}: cannot create it ({exc.strerror}): give a writable directory"
+        ) from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(f"--step-log {directory}: not writable: give a writable directory")
+    return directory
+
+
 def worker_config(
     args: argparse.Namespace, connect: str, device: str, threads: int | None
 ) -> WorkerConfig:
@@ -350,7 +365,7 @@ def worker_config(
         peer_bind=getattr(args, "peer_bind", None) or "tcp://127.0.0.1:*",
         slowdown=getattr(args, "slowdown", 1.0),
         prefix_cache=not getattr(args, "no_prefix_cache", False),
-        step_log=getattr(args, "step_log", None),
+        step_log=step_log_dir(getattr(args, "step_log", None)),
         worker_id=getattr(args, "worker_id", None),
         drain_timeout_s=getattr(args, "drain_timeout", 30.0),
         curve_secret_key=getattr(args, "curve_key", None),

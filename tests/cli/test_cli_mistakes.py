@@ -68,6 +68,12 @@ MISTAKES = [
     (("worker", "--connect", "broker-host"), b"", USAGE, "use HOST:PORT or tcp://HOST:PORT"),
     (("worker", "--connect", "tcp://h:0"), b"", USAGE, "e.g. tcp://127.0.0.1:5556"),
     (("worker", "--peer-bind", "nowhere"), b"", USAGE, "PORT * for any free port"),
+    (
+        ("worker", "--step-log", "/proc/nope/x"),
+        b"",
+        USAGE,
+        "--step-log /proc/nope/x: cannot create",
+    ),
     (("generate", "hi", "--connect", "ipx://h"), b"", USAGE, "e.g. tcp://127.0.0.1:5555"),
     (("tui", "--connect", "h:70000"), b"", USAGE, "e.g. tcp://127.0.0.1:5557"),
     (("generate",), b"", USAGE, "required: prompt"),
