@@ -268,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         sim = json.loads((out / "results.json").read_text())
     else:
         sim, factors = {"summary": {}}, {}
+        # each run is simulated on its own steps: compare with that run (the first repeat),
+        # not with the average of the repeats
+        real = {**real, "summary": {n: runs[0]["summary"] for n, runs in real["runs"].items()}}
         for spec in real["summary"]:
             run_name = f"{spec.replace(':', '-')}-1"
             models, traces, factors[spec] = fit_step_logs(
