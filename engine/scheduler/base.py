@@ -3,20 +3,25 @@
 A policy is pure: ``schedule()`` reads the waiting requests and the workers' predicted state and
 returns dispatches; it never mutates anything. The broker core owns all state, applies the plan
 and checks it (no request twice, predicted memory within budget).
+
+The views are frozen msgspec structs rather than dataclasses: the broker builds one per running
+request per round (thousands a round at tens of workers), and a struct is about 7 times
+cheaper to build than a frozen dataclass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+import msgspec
 
 if TYPE_CHECKING:
     from engine.cost_model import CostModel
 
 
-@dataclass(frozen=True, slots=True)
-class WaitingRequest:
+class WaitingRequest(msgspec.Struct, frozen=True):
     """A request the broker holds that is not running anywhere."""
 
     request_id: str
@@ -29,11 +34,10 @@ class WaitingRequest:
     kv_on_host: bool = False  # that KV is in the holder's host tier (a restore costs a copy)
     # per worker: tokens of its context that worker's prefix cache holds (a prefill there skips
     # them); workers without a hit are absent
-    cached_tokens: Mapping[str, int] = field(default_factory=dict)
+    cached_tokens: Mapping[str, int] = msgspec.field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class RunningRequest:
+class RunningRequest(msgspec.Struct, frozen=True):
     """A request in a worker's running set or dispatched queue."""
 
     request_id: str
@@ -49,8 +53,7 @@ class RunningRequest:
         return self.slice_steps_left or self.max_new_tokens
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerView:
+class WorkerView(msgspec.Struct, frozen=True):
     """What the broker knows and predicts about one worker at planning time."""
 
     worker_id: str
