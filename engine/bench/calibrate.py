@@ -269,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sim, factors = {"summary": {}}, {}
         # each run is simulated on its own steps: compare with that run (the first repeat),
-        # not with the average of the repeats
-        real = {**real, "summary": {n: runs[0]["summary"] for n, runs in real["runs"].items()}}
+        # not with the average of the repeats; peers and endpoints log no steps
+        runs = {n: r[0] for n, r in real["runs"].items() if r and r[0].get("kind") == "policy"}
+        real = {**real, "summary": {n: run["summary"] for n, run in runs.items()}}
         for spec in real["summary"]:
             run_name = f"{spec.replace(':', '-')}-1"
             models, traces, factors[spec] = fit_step_logs(

@@ -17,6 +17,9 @@ from engine.bench.calibrate import (
     within,
     write_block,
 )
+from engine.bench.calibrate import (
+    main as calibrate_main,
+)
 from engine.cli import main
 from engine.cost_model import TimeModel
 from engine.sim.devices import ProfileTimer, SlowdownTrace, StepShape
@@ -154,3 +157,52 @@ def test_cells_within_ten_percent_are_counted_from_the_metric_errors() -> None:
         "| b | 1.0 | 1 | 1 | -0.0% | 1 | 1 | n/a | 2 | +50.0% |\n"
     )
     assert within(table) == (2, 3)
+
+
+def test_calibrate_simulates_each_policy_run_on_its_own_steps(tmp_path: Path, capsys) -> None:
+    """End to end on a recorded bench (its results.json and step logs written here): each
+    policy run is fitted and simulated, a peer (no step log) is left out, and the table says
+    how much slower than the profile the run's steps were."""
+    prior = TimeModel.default()
+    prior.save(tmp_path / "profile.json")
+    slow = ProfileTimer(
+        TimeModel([1.5 * c for c in prior.prefill], [1.5 * c for c in prior.decode])
+    )
+    steps_dir = tmp_path / "steps"
+    for worker in ("w0", "w1"):
+        lines, at = [], 100.0
+        for i in range(60):
+            rows, context = 1 + i % 6, 30 + i
+            step_s = slow.step_s(StepShape(rows, rows * context))
+            lines.append({"at": at, "rows": rows, "context": context, "prefill_rows": 0,
+                          "prefill_len": 0, "forward_s": step_s, "step_s": step_s})  # fmt: skip
+            at += step_s
+        (steps_dir / "scls-1").mkdir(parents=True, exist_ok=True)
+        log = steps_dir / "scls-1" / f"{worker}.jsonl"
+        log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary = {"request_throughput": 1.0, "mean_ttft_ms": 500.0, "p99_e2el_ms": 5000.0}
+    real = {
+        "command": "run.py bench --model embedded --workers 2 --kv-budget 48MiB --policies scls "
+        "--peers hf --workload synthetic:prompt=uniform:24:56,output=20 --max-gen-len 64 "
+        "--slice-len 16 --num-requests 12 --seed 0 --out x",
+        "config": {"num_workers": 2, "step_log_dir": str(steps_dir)},
+        "summary": {"scls": summary, "hf": summary},
+        "runs": {"scls": [{"kind": "policy", "summary": summary}],
+                 "hf": [{"kind": "peer", "summary": summary}]},
+    }  # fmt: skip
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "results.json").write_text(json.dumps(real))
+    out = tmp_path / "sim"
+    argv = [str(tmp_path / "bench"), "--device-model", str(tmp_path / "profile.json")]
+    assert calibrate_main([*argv, "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert rows[0].endswith("| steps / profile |") and len(rows) == 2  # the head, scls
+    assert rows[1].startswith("| scls |") and rows[1].endswith("| 1.50x |")
+    assert "of 3 cells within 10%" in table
+    models = sorted(p.name for p in (out / "models" / "scls-1").iterdir())
+    assert models == ["w0.json", "w0.slowdown.json", "w1.json", "w1.slowdown.json"]
+    fitted = TimeModel.load_cached(out / "models" / "scls-1" / "w0.json")
+    assert fitted is not None and fitted.decode_step_s(4, 60) == pytest.approx(
+        1.5 * prior.decode_step_s(4, 60), rel=0.02
+    )
