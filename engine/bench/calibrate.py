@@ -23,7 +23,13 @@ from pathlib import Path
 from engine.bench.cli import add_bench_parser
 from engine.bench.simulate import add_simulate_parser, run_simulate
 from engine.cost_model import TimeModel
-from engine.sim.devices import ProfileTimer, SlowdownTrace, StepShape
+from engine.sim.devices import (
+    DeviceModelError,
+    ProfileTimer,
+    SlowdownTrace,
+    StepShape,
+    load_profile,
+)
 
 #: a step that began within this long of the previous one's end followed it back to back: its
 #: period (start to next start: the worker loop's own work included) is what the step cost
@@ -80,12 +86,17 @@ def timed_steps(path: Path) -> list[tuple[float, str, tuple]]:
     return out
 
 
-def read_step_log(path: Path) -> tuple[list, list, list]:
-    """(prefill, decode, mixed) samples of one worker's step log (``timed_steps``)."""
+def by_kind(steps: list[tuple[float, str, tuple]]) -> tuple[list, list, list]:
+    """(prefill, decode, mixed) samples of ``timed_steps``."""
     kinds: dict[str, list] = {"prefill": [], "decode": [], "mixed": []}
-    for _, kind, sample in timed_steps(path):
+    for _, kind, sample in steps:
         kinds[kind].append(sample)
     return kinds["prefill"], kinds["decode"], kinds["mixed"]
+
+
+def read_step_log(path: Path) -> tuple[list, list, list]:
+    """(prefill, decode, mixed) samples of one worker's step log."""
+    return by_kind(timed_steps(path))
 
 
 def predicted_s(timer: ProfileTimer, kind: str, sample: tuple) -> float:
@@ -125,9 +136,10 @@ def fit_step_logs(
     samples as the prior) and, given ``window_s``, its contention over the run (a slowdown
     trace, from the run's first step), written under ``out_dir``: their paths, and how much
     longer the run's steps took than the prior says (measured over predicted, all workers)."""
-    prior = TimeModel.load_cached(Path(prior_path).expanduser())
-    if prior is None:
-        raise SystemExit(f"error: --device-model {prior_path} is not a time-model profile")
+    try:
+        prior = load_profile(prior_path, "--device-model")
+    except DeviceModelError as exc:
+        raise SystemExit(f"error: {exc}") from None
     logs = sorted(run_dir.glob("*.jsonl"))
     if not logs:
         raise SystemExit(f"error: no step log (*.jsonl) in {run_dir}: run bench with --step-log")
@@ -135,10 +147,7 @@ def fit_step_logs(
     origin = min((steps[0][0] for steps in runs if steps), default=0.0)
     models, traces, measured, by_prior = [], [], 0.0, 0.0
     for log_path, steps in zip(logs, runs, strict=True):
-        kinds: dict[str, list] = {"prefill": [], "decode": [], "mixed": []}
-        for _, kind, sample in steps:
-            kinds[kind].append(sample)
-        model = TimeModel.fit_measured(prior, kinds["prefill"], kinds["decode"], kinds["mixed"])
+        model = TimeModel.fit_measured(prior, *by_kind(steps))
         target = out_dir / f"{log_path.stem}.json"
         model.save(target)
         models.append(str(target))

@@ -131,7 +131,7 @@ def policy_config(base: SchedulerConfig, spec: str) -> SchedulerConfig:
     return replace(base, **fields)  # type: ignore[arg-type]
 
 
-def step_log_dir(settings: BenchSettings, spec: str, repeat: int) -> str | None:
+def run_step_log_dir(settings: BenchSettings, spec: str, repeat: int) -> str | None:
     """Where one engine run's workers log their steps (``--step-log``): a folder per run."""
     if settings.step_log_dir is None:
         return None
@@ -145,7 +145,7 @@ def worker_args(settings: BenchSettings, spec: str = "", repeat: int = 0) -> lis
         kv_budget_bytes=settings.kv_budget_bytes,
         num_threads=settings.threads_per_worker,
         profile=settings.profile,
-        step_log=step_log_dir(settings, spec, repeat),
+        step_log=run_step_log_dir(settings, spec, repeat),
     )
     extra = WORKER_VARIANTS.get(spec, [])
     return [*worker_flags(worker), *extra, "--log-level", settings.log_level]

@@ -61,7 +61,7 @@ def add_simulate_parser(p: argparse.ArgumentParser) -> None:
 def _check(args: argparse.Namespace):
     from engine.bench.metrics import MetricsError, parse_goodput
     from engine.bench.runner import BenchError, check_entries
-    from engine.sim.devices import DeviceModelError, SlowdownTrace, device_models
+    from engine.sim.devices import DeviceModelError, SlowdownTrace, device_models, load_profile
 
     if args.policy is not None:
         raise UsageError("simulate compares policies: pass --policies scls,ils,... not --policy")
@@ -83,31 +83,11 @@ def _check(args: argparse.Namespace):
                 for i in range(num)
             ]
         if args.announced_model is not None:
-            announced = announced_model(args.announced_model)
+            announced = load_profile(args.announced_model, "--announced-model")
             devices = [replace(d, time_model=announced) for d in devices]
     except (BenchError, MetricsError, DeviceModelError) as exc:
         raise UsageError(str(exc)) from None
     return entries, goodput_ms, devices
-
-
-def announced_model(path: str):
-    from pathlib import Path
-
-    from engine.cost_model import TimeModel
-    from engine.sim.devices import DeviceModelError
-
-    try:
-        model = TimeModel.load_cached(Path(path).expanduser())
-    except OSError as exc:
-        raise DeviceModelError(
-            f"--announced-model {path}: cannot read it ({exc.strerror})"
-        ) from None
-    if model is None:
-        raise DeviceModelError(
-            f"--announced-model {path}: not a time-model profile (a worker writes one under "
-            "~/.cache/scls-engine/profiles/; `run.py profile` makes it)"
-        )
-    return model
 
 
 def _tokenize(model: str):

@@ -261,20 +261,26 @@ def gpu_device(spec: str, kv_budget_bytes: int | None = None) -> DeviceModel:
     )
 
 
+def load_profile(path: str | Path, flag: str) -> TimeModel:
+    """The time model of a profile JSON named by ``flag``; DeviceModelError saying why not."""
+    try:
+        time = TimeModel.load_cached(Path(path).expanduser())
+    except OSError as exc:
+        raise DeviceModelError(f"{flag} {path}: cannot read it ({exc.strerror})") from None
+    if time is None:
+        raise DeviceModelError(
+            f"{flag} {path}: not a time-model profile (a worker writes one under "
+            "~/.cache/scls-engine/profiles/; `run.py profile` makes it)"
+        )
+    return time
+
+
 def profile_device(
     path: Path, model: str = "smollm2-135m", kv_budget_bytes: int | None = None
 ) -> DeviceModel:
     """A worker's cached profile (engine/cost_model.py's JSON) for ``model`` on this machine:
     KV moves at the rates measured here (docs/SCHEDULING.md)."""
-    try:
-        time = TimeModel.load_cached(path)
-    except OSError as exc:
-        raise DeviceModelError(f"--device-model {path}: cannot read it ({exc.strerror})") from None
-    if time is None:
-        raise DeviceModelError(
-            f"--device-model {path}: not a time-model profile (a worker writes one under "
-            "~/.cache/scls-engine/profiles/; `run.py profile` makes it)"
-        )
+    time = load_profile(path, "--device-model")
     geometry = MODELS[model]
     return DeviceModel(
         name=f"profile:{path.name}",
