@@ -46,6 +46,9 @@ def add_simulate_parser(p: argparse.ArgumentParser) -> None:
                    "a step log: the machine's other work, replayed)")  # fmt: skip
     p.add_argument("--noise", type=float, default=0.0, metavar="SIGMA",
                    help="run-to-run noise: each step's time times exp(N(0, SIGMA^2)), seeded")  # fmt: skip
+    p.add_argument("--noise-seed", type=int, default=None, metavar="N",
+                   help="seed of the noise alone (default --seed, which also draws synthetic "
+                   "workloads): vary it to see a metric's spread on one workload")  # fmt: skip
     p.add_argument("--tick", type=float, default=0.005, metavar="S",
                    help="the broker asks the policy at most every S simulated seconds")  # fmt: skip
     p.add_argument("--no-refine", dest="refine", action="store_false",
@@ -143,6 +146,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         "kv_budget_bytes": [d.kv_budget_bytes for d in instances],
         "scheduler": dataclasses.asdict(base),
         "noise": args.noise,
+        "noise_seed": args.seed if args.noise_seed is None else args.noise_seed,
         "step_scale": args.step_scale,
         "slow_worker": args.slow_worker,
         "tick_s": args.tick,
@@ -171,7 +175,12 @@ def simulate_entry(spec, sched, devices, items, times, concurrency, args) -> Any
 
     started = time.perf_counter()
     sim = Simulation(
-        sched, devices, noise=args.noise, seed=args.seed, tick_s=args.tick, refine=args.refine
+        sched,
+        devices,
+        noise=args.noise,
+        tick_s=args.tick,
+        refine=args.refine,
+        seed=args.seed if args.noise_seed is None else args.noise_seed,
     )
     outcome = sim.run(items, times, concurrency, args.max_duration)
     wall_s = time.perf_counter() - started

@@ -110,3 +110,21 @@ def test_a_mistake_is_one_line_and_status_2(args: list[str], words: str) -> None
     assert out.returncode == 2, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], out.stderr
+
+
+def test_the_noise_seed_varies_the_noise_alone(tmp_path: Path) -> None:
+    """--noise-seed: the same synthetic workload (drawn from --seed), other step-time noise."""
+    args = [*ARGS, "--policies", "scls", "--no-plots"]
+    docs = []
+    for name, noise_seed in (("e", "1"), ("f", "2")):
+        assert main([*args, "--noise-seed", noise_seed, "--out", str(tmp_path / name)]) == 0
+        docs.append(json.loads((tmp_path / name / "results.json").read_text()))
+    lengths = [
+        sorted(
+            (r["index"], r["prompt_len"], r["output_len"]) for r in d["runs"]["scls"][0]["requests"]
+        )
+        for d in docs
+    ]
+    assert lengths[0] == lengths[1]
+    assert docs[0]["summary"]["scls"]["mean_ttft_ms"] != docs[1]["summary"]["scls"]["mean_ttft_ms"]
+    assert [d["config"]["noise_seed"] for d in docs] == [1, 2]
