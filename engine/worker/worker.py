@@ -100,7 +100,9 @@ class ComputeThread(threading.Thread):
                 return
 
     def _step(self, out: zmq.Socket) -> None:
-        started_at, progress = time.perf_counter(), self.executor.progress
+        log = self.step_log
+        if log is not None:
+            started_at, progress = time.perf_counter(), self.executor.progress
         result = self.executor.step()
         if result.generated is not None and result.generated.tokens:
             out.send(p.encode(result.generated))
@@ -114,8 +116,8 @@ class ComputeThread(threading.Thread):
             out.send(p.encode(p.KVEvicted(request_ids=list(result.evicted))))
         for msg in result.done:
             out.send(p.encode(msg))
-        if self.step_log is not None and self.executor.progress != progress:
-            self.step_log.write(started_at, time.perf_counter() - started_at, self.executor)
+        if log is not None and self.executor.progress != progress:
+            log.write(started_at, time.perf_counter() - started_at, self.executor)
 
 
 class StepLog:
