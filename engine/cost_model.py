@@ -212,14 +212,15 @@ class TimeModel:
         num = len(prior._anchors[1])
         weights[:num] = prior_weight / max(num, 1) * _mean_or_one(dec[num:, 2]) ** 2
         decode = _fit_terms(dec, _decode_features, weights)
-        d = decode
         rows = [(float(n), float(ln), float(t), 1.0) for n, ln, t in prior._anchors[0].tolist()]
         num_anchors = len(rows)
         rows += [(float(n), float(ln), float(t), 1.0) for n, ln, t in prefill_samples]
-        for n, c, pn, ln, t in mixed_samples:  # what prefilling inside the forward added
-            extra = t - (d[0] * n * c + d[1] * n + d[2] * c + d[3])
+        mixed = np.asarray(list(mixed_samples), dtype=np.float64).reshape(-1, 5)
+        # what prefilling inside the forward added: the step less its decode rows' time
+        extras = mixed[:, 4] - _decode_features(mixed[:, 0], mixed[:, 1]) @ np.asarray(decode)
+        for (_, _, pn, ln, _), extra in zip(mixed.tolist(), extras.tolist(), strict=True):
             if extra > 0 and pn > 0 and ln > 0:
-                rows.append((float(pn), float(ln), float(extra), 0.0))
+                rows.append((pn, ln, extra, 0.0))
         arr = np.asarray(rows, dtype=np.float64)
         keep = arr[:, 2] > 0
         mask = np.ones((len(arr), len(PREFILL_TERMS)))
@@ -483,8 +484,9 @@ class MemoryModel:
         is ``running_peak_bytes`` over the widest context."""
         if not rows:
             return 0
-        if self.block_tokens:
-            return sum(self.reservation_bytes(c, m) for c, m in rows)
+        if bt := self.block_tokens:  # reservation_bytes summed in one pass (a round's hot path)
+            blocks = sum(-((1 - c - m) // bt) for c, m in rows)  # ceil((c - 1 + m) / bt) each
+            return blocks * bt * self.kv_bytes_per_token
         return self.running_peak_bytes(max(c for c, _ in rows), [m for _, m in rows])
 
     def reservation_bytes(self, context_len: int, steps: int) -> int:

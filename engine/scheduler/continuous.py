@@ -42,22 +42,14 @@ class _Slot:
 
     def __init__(self, view: WorkerView) -> None:
         self.view = view
-        self.memory = memory = view.cost.memory
+        self.memory = view.cost.memory
         self.time = view.cost.time
-        # (context_len, steps left in its slice) per reservation held or granted; one pass (a
-        # round builds a slot per worker: at tens of workers, thousands of rows)
-        self.rows = rows = [
-            (r.context_len, r.slice_steps_left or r.max_new_tokens) for r in view.running
-        ]
+        # (context_len, steps left in its slice) per reservation held or granted
+        self.rows = [(r.context_len, r.steps_left) for r in view.running]
         self._index: dict[str, int] | None = None  # request id -> row (renewals only)
-        self.sum_context = sum(c for c, _ in rows)
-        self.max_context = max((c for c, _ in rows), default=0)
-        block_tokens = memory.block_tokens
-        if block_tokens and rows:  # reservations_peak_bytes, inlined: each row's own blocks
-            blocks = sum(-((1 - c - m) // block_tokens) for c, m in rows)  # ceil((c-1+m)/B)
-            self.peak_bytes = blocks * block_tokens * memory.kv_bytes_per_token
-        else:
-            self.peak_bytes = memory.reservations_peak_bytes(rows)
+        self.peak_bytes = self.memory.reservations_peak_bytes(self.rows)
+        self.sum_context = sum(c for c, _ in self.rows)
+        self.max_context = max((c for c, _ in self.rows), default=0)
         self.grants: list[_Grant] = []
         self.renewed: dict[str, int] = {}  # request id -> steps its slice grew by
 
@@ -80,28 +72,22 @@ class _Slot:
     def fitting_steps(self, context_len: int, want: int, least: int, request_id: str = "") -> int:
         """The most steps in [least, want] for which a new reservation (or, given
         ``request_id``, a running one grown by that many) fits the budget; 0 if none does."""
-        memory = self.memory
-        budget = memory.budget_bytes
-        # the common case, first and without the search: a whole new slice fits a paged cache
-        if not request_id and memory.block_tokens:
-            if self.peak_bytes + memory.reservation_bytes(context_len, want) <= budget:
-                return want
-
-        def fits(m: int) -> bool:
-            peak = (
-                self.renewal_peak(request_id, m) if request_id else self.peak_with(context_len, m)
-            )
-            return peak <= budget
-
-        if fits(want):
+        budget = self.memory.budget_bytes
+        if self._peak(context_len, want, request_id) <= budget:
             return want
-        if least >= want or not fits(least):
+        if least >= want or self._peak(context_len, least, request_id) > budget:
             return 0
-        lo, hi = least, want  # fits(lo) and not fits(hi)
+        lo, hi = least, want  # lo fits, hi does not
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+            lo, hi = (mid, hi) if self._peak(context_len, mid, request_id) <= budget else (lo, mid)
         return lo
+
+    def _peak(self, context_len: int, steps: int, request_id: str) -> int:
+        """``renewal_peak`` of a running request (``request_id``), else ``peak_with``."""
+        if request_id:
+            return self.renewal_peak(request_id, steps)
+        return self.peak_with(context_len, steps)
 
     def renewal_peak(self, request_id: str, extra: int) -> int:
         """The honest peak if a running request's reservation grew by ``extra`` steps."""
