@@ -168,22 +168,28 @@ def simulate_quietly(sim_args: argparse.Namespace, out: Path) -> None:
         run_simulate(sim_args)
 
 
-def within(table: str, limit_pct: float = 10.0) -> tuple[int, int]:
-    """(cells within ``limit_pct``, cells) of a ``compare`` table's metric error columns."""
-    lines = table.splitlines()
-    head = [cell.strip() for cell in lines[0].split("|")[1:-1]]
-    columns = [i for i, name in enumerate(head) if name.endswith(" error")]
-    errors = []
-    for line in lines[2:]:
-        cells = [cell.strip() for cell in line.split("|")[1:-1]]
-        errors += [float(cells[i].rstrip("%")) for i in columns if cells[i] != "n/a"]
-    return sum(abs(e) <= limit_pct for e in errors), len(errors)
+def within(real: dict, sim: dict, limit_pct: float = 10.0) -> tuple[int, int]:
+    """(cells within ``limit_pct``, cells): the metrics of the policies both ran."""
+    errors = [
+        relative_error(simulated.get(key), measured.get(key))
+        for name, measured in real["summary"].items()
+        if (simulated := sim["summary"].get(name)) is not None
+        for key, _, _ in METRICS
+    ]
+    known = [e for e in errors if e is not None]
+    return sum(abs(e) <= limit_pct for e in known), len(known)
+
+
+def relative_error(sim: float | None, real: float | None) -> float | None:
+    """(sim - real) / real in percent; None when either is unknown or real is 0."""
+    if sim is None or real is None or real == 0:
+        return None
+    return (sim - real) / real * 100
 
 
 def error(sim: float | None, real: float | None) -> str:
-    if sim is None or real is None or real == 0:
-        return "n/a"
-    return f"{(sim - real) / real * 100:+.1f}%"
+    pct = relative_error(sim, real)
+    return "n/a" if pct is None else f"{pct:+.1f}%"
 
 
 def cpu_share(summary: dict, num_workers: int) -> float | None:
@@ -300,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             sim["summary"][spec] = result["summary"][spec]
     table = compare(real, sim, factors)
     print(table)
-    ok, cells = within(table)
+    ok, cells = within(real, sim)
     print(f"\n{ok} of {cells} cells within 10%; simulations' reports in {out}/simulate.log")
     if args.doc is not None:
         write_block(args.doc, args.name or args.bench_dir.name, table)
