@@ -14,6 +14,7 @@ from engine.broker import admission, intake
 from engine.broker.expiry import Expiry
 from engine.broker.journal import Journal, NoJournal
 from engine.broker.kv_ledger import KVLedger
+from engine.broker.plan_check import plan_problems
 from engine.broker.prefix_index import PrefixIndex
 from engine.broker.request_log import log_request_end
 from engine.broker.requests import Request, RequestState
@@ -393,26 +394,8 @@ class BrokerCore:
         return applied
 
     def _check(self, d: Dispatch, seen: set[str]) -> bool:
-        """The broker checks every plan: known worker, waiting requests, none twice, memory."""
-        worker = self.workers.get(d.worker_id)
-        problems = []
-        if worker is None or worker.draining:
-            problems.append(f"unknown or draining worker {d.worker_id}")
-        elif d.predicted_peak_bytes > worker.kv_budget_bytes:
-            problems.append(
-                f"predicted peak {d.predicted_peak_bytes} B above budget {worker.kv_budget_bytes} B"
-            )
-        if d.max_steps < 1 or not d.request_ids:
-            problems.append("empty dispatch")
-        if d.renew:
-            if not all(
-                self._runs_on(rid, d.worker_id) and rid not in seen for rid in d.request_ids
-            ):
-                problems.append("a renewed request is not running there or is planned twice")
-        elif any(rid not in self.waiting or rid in seen for rid in d.request_ids):
-            problems.append("a request is not waiting or is planned twice")
-        if not set(d.handoff_ids) <= set(d.request_ids):
-            problems.append("a handoff for a request that is not in the batch")
+        """The broker checks every plan (broker/plan_check.py); a wrong dispatch is dropped."""
+        problems = plan_problems(d, self.workers, self.requests, self.waiting, seen)
         if problems:
             log.error(
                 "policy %s produced an invalid dispatch (%s); dropped",
@@ -430,10 +413,6 @@ class BrokerCore:
         req.num_slices -= missed
         self.num_renewals -= missed
         req.renewed_from.clear()
-
-    def _runs_on(self, request_id: str, worker_id: str) -> bool:
-        req = self.requests.get(request_id)
-        return req is not None and req.state is RequestState.RUNNING and req.worker_id == worker_id
 
     def _renew(self, d: Dispatch) -> None:
         """Extend running requests' slices: each by up to ``d.max_steps`` more steps."""

@@ -183,6 +183,7 @@ def test_the_broker_core_and_its_rules_import_neither_zmq_nor_torch():
         "recovery",
         "prefix_index",
         "views",
+        "plan_check",
     ]
     for path in (ENGINE / "broker" / f"{name}.py" for name in names):
         for module in imported_modules(path):
