@@ -18,10 +18,12 @@ import argparse
 import contextlib
 import json
 import shlex
+import sys
 from pathlib import Path
 
 from engine.bench.cli import add_bench_parser
 from engine.bench.simulate import add_simulate_parser, run_simulate
+from engine.cli_base import UsageError
 from engine.cost_model import TimeModel
 from engine.sim.devices import (
     DeviceModelError,
@@ -30,6 +32,11 @@ from engine.sim.devices import (
     StepShape,
     load_profile,
 )
+
+
+class CalibrationError(Exception):
+    """A mistake in what calibrate was given: one line, exit status 2."""
+
 
 #: a step that began within this long of the previous one's end followed it back to back: its
 #: period (start to next start: the worker loop's own work included) is what the step cost
@@ -139,10 +146,10 @@ def fit_step_logs(
     try:
         prior = load_profile(prior_path, "--device-model")
     except DeviceModelError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise CalibrationError(str(exc)) from None
     logs = sorted(run_dir.glob("*.jsonl"))
     if not logs:
-        raise SystemExit(f"error: no step log (*.jsonl) in {run_dir}: run bench with --step-log")
+        raise CalibrationError(f"no step log (*.jsonl) in {run_dir}: run bench with --step-log")
     runs = [timed_steps(log_path) for log_path in logs]
     origin = min((steps[0][0] for steps in runs if steps), default=0.0)
     models, traces, measured, by_prior = [], [], 0.0, 0.0
@@ -238,7 +245,7 @@ def write_block(doc: Path, name: str, text: str) -> None:
     start, end = f"<!-- calibration:{name} -->", f"<!-- /calibration:{name} -->"
     content = doc.read_text()
     if start not in content or end not in content:
-        raise SystemExit(f"error: {doc} has no {start} ... {end} block to fill")
+        raise CalibrationError(f"{doc} has no {start} ... {end} block to fill")
     before, rest = content.split(start, 1)
     _, after = rest.split(end, 1)
     doc.write_text(f"{before}{start}\n{text}\n{end}{after}")
@@ -272,7 +279,32 @@ def main(argv: list[str] | None = None) -> int:
         "simulate every policy on --device-model as it is)",
     )
     args = ap.parse_args(argv)
-    real = json.loads((args.bench_dir / "results.json").read_text())
+    try:
+        return calibrate(args)
+    except (CalibrationError, UsageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def read_results(bench_dir: Path) -> dict:
+    path = bench_dir / "results.json"
+    try:
+        real = json.loads(path.read_text())
+    except OSError as exc:
+        raise CalibrationError(
+            f"{path}: cannot read it ({exc.strerror}): give a bench's --out DIR"
+        ) from None
+    except ValueError:
+        raise CalibrationError(f"{path}: not JSON: give a bench's --out DIR") from None
+    if not isinstance(real, dict) or not {"command", "config", "summary", "runs"} <= set(real):
+        raise CalibrationError(
+            f"{path}: not a bench's results.json (command, config, summary, runs)"
+        )
+    return real
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    real = read_results(args.bench_dir)
     out = args.out or args.bench_dir.with_name(args.bench_dir.name + "-sim")
     steps_dir = args.step_log or real["config"].get("step_log_dir")
     factors: dict[str, float] | None = None

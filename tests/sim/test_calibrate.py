@@ -209,3 +209,18 @@ def test_calibrate_simulates_each_policy_run_on_its_own_steps(tmp_path: Path, ca
     assert fitted is not None and fitted.decode_step_s(4, 60) == pytest.approx(
         1.5 * prior.decode_step_s(4, 60), rel=0.02
     )
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda d: None, "results.json: cannot read it"),
+        (lambda d: (d / "results.json").write_text("{oops"), "not JSON"),
+        (lambda d: (d / "results.json").write_text("{}"), "not a bench's results.json"),
+    ],
+)
+def test_a_mistake_is_one_line_and_status_2(tmp_path: Path, capsys, make, words: str) -> None:
+    make(tmp_path)
+    assert calibrate_main([str(tmp_path), "--device-model", "x.json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and words in err[0], err
