@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 
 from engine.config import KVMode, SchedulerConfig
+from engine.cost_model import MemoryModel
 from engine.scheduler.base import Dispatch, RunningRequest, WaitingRequest, WorkerView
 from engine.scheduler.prefix_affinity import DEFAULT_PREFIX_BALANCE, PrefixBalance, balanced
 
@@ -37,19 +38,49 @@ class _Grant:
     handoff: bool  # pulled from the worker that holds it
 
 
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """What a worker's running set holds, as planning starts from it: a pure function of the
+    view's ``running`` tuple and memory model, so it is kept while they stay the same objects
+    (the broker keeps a worker's running tuple until one of its rows changes)."""
+
+    running: tuple[RunningRequest, ...]
+    memory: MemoryModel
+    rows: tuple[tuple[int, int], ...]  # (context_len, steps left in its slice) per reservation
+    peak_bytes: int
+    sum_context: int
+    max_context: int
+
+    @classmethod
+    def of(cls, view: WorkerView) -> _Held:
+        memory = view.cost.memory
+        rows = tuple([(r.context_len, r.steps_left) for r in view.running])
+        return cls(
+            view.running,
+            memory,
+            rows,
+            memory.reservations_peak_bytes(rows),
+            sum([c for c, _ in rows]),
+            max([c for c, _ in rows], default=0),
+        )
+
+    def holds(self, view: WorkerView) -> bool:
+        return self.running is view.running and self.memory is view.cost.memory
+
+
 class _Slot:
     """One worker while a round is planned: the reservations it holds and those granted now."""
 
-    def __init__(self, view: WorkerView) -> None:
+    def __init__(self, view: WorkerView, held: _Held) -> None:
         self.view = view
-        self.memory = view.cost.memory
+        self.memory = held.memory
         self.time = view.cost.time
         # (context_len, steps left in its slice) per reservation held or granted
-        self.rows = [(r.context_len, r.steps_left) for r in view.running]
+        self.rows = list(held.rows)
         self._index: dict[str, int] | None = None  # request id -> row (renewals only)
-        self.peak_bytes = self.memory.reservations_peak_bytes(self.rows)
-        self.sum_context = sum(c for c, _ in self.rows)
-        self.max_context = max((c for c, _ in self.rows), default=0)
+        self.peak_bytes = held.peak_bytes
+        self.sum_context = held.sum_context
+        self.max_context = held.max_context
         self.grants: list[_Grant] = []
         self.renewed: dict[str, int] = {}  # request id -> steps its slice grew by
 
@@ -126,6 +157,8 @@ class _Slot:
     def renewals(self) -> list[Dispatch]:
         """One renewal dispatch per distinct growth (the broker grows each request by
         ``max_steps``, capped by what it may still generate: the policy's own figure)."""
+        if not self.renewed:
+            return []
         by_extra: dict[int, list[str]] = {}
         for request_id, extra in self.renewed.items():
             by_extra.setdefault(extra, []).append(request_id)
@@ -147,6 +180,8 @@ class _Slot:
     def dispatches(self, slice_len: int) -> list[Dispatch]:
         """The grants as join dispatches: the full slices in one (each request's budget is
         ``min(max_steps, max_new_tokens)``), each shortened slice length in one of its own."""
+        if not self.grants:
+            return []
         groups: dict[int, list[_Grant]] = {}
         for g in self.grants:
             full = g.steps == min(slice_len, g.request.max_new_tokens)
@@ -211,6 +246,11 @@ class ContinuousSCLSPolicy:
         # A round stops after this many requests in a row found no room (bounds planning time
         # with thousands waiting; the rest are looked at again next round).
         self.max_misses = max_misses
+        # Per worker, kept between rounds while its running tuple stays the same object (the
+        # broker rebuilds it only when a row changed): what its running set holds, and which
+        # of its rows are near their slice's end.
+        self._held: dict[str, _Held] = {}
+        self._ends: dict[str, tuple[tuple, list[tuple[str, RunningRequest]]]] = {}
 
     @classmethod
     def from_config(cls, cfg: SchedulerConfig) -> ContinuousSCLSPolicy:
@@ -222,7 +262,7 @@ class ContinuousSCLSPolicy:
         ending = self._ending(workers)
         if not workers or not (waiting or ending):
             return []
-        slots = {w.worker_id: _Slot(w) for w in workers}
+        slots = {w.worker_id: _Slot(w, self._held_by(w)) for w in workers}
         aged_before = now - self.aging_s
         misses = 0
         ordered = heapq.merge(
@@ -244,6 +284,12 @@ class ContinuousSCLSPolicy:
         plan = [d for s in slots.values() for d in s.renewals()]
         return plan + [d for s in slots.values() for d in s.dispatches(self.slice_len)]
 
+    def _held_by(self, view: WorkerView) -> _Held:
+        held = self._held.get(view.worker_id)
+        if held is None or not held.holds(view):
+            held = self._held[view.worker_id] = _Held.of(view)
+        return held
+
     def _ending(self, workers: Sequence[WorkerView]) -> list[tuple[str, RunningRequest]]:
         """Running requests whose slice ends within ``renew_within_steps`` and that will not be
         done by then, as (worker id, request)."""
@@ -251,15 +297,23 @@ class ContinuousSCLSPolicy:
         for w in workers:
             if not w.running:
                 continue
+            time = w.cost.time
+            key = (w.running, time, tuple(time.decode))
+            cached = self._ends.get(w.worker_id)
+            if cached is not None and cached[0][0] is key[0] and cached[0][1:] == key[1:]:
+                out += cached[1]
+                continue
             context_len = max(r.context_len for r in w.running)
-            step_s = max(w.cost.time.decode_step_s(len(w.running), context_len), 1e-6)
+            step_s = max(time.decode_step_s(len(w.running), context_len), 1e-6)
             within = max(self.renew_within_steps, int(self.renew_lookahead_s / step_s))
             within = min(within, max(1, self.slice_len // 2))  # a slice is renewed once
-            out += [
+            ends = [
                 (w.worker_id, r)
                 for r in w.running
                 if 0 < r.slice_steps_left <= within and r.max_new_tokens > r.slice_steps_left
             ]
+            self._ends[w.worker_id] = (key, ends)
+            out += ends
         return out
 
     def _renew(self, r: RunningRequest, slot: _Slot, slots: dict[str, _Slot]) -> None:
@@ -290,17 +344,25 @@ class ContinuousSCLSPolicy:
         dispatched work ends first, takes it, so that idle workers share a light load instead
         of the nominally fastest taking all (a prefix may draw it within the balance bound)."""
         options: list[tuple[float, _Slot, tuple[float, bool, bool], int]] = []
-        for slot in slots.values():
+        context_len, least, holder = r.context_len, min(steps, self.min_steps), r.kv_worker_id
+        for slot in slots.values():  # a round's hot loop: every waiting request, every worker
             if len(slot.rows) >= self.max_batch_size:
                 continue
-            if r.kv_worker_id is not None and self._waits_for_holder(r, slot, slots, aged):
+            if holder is not None and self._waits_for_holder(r, slot, slots, aged):
                 continue
-            granted = slot.fitting_steps(r.context_len, steps, min(steps, self.min_steps))
-            if granted == 0:
-                continue
+            memory = slot.memory
+            if memory.block_tokens and (
+                slot.peak_bytes + memory.reservation_bytes(context_len, steps)
+                <= memory.budget_bytes
+            ):
+                granted = steps  # fitting_steps' first test, without its calls
+            else:
+                granted = slot.fitting_steps(context_len, steps, least)
+                if granted == 0:
+                    continue
             move = self._move(r, slot, slots)
             # a full slice's worth of steps: a shorter one is renewed as room comes back
-            end_s = move[0] + steps * slot.step_s(r.context_len)
+            end_s = move[0] + steps * slot.step_s(context_len)
             options.append((end_s, slot, move, granted))
         if not options:
             return False
