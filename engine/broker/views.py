@@ -46,24 +46,26 @@ def running_view(
     """The requests in the worker's batches, as the policy sees them. Cached on the worker
     (``running_view``) until a batch, a batch's requests, or one of their token counts or
     slices changes: every place in the broker core that changes one sets it to None."""
-    running = []
+    running: list[RunningRequest] = []
+    append, get = running.append, requests.get
     for batch in worker.batches.values():
         for rid in batch.request_ids:
-            req = requests.get(rid)
-            if req is not None:
-                num_prompt, num_generated = len(req.prompt_ids), len(req.generated)
-                max_tokens = req.params.max_tokens
-                max_new = max_tokens - num_generated
-                done = num_generated - req.generated_at_dispatch
-                slice_left = max(1, min(req.dispatch_steps - done, max_new))
-                running.append(
-                    RunningRequest(
-                        rid,
-                        num_prompt + num_generated,
-                        max_new,
-                        num_prompt + max_tokens,
-                        slice_left,
-                        req.arrived_at,
-                    )
+            req = get(rid)
+            if req is None:
+                continue
+            num_prompt, num_generated = len(req.prompt_ids), len(req.generated)
+            max_tokens = req.params.max_tokens
+            max_new = max_tokens - num_generated
+            done = num_generated - req.generated_at_dispatch
+            slice_left = max(1, min(req.dispatch_steps - done, max_new))
+            append(
+                RunningRequest(
+                    rid,
+                    num_prompt + num_generated,
+                    max_new,
+                    num_prompt + max_tokens,
+                    slice_left,
+                    req.arrived_at,
                 )
+            )
     return tuple(running)

@@ -222,31 +222,33 @@ class SimWorker:
         step_s, fed, num_decode, prefills = self._step
         self._step = None
         self.num_steps += 1
-        decode_ctx = [r.table.num_tokens + 1 for r, f in fed if f == 1]
+        decode_ctx = [r.table.num_tokens + 1 for r, f in fed if f == 1] if self.refine else []
         for row, num in fed:
             row.table.num_tokens += num
         used = self.pool.used_bytes + self.store.staged_bytes
         batch_ids = {r.batch_id for r in self._rows}
+        all_stats = self._stats
         for batch_id in batch_ids:
-            stats = self._stats[batch_id]
+            stats = all_stats[batch_id]
             stats.steps += 1
             stats.peak_bytes = max(stats.peak_bytes, used)
             if self.refine:
                 self._time_sample(stats, decode_ctx, prefills, step_s)
-        leaving: dict[int, p.ReleaseReason] = {}
-        index = {id(r): i for i, r in enumerate(self._rows)}
+        leaving: list[tuple[_Row, p.ReleaseReason]] = []
+        generated = self._out.generated
         for row, _ in fed:
             if row.table.num_tokens != row.context_len:
                 continue  # mid-prefill: nothing sampled yet
             row.context_len += 1
             row.num_new += 1
-            self._stats[row.batch_id].generated_tokens += 1
-            self._out.generated.append((row.item.request_id, [SIM_TOKEN]))
+            all_stats[row.batch_id].generated_tokens += 1
+            generated.append((row.item.request_id, [SIM_TOKEN]))
             reason = self._finish_reason(row)
             if reason is not None:
-                leaving[index[id(row)]] = reason
+                leaving.append((row, reason))
         if leaving:
-            self._leave(leaving)
+            index = {id(r): i for i, r in enumerate(self._rows)}
+            self._leave({index[id(row)]: reason for row, reason in leaving})
         msgs = self.flush(now)
         inbox, self._inbox = self._inbox, []
         for msg in inbox:  # their releases go out before the next step
@@ -407,9 +409,11 @@ class SimWorker:
 
     def _guard(self) -> None:
         while self._rows:
-            if self._free_blocks(self._blocks_for_next_step()):
-                for row in self._rows:
-                    self.pool.allocate(row.table, row.context_len)
+            need = self._blocks_for_next_step()
+            if self._free_blocks(need):
+                if need:  # else every row's table holds its next token already
+                    for row in self._rows:
+                        self.pool.allocate(row.table, row.context_len)
                 return
             newest = max(range(len(self._rows)), key=lambda i: self._rows[i].seq)
             self._leave({newest: "error" if len(self._rows) == 1 else "preempted"})
