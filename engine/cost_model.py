@@ -55,13 +55,57 @@ def _decode_features(n: FloatArray, context: FloatArray) -> FloatArray:
 
 
 def nnls(a: FloatArray, b: FloatArray) -> FloatArray:
-    """Non-negative least squares, exactly, for the few columns of a time model: the optimum is
-    the plain least-squares solution on its own support, so try every support (at most 2^5)."""
-    num_cols = a.shape[1]
-    best, best_res = np.zeros(num_cols), float(b @ b)
+    """Non-negative least squares, exactly, for the few columns of a time model. The optimum is
+    the plain least-squares solution on its own support: the Lawson-Hanson active set finds
+    that support in a few solves, and the optimality (KKT) conditions are checked on it; in the
+    rare case they fail (a degenerate matrix), every support is tried (at most 2^5)."""
     full = np.linalg.lstsq(a, b, rcond=None)[0]
     if np.all(full >= 0):
         return np.asarray(full, dtype=np.float64)
+    tol = 1e-12 * (float(np.abs(a).sum()) * float(np.abs(b).sum()) + 1.0)
+    found = _active_set(a, b, tol)
+    if found is not None:
+        cols, x = found
+        grad = a.T @ (b - a @ x)  # at the optimum: <= 0 off the support, x >= 0 on it
+        if np.all(x >= 0) and all(grad[j] <= tol for j in range(a.shape[1]) if j not in cols):
+            return x
+    return _nnls_every_support(a, b)
+
+
+def _active_set(a: FloatArray, b: FloatArray, tol: float) -> tuple[list[int], FloatArray] | None:
+    """The support of the NNLS optimum by Lawson and Hanson's active-set method, ascending, and
+    the least-squares solution on it; None if it does not settle within its iteration bound."""
+    num_cols = a.shape[1]
+    passive: list[int] = []
+    x = np.zeros(num_cols)
+    for _ in range(3 * num_cols):
+        grad = a.T @ (b - a @ x)
+        free = [j for j in range(num_cols) if j not in passive and grad[j] > tol]
+        if not free:
+            return sorted(passive), x
+        passive.append(max(free, key=lambda j: grad[j]))
+        for _ in range(3 * num_cols):  # solve on the passive set, stepping back while < 0
+            cols = sorted(passive)
+            z = np.zeros(num_cols)
+            z[cols] = np.linalg.lstsq(a[:, cols], b, rcond=None)[0]
+            if np.all(z[cols] > 0):
+                x = z
+                break
+            steps = [x[j] / (x[j] - z[j]) for j in cols if z[j] <= 0 and x[j] > z[j]]
+            if not steps:
+                return None  # no way back into the feasible set: degenerate
+            x = x + min(steps) * (z - x)
+            floor = 1e-14 * float(np.abs(x).max())
+            passive = [j for j in passive if x[j] > floor]
+        else:
+            return None
+    return None
+
+
+def _nnls_every_support(a: FloatArray, b: FloatArray) -> FloatArray:
+    """NNLS by trying the least-squares solution on every support: the best non-negative one."""
+    num_cols = a.shape[1]
+    best, best_res = np.zeros(num_cols), float(b @ b)
     for size in range(1, num_cols + 1):
         for cols in itertools.combinations(range(num_cols), size):
             sol = np.linalg.lstsq(a[:, cols], b, rcond=None)[0]
@@ -75,9 +119,14 @@ def nnls(a: FloatArray, b: FloatArray) -> FloatArray:
     return best
 
 
+def _bad_samples(arr: FloatArray) -> Any:
+    """Per sample (rows, length, seconds): True where it cannot be a measurement."""
+    return ~np.isfinite(arr).all(axis=1) | (arr[:, 0] < 1) | (arr[:, 1] < 0) | (arr[:, 2] <= 0)
+
+
 def _as_samples(samples: Iterable[Sequence[float]], kind: str) -> FloatArray:
     arr = np.asarray([tuple(s) for s in samples], dtype=np.float64).reshape(-1, 3)
-    bad = ~np.isfinite(arr).all(axis=1) | (arr[:, 0] < 1) | (arr[:, 1] < 0) | (arr[:, 2] <= 0)
+    bad = _bad_samples(arr)
     if bad.any():
         i = int(np.argmax(bad))
         raise CostModelError(
@@ -331,16 +380,13 @@ class TimeModel:
         for idx, (samples, kind) in enumerate(
             ((prefill_samples, "prefill"), (decode_samples, "decode"))
         ):
-            added = 0
-            for s in samples:
-                try:
-                    row = _as_samples([s], kind)[0]
-                except CostModelError as exc:
-                    log.debug("time model: skipped a measurement: %s", exc)
-                    continue
-                self._recent[idx].append((int(row[0]), int(row[1]), float(row[2])))
-                added += 1
-            if added:
+            arr = np.asarray([tuple(s) for s in samples], dtype=np.float64).reshape(-1, 3)
+            bad = _bad_samples(arr)
+            for i in np.flatnonzero(bad):
+                log.debug("time model: skipped a measurement: %s sample %s", kind, tuple(arr[i]))
+            good = arr[~bad].tolist()
+            self._recent[idx].extend((int(n), int(length), s) for n, length, s in good)
+            if good:
                 self._refit(idx)
 
     def _refit(self, idx: int) -> None:

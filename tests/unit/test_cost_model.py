@@ -11,7 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.cost_model import CostModel, CostModelError, MemoryModel, TimeModel, nnls
+from engine.cost_model import (
+    CostModel,
+    CostModelError,
+    MemoryModel,
+    TimeModel,
+    _nnls_every_support,
+    nnls,
+)
 from engine.protocol import TimeModelParams
 
 from .brute import brute_running_peak
@@ -212,3 +219,18 @@ def test_cost_model_from_ready() -> None:
     assert default.memory.capacity_tokens == 2 * 1024**3 // 46_080
     params = TimeModelParams(prefill=list(TRUE_PREFILL), decode=list(TRUE_DECODE))
     assert CostModel.from_ready(params, 1, 100).time.prefill == TRUE_PREFILL
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_nnls_finds_the_support_every_support_search_finds(data: st.DataObject) -> None:
+    """The active set lands on the optimum the exhaustive search over supports finds (the
+    same least-squares solve on the same support), so refits did not change by getting faster."""
+    rows, cols = data.draw(st.integers(1, 12)), data.draw(st.integers(1, 5))
+    value = st.integers(-3000, 3000).map(lambda v: v / 1000)
+    a = np.asarray(data.draw(st.lists(value, min_size=rows * cols, max_size=rows * cols)))
+    a = a.reshape(rows, cols)
+    b = np.asarray(data.draw(st.lists(value, min_size=rows, max_size=rows)))
+    fast, exhaustive = nnls(a, b), _nnls_every_support(a, b)
+    res_fast, res_exhaustive = b - a @ fast, b - a @ exhaustive
+    assert float(res_fast @ res_fast) <= float(res_exhaustive @ res_exhaustive) + 1e-9
