@@ -169,10 +169,11 @@ def fit_step_logs(
 
 
 def simulate_quietly(sim_args: argparse.Namespace, out: Path) -> None:
-    """`run.py simulate`, its report appended to OUT/simulate.log rather than printed."""
+    """`run.py simulate`, its report and progress appended to OUT/simulate.log, not printed."""
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "simulate.log").open("a") as log, contextlib.redirect_stdout(log):
-        run_simulate(sim_args)
+    with (out / "simulate.log").open("a") as log:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            run_simulate(sim_args)
 
 
 def within(real: dict, sim: dict, limit_pct: float = 10.0) -> tuple[int, int]:

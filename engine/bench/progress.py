@@ -1,20 +1,33 @@
-"""Progress of a benchmark run: a one-line bar redrawn in place on a terminal, plain lines
-(about every 10% and at most every 10 s) otherwise; and StallWatch, which tells when a run has
+"""Progress of a benchmark run: a one-line bar redrawn in place on a terminal (at most every
+0.1 s), plain lines (about every 10% and at most every 10 s) otherwise; and StallWatch, which tells when a run has
 made no progress for too long."""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
+
+# A terminal's bar is redrawn at most this often: a simulation ends thousands of requests a second.
+TTY_REDRAW_S = 0.1
 
 
 class Progress:
-    def __init__(self, label: str, total: int, stream: TextIO | None = None) -> None:
+    """``detail``: more to say at the end of each line (a simulation's simulated seconds)."""
+
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        stream: TextIO | None = None,
+        detail: Callable[[], str] | None = None,
+    ) -> None:
         self.label = label
         self.total = total
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.detail = detail
         self.num_done = 0
         self.num_failed = 0
         self._started_at = time.monotonic()
@@ -46,13 +59,18 @@ class Progress:
         elapsed_s = time.monotonic() - self._started_at
         rate = self.num_done / elapsed_s if elapsed_s > 0 else 0.0
         failed = f", {self.num_failed} failed" if self.num_failed else ""
+        detail = f" | {self.detail()}" if self.detail is not None else ""
         return (
             f"{self.label}: {self.num_done}/{self.total} requests{failed} | "
-            f"{elapsed_s:6.1f} s | {rate:5.2f} req/s"
+            f"{elapsed_s:6.1f} s | {rate:5.2f} req/s{detail}"
         )
 
     def _draw(self, force: bool = False) -> None:
         if self.tty:
+            now = time.monotonic()
+            if not force and now - self._last_line_at < TTY_REDRAW_S and self.num_done < self.total:
+                return
+            self._last_line_at = now
             width = 24
             filled = width * self.num_done // max(1, self.total)
             bar = "#" * filled + "." * (width - filled)
