@@ -131,7 +131,9 @@ def run_simulate(args: argparse.Namespace) -> int:
     except (WorkloadError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     hidden = base.max_gen_len if args.lengths == "hidden" else None
-    items = [SimItem(r.index, r.prompt_len, r.output_len, hidden) for r in workload.requests]
+    items = [
+        SimItem(r.index, r.prompt_len, r.output_len, hidden, r.segments) for r in workload.requests
+    ]
     instances = [
         replace(devices[i % len(devices)], slowdown=args.step_scale) for i in range(args.instances)
     ]
@@ -170,7 +172,9 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 def simulate_entry(spec, sched, devices, items, times, concurrency, args) -> Any:
     """One policy on the simulated cluster, as a RunResult like bench's."""
+    from engine.bench.progress import Progress
     from engine.bench.records import RunResult
+    from engine.bench.runner import WORKER_VARIANTS
     from engine.sim.cluster import Simulation
 
     started = time.perf_counter()
@@ -181,8 +185,12 @@ def simulate_entry(spec, sched, devices, items, times, concurrency, args) -> Any
         tick_s=args.tick,
         refine=args.refine,
         seed=args.seed if args.noise_seed is None else args.noise_seed,
+        prefix_cache="--no-prefix-cache" not in WORKER_VARIANTS.get(spec, []),
     )
-    outcome = sim.run(items, times, concurrency, args.max_duration)
+    progress = Progress(
+        f"simulate {spec}", len(items), detail=lambda: f"{sim.clock:.1f} simulated s"
+    )
+    outcome = sim.run(items, times, concurrency, args.max_duration, progress)
     wall_s = time.perf_counter() - started
     print(
         f"simulate: {spec}: {outcome.duration_s:.1f} simulated s in {wall_s:.1f} s "

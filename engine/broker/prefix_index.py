@@ -129,6 +129,12 @@ class _Lazy(Mapping[str, int]):
     def __getitem__(self, key: str) -> int:
         return self._get()[key]
 
+    def get(self, key: str, default: int | None = None) -> int | None:  # type: ignore[override]
+        return self._get().get(key, default)  # Mapping.get would raise and catch per miss
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._get()
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._get())
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine import protocol as p
+from engine.bench.progress import Progress
 from engine.bench.records import RequestRecord, TimelineSample, WorkerSample
 from engine.broker.admission import QueueLimits
 from engine.broker.core import BrokerCore, ToClient, ToWorker
@@ -27,6 +28,8 @@ from engine.sim.devices import DeviceModel
 from engine.sim.worker import SimWorker
 
 CLIENT_ID = b"sim"
+VOCAB = 2**31 - 1  # token ids the simulated broker accepts
+FILLER_TOKEN = 1  # what simulated prompts repeat (and workers sample: engine/sim/worker.py)
 TICK_S = 0.005  # engine/broker/server.py: how often the broker asks the policy while busy
 # Requests waiting, nothing running, nothing due: after this long the run stops as stalled (a
 # policy that never places them would otherwise poll forever).
@@ -43,6 +46,9 @@ class SimItem:
     prompt_len: int
     output_len: int
     max_tokens: int | None = None  # None: the output length (known lengths)
+    # the prompt as (segment id, tokens) where equal ids are equal text (RequestSpec.segments);
+    # None: a prompt of its own, which shares no prefix with any other
+    segments: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(slots=True)
@@ -71,11 +77,12 @@ class Simulation:
         tick_s: float = TICK_S,
         stats_interval_s: float = 0.25,
         refine: bool = True,
+        prefix_cache: bool = True,
     ) -> None:
-        limits = Limits(min(d.max_context_len for d in devices), cfg.max_gen_len, 2**31 - 1)
+        limits = Limits(min(d.max_context_len for d in devices), cfg.max_gen_len, VOCAB)
         self.core = BrokerCore(cfg, make_policy(cfg), lambda ids: "", limits, QueueLimits())
         self.workers = [
-            SimWorker(f"sim-{i}", dev, self._peer, noise, seed * 1000 + i, refine)
+            SimWorker(f"sim-{i}", dev, self._peer, noise, seed * 1000 + i, refine, prefix_cache)
             for i, dev in enumerate(devices)
         ]
         self._by_id = {w.worker_id: w for w in self.workers}
@@ -87,8 +94,10 @@ class Simulation:
         self._round_at: float | None = None
         self._stuck_since: float | None = None
         self._last_round = -float("inf")
-        self._prompts: dict[int, list[int]] = {}
+        self._filler: list[int] = []  # the token every simulated prompt repeats
         self.num_events = self.num_rounds = 0
+        self.clock = 0.0  # simulated seconds: the time of the event being handled
+        self.progress: Progress | None = None
         for w in self.workers:
             self.core.add_worker(w.worker_id.encode(), w.ready(), 0.0)
 
@@ -106,9 +115,14 @@ class Simulation:
         send_times: Sequence[float] | None,
         concurrency: int | None = None,
         max_duration_s: float = float("inf"),
+        progress: Progress | None = None,
     ) -> SimOutcome:
         """Send every item (at ``send_times``, or a closed loop of ``concurrency``) and run
-        until every request ended or ``max_duration_s`` of simulated time passed."""
+        until every request ended or ``max_duration_s`` of simulated time passed; each request
+        that ends advances ``progress``."""
+        self.progress = progress
+        if progress is not None:
+            progress.start()
         self.items = list(items)
         self.records = [
             RequestRecord(it.index, it.prompt_len, it.output_len, None if send_times is None else t)
@@ -130,13 +144,15 @@ class Simulation:
             if at > max_duration_s:
                 cut_off = max_duration_s
                 break
-            now = at
+            now = self.clock = at
             self.num_events += 1
             self._handle(kind, arg, now)
         stall = None
         if cut_off is None and self.core.requests:  # stalled: what is left never ends
             cut_off, stall = now, self._stalled(now)
         self._sample(now, force=True)
+        if progress is not None:
+            progress.finish()
         return self._outcome(now, cut_off, stall)
 
     def _stalled(self, now: float) -> dict:
@@ -239,9 +255,7 @@ class Simulation:
 
     def _submit(self, index: int, now: float) -> None:
         item, rec = self.items[index], self.records[index]
-        prompt = self._prompts.get(item.prompt_len)
-        if prompt is None:  # one shared list per length: the broker never changes a prompt
-            prompt = self._prompts[item.prompt_len] = [1] * item.prompt_len
+        prompt = self._prompt(item)
         rec.request_id = f"sim-{item.index}"
         rec.submitted_s = now
         rec.finish_reason = "timeout"  # until it ends otherwise
@@ -252,6 +266,25 @@ class Simulation:
             max_tokens=item.max_tokens or item.output_len,
         )  # fmt: skip
         self.core.submit(CLIENT_ID, msg, prompt, now)
+
+    def _prompt(self, item: SimItem) -> list[int]:
+        """Token ids the prefix caches see, as bench's prompts (engine/bench/prompts.py): each
+        segment starts with a token of its own and repeats one token after it, so equal segment
+        ids are equal text and unequal ones share no block (names chain over the whole prefix);
+        what the segments leave of the prompt, or a prompt without segments, is its own."""
+        parts = list(item.segments or ())
+        covered = sum(n for _, n in parts)
+        if covered < item.prompt_len:
+            parts.append((-1 - item.index, item.prompt_len - covered))
+        longest = max(n for _, n in parts)
+        if len(self._filler) < longest:
+            self._filler = [FILLER_TOKEN] * max(longest, 2 * len(self._filler))
+        prompt: list[int] = []
+        for segment_id, n in parts:
+            if n > 0:
+                prompt.append(FILLER_TOKEN + 1 + segment_id % (VOCAB - FILLER_TOKEN - 1))
+                prompt += self._filler[: n - 1]
+        return prompt[: item.prompt_len]
 
     def _to_client(self, msg, now: float) -> None:
         index = self._by_rid.get(getattr(msg, "request_id", None) or "")
@@ -265,18 +298,24 @@ class Simulation:
             if rec.hidden_length and rec.num_output_tokens >= item.output_len:
                 rec.finish_reason, rec.finished_s = "length", now
                 live = self.core.requests.get(rec.request_id)
-                rec.num_slices = live.num_slices if live is not None else rec.num_slices
+                if live is not None:
+                    rec.num_slices, rec.cached_tokens = live.num_slices, live.cached_tokens
                 self.core.cancel(CLIENT_ID, rec.request_id, now)
-                self._ended(now)
+                self._ended(rec, now)
         elif isinstance(msg, p.Finished):
             rec.finish_reason, rec.finished_s = msg.finish_reason, now
-            rec.num_slices = msg.num_slices
-            self._ended(now)
+            rec.num_slices, rec.cached_tokens = msg.num_slices, msg.usage.cached_tokens
+            self._ended(rec, now)
         elif isinstance(msg, p.Error):
             rec.finish_reason, rec.error, rec.finished_s = "error", msg.message, now
-            self._ended(now)
+            self._ended(rec, now)
 
-    def _ended(self, now: float) -> None:
+    def _ended(self, rec: RequestRecord, now: float) -> None:
+        if rec.request_id is not None:
+            for worker in self.workers:
+                worker.forget(rec.request_id)
+        if self.progress is not None:
+            self.progress.advance(rec.success)
         if self._closed and self._next_item < len(self.items):
             self._push(now, _ARRIVE, self._next_item)
             self._next_item += 1
@@ -306,8 +345,14 @@ class Simulation:
     def _outcome(self, now: float, cut_off: float | None, stall: dict | None) -> SimOutcome:
         ends = [r.finished_s for r in self.records if r.finished_s is not None]
         events = [{"at_s": at, "level": lvl, "message": m} for at, lvl, m in self.core.events]
+        prefix = self.core.prefix  # what the broker's index says each cache holds, as in stats
         totals = {
-            wid: {"busy_s": w.busy_s, "generated_tokens": float(w.generated_tokens)}
+            wid: {
+                "busy_s": w.busy_s,
+                "generated_tokens": float(w.generated_tokens),
+                "prefix_hit_tokens": float(w.prefix_hit_tokens),
+                "prefix_cached_tokens": float(prefix.num_blocks(wid) * prefix.block_tokens(wid)),
+            }
             for wid, w in self.core.workers.items()
         }
         return SimOutcome(

@@ -12,20 +12,41 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class Table:
-    """A row's blocks (a count) and how many tokens its KV holds."""
+    """A row's blocks (a count) and how many tokens its KV holds; ``named``: its blocks that
+    carry a prefix-cache name, by position (each one pool block, perhaps shared by others)."""
 
     num_blocks: int = 0
     num_tokens: int = 0
+    named: dict[int, bytes] = field(default_factory=dict)
 
 
 class BlockPool:
-    """Counts of the pool's blocks: ``allocate`` grows a table, ``free`` gives blocks back."""
+    """Counts of the pool's blocks: ``allocate`` grows a table, ``free`` gives blocks back.
 
-    def __init__(self, budget_bytes: int, block_tokens: int, kv_bytes_per_token: int) -> None:
+    With the prefix cache (engine/worker/kv_pool.py's rules, by block name rather than block
+    id): a full block whose KV is written may be named (``register``); a new table takes the
+    longest run of leading blocks whose names the pool knows (``share_prefix``, reference
+    counted); a named block no table holds is cached, counted as free, and evicted least
+    recently cached first when allocation needs it. The real pool may also evict a cached block
+    to keep a table's blocks consecutive; block positions are not simulated, so here a cached
+    block goes only when the free ones run out."""
+
+    def __init__(
+        self, budget_bytes: int, block_tokens: int, kv_bytes_per_token: int, prefix_cache=False
+    ) -> None:
         self.block_tokens = block_tokens
         self.block_bytes = block_tokens * kv_bytes_per_token
         self.num_blocks = budget_bytes // self.block_bytes
-        self.num_free = self.num_blocks
+        self._free = self.num_blocks  # held by no table and not cached
+        self.prefix_cache = prefix_cache
+        self._refs: dict[bytes, int] = {}  # named block -> tables holding it (0: cached)
+        self._cached: OrderedDict[bytes, None] = OrderedDict()  # unheld named blocks, LRU first
+        self._events: dict[bytes, bool] = {}  # name -> known, changed since take_events
+
+    @property
+    def num_free(self) -> int:
+        """Blocks a caller may allocate: free ones and cached ones (evicted on demand)."""
+        return self._free + len(self._cached)
 
     @property
     def used_bytes(self) -> int:
@@ -39,16 +60,102 @@ class BlockPool:
         need = self.blocks_for(num_tokens) - table.num_blocks
         if need <= 0:
             return True
-        if need > self.num_free:
+        if need > self._free + len(self._cached):
             return False
-        self.num_free -= need
+        while need > self._free:
+            self._evict(next(iter(self._cached)))
+        self._free -= need
         table.num_blocks += need
         return True
 
     def free(self, table: Table, keep_tokens: int = 0) -> None:
+        """Let go of the blocks beyond those holding the first ``keep_tokens``: a named block
+        no other table holds becomes cached (the last first, as in the real pool), else free."""
         keep = min(table.num_blocks, self.blocks_for(keep_tokens))
-        self.num_free += table.num_blocks - keep
+        named = table.named
+        if named:
+            for i in range(table.num_blocks - 1, keep - 1, -1):
+                name = named.pop(i, None)
+                if name is None:
+                    self._free += 1
+                    continue
+                self._refs[name] -= 1
+                if self._refs[name] == 0:
+                    self._cached[name] = None
+        else:
+            self._free += table.num_blocks - keep
         table.num_blocks = keep
+
+    # -- prefix cache --------------------------------------------------------------------------
+
+    def register(self, table: Table, names: list[bytes], start: int = 0) -> None:
+        """Name the table's blocks ``start .. len(names) - 1`` (full, their KV written); a
+        block named already keeps its name, a name another block has leaves this one unnamed."""
+        if not self.prefix_cache:
+            return
+        for i in range(start, min(len(names), table.num_blocks)):
+            name = names[i]
+            if i in table.named or name in self._refs:
+                continue
+            table.named[i] = name
+            self._refs[name] = 1
+            self._events[name] = True
+
+    def share_prefix(self, table: Table, names: list[bytes]) -> int:
+        """Give an empty table the longest run of leading blocks whose names are known;
+        returns the tokens of KV it now holds."""
+        if not self.prefix_cache or table.num_blocks:
+            return 0
+        for i, name in enumerate(names):
+            refs = self._refs.get(name)
+            if refs is None:
+                break
+            if refs == 0:
+                del self._cached[name]
+            self._refs[name] = refs + 1
+            table.named[i] = name
+            table.num_blocks = i + 1
+        table.num_tokens = table.num_blocks * self.block_tokens
+        return table.num_tokens
+
+    def __contains__(self, name: bytes) -> bool:
+        return name in self._refs
+
+    def adopt_prefix(self, table: Table, names: list[bytes]) -> int:
+        """A table holding whole blocks of KV, its next ones allocated but not written: take the
+        named blocks that continue it instead, its own going back; the tokens it gained."""
+        bt = self.block_tokens
+        if not self.prefix_cache or table.num_tokens % bt:
+            return 0
+        first = i = table.num_tokens // bt
+        while i < min(len(names), table.num_blocks):
+            name = names[i]
+            refs = self._refs.get(name)
+            if refs is None:
+                break
+            if table.named.get(i) != name:  # its own block was never written, so never named
+                if refs == 0:
+                    del self._cached[name]
+                self._refs[name] = refs + 1
+                table.named[i] = name
+                self._free += 1
+            i += 1
+        table.num_tokens += (i - first) * bt
+        return (i - first) * bt
+
+    def take_events(self) -> tuple[list[bytes], list[bytes]]:
+        """Names that became known and names forgotten since the last call (net changes)."""
+        events, self._events = self._events, {}
+        return [n for n, known in events.items() if known], [
+            n for n, known in events.items() if not known
+        ]
+
+    def _evict(self, name: bytes) -> None:
+        """A cached block becomes free: its name is forgotten."""
+        del self._cached[name]
+        del self._refs[name]
+        self._events[name] = False
+        self._free += 1
 
 
 @dataclass(slots=True)

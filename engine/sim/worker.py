@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 from engine import protocol as p
+from engine.prefix_hash import block_hashes, prefix_root
 from engine.sim.devices import DeviceModel, StepShape
 from engine.sim.kv import BlockPool, Entry, ParkedKV, Table
 from engine.worker.dispatch import MAX_SAMPLES, DispatchStats
@@ -37,6 +39,38 @@ class _Row:
     num_new: int = 0
     table: Table = field(default_factory=Table)
     pending: Entry | None = None  # reused KV held outside the pool until its blocks are written
+    names: list[bytes] = field(default_factory=list)  # prefix-cache names of its full blocks
+    num_named: int = 0  # of its leading blocks, those registered in the prefix cache
+    cached_tokens: int = 0  # tokens of its context found in the prefix cache
+
+
+class _Context(Sequence[int]):
+    """A row's context as ``block_hashes`` reads it (its length, slices of it) without building
+    it: the item's tokens, then the ``num_new`` tokens sampled since (all SIM_TOKEN)."""
+
+    __slots__ = ("head", "num_new")
+
+    def __init__(self, head: list[int], num_new: int) -> None:
+        self.head, self.num_new = head, num_new
+
+    def __len__(self) -> int:
+        return len(self.head) + self.num_new
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        head = self.head
+        if isinstance(index, slice):
+            lo, hi, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("a row's context is read in runs, not with a step")
+            if hi <= len(head):
+                return head[lo:hi]
+            return head[lo:hi] + [SIM_TOKEN] * (hi - max(lo, len(head)))
+        i = range(len(self))[index]
+        return head[i] if i < len(head) else SIM_TOKEN
 
 
 @dataclass(slots=True)
@@ -60,11 +94,18 @@ class SimWorker:
         noise: float = 0.0,
         seed: int = 0,
         refine: bool = True,
+        prefix_cache: bool = False,
     ) -> None:
         self.worker_id = worker_id
         self.refine = refine  # report time samples (the broker refines its time model on them)
         self.device = device
-        self.pool = BlockPool(device.kv_budget_bytes, BLOCK_TOKENS, device.kv_bytes_per_token)
+        self.pool = BlockPool(
+            device.kv_budget_bytes, BLOCK_TOKENS, device.kv_bytes_per_token, prefix_cache
+        )
+        # the names of full blocks chain from it (engine/prefix_hash.py); b"": no prefix cache
+        self.prefix_root = (
+            prefix_root(device.name, "simulated", BLOCK_TOKENS) if prefix_cache else b""
+        )
         time, copy_rate = device.time_model, device.copy_bytes_per_s
         self.store = ParkedKV(
             self.pool,
@@ -85,6 +126,13 @@ class SimWorker:
         self._step: tuple[float, list[tuple[_Row, int]], int, list[int]] | None = None
         self._inbox: list[p.RunBatch | p.Renew | p.Abort | p.DropKV] = []
         self.num_steps = 0
+        # prefix-cache names of each live request's blocks, from its earlier admissions: a
+        # context only grows, so its next admission hashes only the blocks after them
+        self._names_of: dict[str, list[bytes]] = {}
+
+    def forget(self, request_id: str) -> None:
+        """The request ended: drop the names kept for it."""
+        self._names_of.pop(request_id, None)
 
     def ready(self) -> p.Ready:
         d = self.device
@@ -96,6 +144,7 @@ class SimWorker:
             peer_addr=self.worker_id, host_kv_budget_bytes=d.host_kv_budget_bytes,
             copy_bytes_per_s=d.copy_bytes_per_s, transfer_bytes_per_s=d.transfer_bytes_per_s,
             transfer_latency_s=d.transfer_latency_s, kv_block_tokens=BLOCK_TOKENS,
+            prefix_root=self.prefix_root,
         )  # fmt: skip
 
     # -- commands (between steps: one that arrives during a step waits for its end) -------------
@@ -196,6 +245,7 @@ class SimWorker:
         """Admit what may start, guard memory, and begin one forward; returns when it ends
         (None: nothing runs)."""
         self._admit(now)
+        self._adopt_computed()
         self._guard()
         if not self._rows:
             return None
@@ -225,6 +275,10 @@ class SimWorker:
         decode_ctx = [r.table.num_tokens + 1 for r, f in fed if f == 1] if self.refine else []
         for row, num in fed:
             row.table.num_tokens += num
+        if self.prefix_root:
+            for row, _ in fed:
+                if row.table.num_tokens // BLOCK_TOKENS > row.num_named:
+                    self._register(row)
         used = self.pool.used_bytes + self.store.staged_bytes
         batch_ids = {r.batch_id for r in self._rows}
         all_stats = self._stats
@@ -281,6 +335,9 @@ class SimWorker:
         msgs: list[p.Generated | p.Released | p.BatchDone | p.KVEvicted] = []
         if out.generated:
             msgs.append(p.Generated(tokens=out.generated))
+        stored, removed = self.pool.take_events()
+        if stored or removed:
+            msgs.append(p.BlockEvents(stored=stored, removed=removed))
         msgs += out.released
         if out.offloaded:
             msgs.append(p.KVEvicted(request_ids=out.offloaded, offloaded=True))
@@ -316,6 +373,13 @@ class SimWorker:
             self.store.release(entry)  # stale: it covers other tokens
             entry = None
         if entry is None:
+            if self.prefix_root:  # shares the leading blocks the prefix cache holds, if any
+                context = row.context_len - 1
+                row.names = self._names(row, context // BLOCK_TOKENS)
+                row.cached_tokens = self.pool.share_prefix(row.table, row.names)
+                row.num_named = row.table.num_blocks
+                stats.prefix_query_tokens += context
+                stats.prefix_hit_tokens += row.cached_tokens
             return row
         stats.reused_kv_tokens += entry.num_tokens
         if entry.table is not None:
@@ -383,26 +447,85 @@ class SimWorker:
             if row.pending is not None:
                 row.table.num_tokens = row.pending.num_tokens
                 row.pending = None
+                if self.prefix_root:
+                    self._register(row)
             elif row.table.num_tokens < row.context_len - 1:
-                stats = self._stats[row.batch_id]
-                stats.prefill_tokens += row.context_len - 1
-                stats.recomputed_tokens += max(0, row.item.num_generated - 1)
+                self._count_prefill(row)
         self._rows += cands
+
+    def _count_prefill(self, row: _Row, sign: int = 1) -> None:
+        """Count (sign -1: uncount) what is left to prefill of the row's context."""
+        stats = self._stats[row.batch_id]
+        todo = row.context_len - 1 - row.table.num_tokens
+        stats.prefill_tokens += sign * todo
+        stats.recomputed_tokens += sign * max(0, min(row.item.num_generated - 1, todo))
+
+    # -- the prefix cache (the executor's rules) ------------------------------------------------
+
+    def _names(self, row: _Row, num_blocks: int) -> list[bytes]:
+        """Prefix-cache names of the row's first ``num_blocks`` full blocks."""
+        request_id = row.item.request_id
+        known = row.names or self._names_of.get(request_id, [])
+        names = block_hashes(
+            _Context(row.item.token_ids, row.num_new), BLOCK_TOKENS, self.prefix_root,
+            num_blocks, known,
+        )  # fmt: skip
+        if len(names) > len(known):
+            self._names_of[request_id] = names
+        return names
+
+    def _register(self, row: _Row) -> None:
+        """Name the row's blocks that became full (their KV written) in the prefix cache."""
+        full = row.table.num_tokens // BLOCK_TOKENS
+        if full > row.num_named:
+            if full > len(row.names):
+                row.names = self._names(row, full)
+            self.pool.register(row.table, row.names[:full], row.num_named)
+            row.num_named = full
+
+    def _adopt_computed(self) -> None:
+        """Rows being prefilled that waited for a block an older row computed take the named
+        blocks that now continue their context instead of computing them."""
+        if not self.prefix_root:
+            return
+        for row in self._rows:
+            table = row.table
+            nxt = table.num_tokens // BLOCK_TOKENS
+            if (
+                table.num_tokens % BLOCK_TOKENS
+                or nxt >= len(row.names)
+                or row.names[nxt] not in self.pool
+            ):
+                continue  # mid-block, no named block next, or none known
+            self._count_prefill(row, -1)
+            adopted = self.pool.adopt_prefix(table, row.names)
+            self._count_prefill(row)
+            row.cached_tokens += adopted
+            row.num_named = max(row.num_named, table.num_tokens // BLOCK_TOKENS)
+            self._stats[row.batch_id].prefix_hit_tokens += adopted
 
     def _feeds(self) -> list[int]:
         """Tokens each row feeds this step (the executor's ``_feeds``, as counts)."""
         todos = [r.context_len - r.table.num_tokens for r in self._rows]
         room = MAX_STEP_TOKENS - sum(1 for t in todos if t <= 1)
         feeds, first = [], True
+        computing: set[bytes] = set()  # names of the blocks this step's prefills complete
+        bt = BLOCK_TOKENS
         for row, todo in zip(self._rows, todos, strict=True):
             if todo <= 1:
                 feeds.append(todo)
                 continue
-            take = min(todo, PREFILL_CHUNK_TOKENS - row.table.num_tokens % PREFILL_CHUNK_TOKENS)
+            start = row.table.num_tokens
+            if start % bt == 0 and start // bt < len(row.names):
+                if row.names[start // bt] in computing:  # an older row computes it now:
+                    feeds.append(0)  # take it next step (``_adopt_computed``), not twice
+                    continue
+            take = min(todo, PREFILL_CHUNK_TOKENS - start % PREFILL_CHUNK_TOKENS)
             if first or take <= room:
                 feeds.append(take)
                 room -= take
                 first = False
+                computing.update(row.names[start // bt : (start + take) // bt])
             else:
                 feeds.append(0)
         return feeds
@@ -429,7 +552,9 @@ class SimWorker:
                 self.store.park(row.item.request_id, entry)
             else:
                 self.pool.free(row.table)
-            self._release(row.batch_id, row.item.request_id, reason, row.num_new, kept)
+            self._release(
+                row.batch_id, row.item.request_id, reason, row.num_new, kept, "", row.cached_tokens
+            )
         self._rows = [r for i, r in enumerate(self._rows) if i not in leaving]
 
     def _release(
@@ -440,10 +565,12 @@ class SimWorker:
         num_generated: int,
         kv_kept: bool,
         message: str = "",
+        cached_tokens: int = 0,
     ) -> None:
         self._out.released.append(p.Released(
             batch_id=batch_id, request_id=request_id, reason=reason,
             num_generated=num_generated, kv_kept=kv_kept, message=message,
+            cached_tokens=cached_tokens,
         ))  # fmt: skip
         stats = self._stats[batch_id]
         stats.num_open -= 1

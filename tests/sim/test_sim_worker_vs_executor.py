@@ -1,6 +1,7 @@
 """The simulated worker against the real executor on the tiny model: the same dispatch sequence
-gives, step by step, the same rows sampled, the same releases (reason, tokens, KV kept), the
-same KV moved out, and the same batch counters."""
+gives, step by step, the same rows sampled, the same releases (reason, tokens, KV kept, prompt
+tokens found in the prefix cache), the same KV moved out, as many prefix-cache blocks named and
+forgotten, and the same batch counters."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def copy(msg):
 class Pair:
     """One real executor and one simulated worker with the same pool, fed the same commands."""
 
-    def __init__(self, runner: Runner, budget_bytes: int) -> None:
-        self.real = Executor(runner, budget_bytes)
+    def __init__(self, runner: Runner, budget_bytes: int, prefix_cache: bool = False) -> None:
+        self.real = Executor(runner, budget_bytes, prefix_cache=prefix_cache)
         pool = self.real.pool
         time = TimeModel.default()
         device = DeviceModel(
@@ -52,10 +53,11 @@ class Pair:
             max_context_len=runner.info.max_context_len, copy_bytes_per_s=1e9,
             transfer_bytes_per_s=1e9, transfer_latency_s=0.0, host_kv_budget_bytes=0,
         )  # fmt: skip
-        self.sim = SimWorker("sim", device)
+        self.sim = SimWorker("sim", device, prefix_cache=prefix_cache)
         assert self.sim.pool.num_blocks == pool.num_blocks
         self.now = 0.0
         self.tokens: dict[str, list[int]] = {}  # the real tokens, to continue requests
+        self.released: dict[str, tuple] = {}  # the last release of each request (real side)
 
     def command(self, msg) -> None:
         real = copy(msg)
@@ -75,6 +77,8 @@ class Pair:
             real_msgs.append(result.generated)
             for rid, toks in result.generated.tokens:
                 self.tokens.setdefault(rid, []).extend(toks)
+        if result.blocks is not None:
+            real_msgs.append(result.blocks)
         real_msgs += result.released + result.done
         if result.offloaded:
             real_msgs.append(p.KVEvicted(request_ids=result.offloaded, offloaded=True))
@@ -86,7 +90,9 @@ class Pair:
         else:
             self.now = end
             sim_msgs = self.sim.end_step(self.now)
-        return normalise(real_msgs), normalise(sim_msgs)
+        real, sim = normalise(real_msgs), normalise(sim_msgs)
+        self.released.update((r[0], r) for r in real["released"])
+        return real, sim
 
     def drain(self, max_steps: int = 200) -> int:
         for num in range(max_steps):
@@ -99,18 +105,23 @@ class Pair:
 
 
 def normalise(msgs) -> dict:
-    out: dict = {"sampled": [], "released": [], "evicted": [], "done": []}
+    out: dict = {"sampled": [], "released": [], "evicted": [], "done": [], "blocks": []}
     for msg in msgs:
         if isinstance(msg, p.Generated):
             out["sampled"] += [rid for rid, toks in msg.tokens for _ in toks]
         elif isinstance(msg, p.Released):
-            out["released"].append((msg.request_id, msg.reason, msg.num_generated, msg.kv_kept))
+            out["released"].append(
+                (msg.request_id, msg.reason, msg.num_generated, msg.kv_kept, msg.cached_tokens)
+            )
+        elif isinstance(msg, p.BlockEvents):  # names differ: each side chains from its root
+            out["blocks"].append((len(msg.stored), len(msg.removed)))
         elif isinstance(msg, p.KVEvicted):
             out["evicted"].append((sorted(msg.request_ids), msg.offloaded))
         elif isinstance(msg, p.BatchDone):
             out["done"].append((
                 msg.batch_id, msg.steps, msg.prefill_tokens, msg.recomputed_tokens,
-                msg.reused_kv_tokens, msg.generated_tokens,
+                msg.reused_kv_tokens, msg.generated_tokens, msg.prefix_query_tokens,
+                msg.prefix_hit_tokens,
             ))  # fmt: skip
     return out
 
@@ -165,3 +176,29 @@ def test_tight_memory_evicts_parked_kv_then_preempts(runner: Runner) -> None:
         evicted += real["evicted"]
         steps += 1
     assert evicted and {r[1] for r in released} >= {"preempted", "length"}
+
+
+def test_prefix_cache_shares_adopts_and_parks_alike(runner: Runner) -> None:
+    """Prompts sharing a prefix: a later one shares the cached blocks of an ended one; two that
+    join together with a new shared prefix compute it once (the younger waits, then adopts);
+    a parked request's next slice adopts its own KV; the same counts of blocks are named."""
+    pair = Pair(runner, 1 << 26, prefix_cache=True)
+    shared, tails = prompts(4, [100]), prompts(5, [30, 7, 50, 50, 20])
+    pair.command(run(1, [item("a", shared[0] + tails[0], 4, 4, keep=False)], join=True))
+    pair.drain()
+    pair.command(run(2, [item("b", shared[0] + tails[1], 3, 3, keep=False)], join=True))
+    real, sim = pair.step()
+    assert real == sim and real["sampled"] == ["b"]  # 96 of its 106 tokens were cached
+    pair.drain()
+    (long,) = prompts(6, [600])  # chunked: both rows reach its blocks in the same steps
+    pair.command(run(3, [item("c", long + tails[2], 5, 9), item("d", long + tails[3], 5, 5)], True))
+    pair.drain()
+    again = item("c", long + tails[2] + pair.tokens["c"], 4, 4)
+    again.num_generated = len(pair.tokens["c"])
+    pair.command(run(4, [again, item("e", long[:200] + tails[4], 2, 2)], join=True))
+    pair.drain()
+    cached = {rid: r[4] for rid, r in pair.released.items()}
+    # b found a's 6 full blocks; d adopted the blocks c computed as they were written; e shares
+    # the 12 full blocks of the first 200 tokens; c's next slice adopted its parked KV instead
+    assert cached["b"] == 96 and cached["d"] > 0 and cached["e"] == 192
+    assert pair.real.pool.num_cached > 0  # ended requests' named blocks stay reusable
