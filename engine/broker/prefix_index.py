@@ -36,28 +36,52 @@ class PrefixIndex:
     def __init__(self) -> None:
         self._workers: dict[str, _WorkerCache] = {}
         self._requests: dict[str, dict[bytes, RequestNames]] = {}  # names per request, per root
+        # the same, inverted: who holds each name, and the workers of each root (a request's
+        # lookup then costs the blocks it shares, not a pass over every worker)
+        self._holders: dict[bytes, set[str]] = {}
+        self._roots: dict[bytes, tuple[int, set[str]]] = {}  # root -> (block tokens, workers)
 
     def add_worker(self, worker_id: str, root: bytes, block_tokens: int) -> None:
         """A worker joined (or announced itself again): its cache starts empty. No root: it
         has no prefix cache and is not indexed."""
-        self._workers.pop(worker_id, None)
+        self.remove_worker(worker_id)
         if root and block_tokens > 0:
             self._workers[worker_id] = _WorkerCache(root, block_tokens)
+            self._roots.setdefault(root, (block_tokens, set()))[1].add(worker_id)
 
     def remove_worker(self, worker_id: str) -> None:
-        self._workers.pop(worker_id, None)
+        cache = self._workers.pop(worker_id, None)
+        if cache is None:
+            return
+        self._unhold(worker_id, cache.names)
+        members = self._roots[cache.root][1]
+        members.discard(worker_id)
+        if not members:
+            del self._roots[cache.root]
 
     def apply(self, worker_id: str, stored: list[bytes], removed: list[bytes]) -> None:
         cache = self._workers.get(worker_id)
         if cache is None:
             return
-        cache.names.difference_update(removed)
-        cache.names.update(stored)
+        gone = cache.names.intersection(removed)
+        cache.names.difference_update(gone)
+        self._unhold(worker_id, gone)
+        for name in stored:
+            if name not in cache.names:
+                cache.names.add(name)
+                self._holders.setdefault(name, set()).add(worker_id)
+
+    def _unhold(self, worker_id: str, names: set[bytes]) -> None:
+        for name in names:
+            holders = self._holders[name]
+            holders.discard(worker_id)
+            if not holders:
+                del self._holders[name]
 
     @property
     def active(self) -> bool:
         """Whether any worker holds a named block (else lookups can be skipped)."""
-        return any(c.names for c in self._workers.values())
+        return bool(self._holders)
 
     def num_blocks(self, worker_id: str) -> int:
         cache = self._workers.get(worker_id)
@@ -92,24 +116,29 @@ class PrefixIndex:
         """Per worker with a hit: tokens of ``token_ids[:-1]`` (the context whose KV a worker
         must hold before the next step) found in its prefix cache. ``memo`` keeps the
         request's names per root between calls."""
-        out: dict[str, int] = {}
+        found: dict[str, int] = {}
         context = len(token_ids) - 1
-        for worker_id, cache in self._workers.items():
-            if not cache.names:
-                continue
-            b = cache.block_tokens
-            entry = memo.setdefault(cache.root, RequestNames())
+        holders = self._holders
+        for root, (b, members) in self._roots.items():
             want = context // b
+            if want == 0:
+                continue
+            entry = memo.setdefault(root, RequestNames())
             if len(entry.names) < want:
-                entry.names = block_hashes(token_ids, b, cache.root, want, entry.names)
-            n = 0
-            for name in entry.names[:want]:
-                if name not in cache.names:
-                    break
-                n += 1
-            if n:
-                out[worker_id] = n * b
-        return out
+                entry.names = block_hashes(token_ids, b, root, want, entry.names)
+            names = entry.names
+            alive = holders.get(names[0], set()) & members  # hold its first i blocks
+            i = 1
+            while alive and i < want:
+                keep = alive & holders.get(names[i], set())
+                for worker_id in alive - keep:
+                    found[worker_id] = i * b
+                alive, i = keep, i + 1
+            for worker_id in alive:
+                found[worker_id] = i * b
+        if not found:
+            return {}
+        return {w: found[w] for w in self._workers if w in found}  # in the workers' order
 
 
 class _Lazy(Mapping[str, int]):
