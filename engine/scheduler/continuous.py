@@ -345,6 +345,7 @@ class ContinuousSCLSPolicy:
         of the nominally fastest taking all (a prefix may draw it within the balance bound)."""
         options: list[tuple[float, _Slot, tuple[float, bool, bool], int]] = []
         context_len, least, holder = r.context_len, min(steps, self.min_steps), r.kv_worker_id
+        hits: dict[str, int] | None = None  # r.cached_tokens, read once and only if needed
         for slot in slots.values():  # a round's hot loop: every waiting request, every worker
             if len(slot.rows) >= self.max_batch_size:
                 continue
@@ -360,16 +361,18 @@ class ContinuousSCLSPolicy:
                 granted = slot.fitting_steps(context_len, steps, least)
                 if granted == 0:
                     continue
-            move = self._move(r, slot, slots)
+            if hits is None:  # the broker computes it when first read: only for a candidate
+                hits = dict(r.cached_tokens)
+            move = self._move(r, slot, slots, hits)
             # a full slice's worth of steps: a shorter one is renewed as room comes back
             end_s = move[0] + steps * slot.step_s(context_len)
             options.append((end_s, slot, move, granted))
         if not options:
             return False
-        if r.cached_tokens:  # a prefix hit must not pile everything onto one worker
+        if hits:  # a prefix hit must not pile everything onto one worker
             options = balanced(options, lambda o: len(o[1].rows), self.prefix_balance)
         soonest = min(o[0] for o in options) * (1 + self.tie_tolerance)
-        cached = r.cached_tokens
+        cached = hits or {}
         _, slot, (move_s, prefill, handoff), granted = min(
             (o for o in options if o[0] <= soonest),
             # among ties, the worker holding more of its prefix (its later turns then find
@@ -401,13 +404,13 @@ class ContinuousSCLSPolicy:
         )
 
     def _move(
-        self, r: WaitingRequest, slot: _Slot, slots: dict[str, _Slot]
+        self, r: WaitingRequest, slot: _Slot, slots: dict[str, _Slot], hits: dict[str, int]
     ) -> tuple[float, bool, bool]:
         """The cheapest way to have ``r``'s KV on ``slot``'s worker: kept, restored from its host
         tier, handed off from its holder (auto mode), or recomputed (a prefill row), as
         (seconds, recomputed, handed off)."""
         cost = slot.view.cost
-        uncached = r.context_len - r.cached_tokens.get(slot.worker_id, 0)
+        uncached = r.context_len - hits.get(slot.worker_id, 0) if hits else r.context_len
         recompute = (float(cost.time.row_prefill_s(uncached)), True, False)
         holder = r.kv_worker_id
         if self.kv_mode == "recompute" or holder is None or holder not in slots:

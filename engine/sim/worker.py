@@ -466,10 +466,9 @@ class SimWorker:
         """Prefix-cache names of the row's first ``num_blocks`` full blocks."""
         request_id = row.item.request_id
         known = row.names or self._names_of.get(request_id, [])
-        names = block_hashes(
-            _Context(row.item.token_ids, row.num_new), BLOCK_TOKENS, self.prefix_root,
-            num_blocks, known,
-        )  # fmt: skip
+        head = row.item.token_ids
+        context = head if num_blocks * BLOCK_TOKENS <= len(head) else _Context(head, row.num_new)
+        names = block_hashes(context, BLOCK_TOKENS, self.prefix_root, num_blocks, known)
         if len(names) > len(known):
             self._names_of[request_id] = names
         return names
