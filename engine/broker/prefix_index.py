@@ -36,9 +36,11 @@ class PrefixIndex:
     def __init__(self) -> None:
         self._workers: dict[str, _WorkerCache] = {}
         self._requests: dict[str, dict[bytes, RequestNames]] = {}  # names per request, per root
-        # the same, inverted: who holds each name, and the workers of each root (a request's
-        # lookup then costs the blocks it shares, not a pass over every worker)
-        self._holders: dict[bytes, set[str]] = {}
+        # the same, inverted: who holds each name (a worker id, or a set when several do: most
+        # names have one holder, and a set costs some 200 bytes a name), and the workers of
+        # each root; a request's lookup then costs the blocks it shares, not a pass over every
+        # worker
+        self._holders: dict[bytes, str | set[str]] = {}
         self._roots: dict[bytes, tuple[int, set[str]]] = {}  # root -> (block tokens, workers)
 
     def add_worker(self, worker_id: str, root: bytes, block_tokens: int) -> None:
@@ -69,14 +71,23 @@ class PrefixIndex:
         for name in stored:
             if name not in cache.names:
                 cache.names.add(name)
-                self._holders.setdefault(name, set()).add(worker_id)
+                held = self._holders.get(name)
+                if held is None:
+                    self._holders[name] = worker_id
+                elif isinstance(held, str):
+                    self._holders[name] = {held, worker_id}
+                else:
+                    held.add(worker_id)
 
     def _unhold(self, worker_id: str, names: set[bytes]) -> None:
         for name in names:
-            holders = self._holders[name]
-            holders.discard(worker_id)
-            if not holders:
-                del self._holders[name]
+            held = self._holders[name]
+            if isinstance(held, str):
+                del self._holders[name]  # its only holder
+                continue
+            held.discard(worker_id)
+            if len(held) == 1:
+                self._holders[name] = next(iter(held))
 
     @property
     def active(self) -> bool:
@@ -127,10 +138,10 @@ class PrefixIndex:
             if len(entry.names) < want:
                 entry.names = block_hashes(token_ids, b, root, want, entry.names)
             names = entry.names
-            alive = holders.get(names[0], set()) & members  # hold its first i blocks
+            alive = _as_set(holders.get(names[0])) & members  # hold its first i blocks
             i = 1
             while alive and i < want:
-                keep = alive & holders.get(names[i], set())
+                keep = alive & _as_set(holders.get(names[i]))
                 for worker_id in alive - keep:
                     found[worker_id] = i * b
                 alive, i = keep, i + 1
@@ -139,6 +150,12 @@ class PrefixIndex:
         if not found:
             return {}
         return {w: found[w] for w in self._workers if w in found}  # in the workers' order
+
+
+def _as_set(held: str | set[str] | None) -> set[str]:
+    if held is None:
+        return set()
+    return {held} if isinstance(held, str) else held
 
 
 class _Lazy(Mapping[str, int]):
