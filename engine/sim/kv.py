@@ -32,7 +32,11 @@ class BlockPool:
     block goes only when the free ones run out."""
 
     def __init__(
-        self, budget_bytes: int, block_tokens: int, kv_bytes_per_token: int, prefix_cache=False
+        self,
+        budget_bytes: int,
+        block_tokens: int,
+        kv_bytes_per_token: int,
+        prefix_cache: bool = False,
     ) -> None:
         self.block_tokens = block_tokens
         self.block_bytes = block_tokens * kv_bytes_per_token
