@@ -57,32 +57,28 @@ def _decode_features(n: FloatArray, context: FloatArray) -> FloatArray:
 def nnls(a: FloatArray, b: FloatArray) -> FloatArray:
     """Non-negative least squares, exactly, for the few columns of a time model. The optimum is
     the plain least-squares solution on its own support: the Lawson-Hanson active set finds
-    that support in a few solves, and the optimality (KKT) conditions are checked on it; in the
-    rare case they fail (a degenerate matrix), every support is tried (at most 2^5)."""
+    that support in a few solves, ending only where the optimality (KKT) conditions hold; in
+    the rare case it does not settle (a degenerate matrix), every support is tried (2^5)."""
     full = np.linalg.lstsq(a, b, rcond=None)[0]
     if np.all(full >= 0):
         return np.asarray(full, dtype=np.float64)
     tol = 1e-12 * (float(np.abs(a).sum()) * float(np.abs(b).sum()) + 1.0)
-    found = _active_set(a, b, tol)
-    if found is not None:
-        cols, x = found
-        grad = a.T @ (b - a @ x)  # at the optimum: <= 0 off the support, x >= 0 on it
-        if np.all(x >= 0) and all(grad[j] <= tol for j in range(a.shape[1]) if j not in cols):
-            return x
-    return _nnls_every_support(a, b)
+    x = _active_set(a, b, tol)
+    return x if x is not None else _nnls_every_support(a, b)
 
 
-def _active_set(a: FloatArray, b: FloatArray, tol: float) -> tuple[list[int], FloatArray] | None:
-    """The support of the NNLS optimum by Lawson and Hanson's active-set method, ascending, and
-    the least-squares solution on it; None if it does not settle within its iteration bound."""
+def _active_set(a: FloatArray, b: FloatArray, tol: float) -> FloatArray | None:
+    """The NNLS optimum by Lawson and Hanson's active-set method: the least-squares solution on
+    a support where it is positive and the gradient points out of the feasible set everywhere
+    else (within ``tol``); None if it does not settle within its iteration bound."""
     num_cols = a.shape[1]
     passive: list[int] = []
     x = np.zeros(num_cols)
     for _ in range(3 * num_cols):
         grad = a.T @ (b - a @ x)
         free = [j for j in range(num_cols) if j not in passive and grad[j] > tol]
-        if not free:
-            return sorted(passive), x
+        if not free:  # the KKT conditions hold: x is optimal
+            return x
         passive.append(max(free, key=lambda j: grad[j]))
         for _ in range(3 * num_cols):  # solve on the passive set, stepping back while < 0
             cols = sorted(passive)
