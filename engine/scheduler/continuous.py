@@ -351,16 +351,9 @@ class ContinuousSCLSPolicy:
                 continue
             if holder is not None and self._waits_for_holder(r, slot, slots, aged):
                 continue
-            memory = slot.memory
-            if memory.block_tokens and (
-                slot.peak_bytes + memory.reservation_bytes(context_len, steps)
-                <= memory.budget_bytes
-            ):
-                granted = steps  # fitting_steps' first test, without its calls
-            else:
-                granted = slot.fitting_steps(context_len, steps, least)
-                if granted == 0:
-                    continue
+            granted = slot.fitting_steps(context_len, steps, least)
+            if granted == 0:
+                continue
             if hits is None:  # the broker computes it when first read: only for a candidate
                 hits = dict(r.cached_tokens)
             move = self._move(r, slot, slots, hits)
