@@ -1,6 +1,6 @@
 """Progress of a benchmark run: a one-line bar redrawn in place on a terminal (at most every
-0.1 s), plain lines (about every 10% and at most every 10 s) otherwise; and StallWatch, which tells when a run has
-made no progress for too long."""
+0.1 s), plain lines (about every 10% and at most every 10 s) otherwise; and StallWatch, which
+tells when a run has made no progress for too long."""
 
 from __future__ import annotations
 
