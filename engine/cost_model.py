@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +114,32 @@ def _nnls_every_support(a: FloatArray, b: FloatArray) -> FloatArray:
     return best
 
 
+class _Window:
+    """The most recent samples, at most ``size`` rows of (rows, length, seconds), kept in a
+    numpy ring so that a refit reads them without converting Python tuples."""
+
+    __slots__ = ("_rows", "_next", "_full")
+
+    def __init__(self, size: int) -> None:
+        self._rows = np.empty((size, 3), dtype=np.float64)
+        self._next = 0  # where the next sample goes
+        self._full = False
+
+    def extend(self, samples: FloatArray) -> None:
+        size = len(self._rows)
+        samples = samples[-size:]
+        first = min(len(samples), size - self._next)  # up to the end, then from the start
+        self._rows[self._next : self._next + first] = samples[:first]
+        self._rows[: len(samples) - first] = samples[first:]
+        self._full = self._full or self._next + len(samples) >= size
+        self._next = (self._next + len(samples)) % size
+
+    def oldest_first(self) -> FloatArray:
+        if not self._full:
+            return self._rows[: self._next]
+        return np.concatenate([self._rows[self._next :], self._rows[: self._next]])
+
+
 def _bad_samples(arr: FloatArray) -> Any:
     """Per sample (rows, length, seconds): True where it cannot be a measurement."""
     return ~np.isfinite(arr).all(axis=1) | (arr[:, 0] < 1) | (arr[:, 1] < 0) | (arr[:, 2] <= 0)
@@ -201,10 +226,7 @@ class TimeModel:
             _subsample(_as_samples(anchor_prefill, "prefill"), _MAX_ANCHORS),
             _subsample(_as_samples(anchor_decode, "decode"), _MAX_ANCHORS),
         )
-        self._recent: tuple[deque[Sample], deque[Sample]] = (
-            deque(maxlen=window_len),
-            deque(maxlen=window_len),
-        )
+        self._recent = (_Window(window_len), _Window(window_len))
 
     # -- construction ---------------------------------------------------------------------
 
@@ -380,16 +402,17 @@ class TimeModel:
             bad = _bad_samples(arr)
             for i in np.flatnonzero(bad):
                 log.debug("time model: skipped a measurement: %s sample %s", kind, tuple(arr[i]))
-            good = arr[~bad].tolist()
-            self._recent[idx].extend((int(n), int(length), s) for n, length, s in good)
-            if good:
+            good = arr[~bad]
+            good[:, :2] = np.trunc(good[:, :2])  # whole rows and tokens, as the features count
+            if len(good):
+                self._recent[idx].extend(good)
                 self._refit(idx)
 
     def _refit(self, idx: int) -> None:
         """The anchors weigh as ANCHOR_WEIGHT samples in all, each recent sample as one: a
         few measurements only nudge the prior, a full window overrides it where it was taken."""
-        anchors, recent = self._anchors[idx], np.asarray(self._recent[idx], dtype=np.float64)
-        arr = np.concatenate([anchors, recent.reshape(-1, 3)])
+        anchors = self._anchors[idx]
+        arr = np.concatenate([anchors, self._recent[idx].oldest_first()])
         weights = np.ones(len(arr))
         weights[: len(anchors)] = ANCHOR_WEIGHT / max(len(anchors), 1)
         if idx == 0:
