@@ -220,6 +220,37 @@ def cut_short_lines(summary: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def broker_load_lines(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+    """A simulation's broker load: the CPU seconds the real broker core took per simulated
+    second, for each run that measured them (simulated runs do)."""
+    lines = []
+    for name, name_runs in runs.items():
+        for run in name_runs:
+            cpu_s = run.get("extra", {}).get("sim", {}).get("broker_cpu_s")
+            if cpu_s is None or not run.get("duration_s"):
+                continue
+            lines.append(
+                f"| {name} | {cpu_s:.2f} | {run['duration_s']:.1f} | "
+                f"{cpu_s / run['duration_s']:.3f} |"
+            )
+    if not lines:
+        return []
+    return [
+        "## The broker at this pace",
+        "",
+        "CPU seconds this machine spent in the broker core (intake, planning rounds, worker "
+        "messages) per simulated second: a lower bound on the cores one real broker process "
+        "would need (it also pays for sockets, msgpack, detokenizing and its journal). Above "
+        "1.0, one broker on this CPU could not keep up with the simulated cluster, and the "
+        "figures above assume a faster one. Measured, so it varies from run to run.",
+        "",
+        "| run | broker core CPU s | simulated s | cores of this CPU |",
+        "|---|---:|---:|---:|",
+        *lines,
+        "",
+    ]
+
+
 def _workload_lines(workload: Mapping[str, Any], arrival: Mapping[str, Any]) -> list[str]:
     desc = workload.get("description", {})
     scaling = desc.get("scaling", {})
@@ -315,6 +346,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
         ratio_table(doc["ratios"], doc["baseline"]),
         "",
     ]
+    body += broker_load_lines(doc.get("runs", {}))
     cut = cut_short_lines(doc["summary"])
     if cut:
         body += ["## Cut short or stalled", "", *cut, ""]

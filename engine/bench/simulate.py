@@ -192,9 +192,11 @@ def simulate_entry(spec, sched, devices, items, times, concurrency, args) -> Any
     )
     outcome = sim.run(items, times, concurrency, args.max_duration, progress)
     wall_s = time.perf_counter() - started
+    load = outcome.broker_cpu_s / outcome.duration_s if outcome.duration_s > 0 else 0.0
     print(
         f"simulate: {spec}: {outcome.duration_s:.1f} simulated s in {wall_s:.1f} s "
-        f"({outcome.num_events:,} events, {outcome.num_rounds:,} broker rounds)",
+        f"({outcome.num_events:,} events, {outcome.num_rounds:,} broker rounds; broker core "
+        f"{outcome.broker_cpu_s:.1f} CPU s, {load:.2f} of a core at the simulated pace)",
         flush=True,
     )
     return RunResult(
@@ -210,7 +212,13 @@ def simulate_entry(spec, sched, devices, items, times, concurrency, args) -> Any
         events=outcome.events,
         workers_start={w: {"busy_s": 0.0, "generated_tokens": 0.0} for w in outcome.workers_end},
         workers_end=outcome.workers_end,
-        extra={"sim": {"events": outcome.num_events, "broker_rounds": outcome.num_rounds}},
+        extra={
+            "sim": {
+                "events": outcome.num_events,
+                "broker_rounds": outcome.num_rounds,
+                "broker_cpu_s": outcome.broker_cpu_s,  # measured: differs between runs
+            }
+        },
         cut_off_s=outcome.cut_off_s,
         stall=outcome.stall,
     )

@@ -7,6 +7,10 @@ ending, a worker woken by handed-off KV arriving, and a broker round. As in the 
 one per ``tick_s`` of simulated time, and rounds repeat every ``tick_s`` while requests wait and
 nothing else is due. Messages between the broker and the workers take no time; a worker starts
 its next step as soon as one ends (its loop never waits for the broker).
+
+The one clock read is this thread's CPU time around each call into the broker core, to report
+what the real broker would spend on the simulated traffic (``SimOutcome.broker_cpu_s``); no
+decision depends on it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import heapq
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from time import thread_time
 
 from engine import protocol as p
 from engine.bench.progress import Progress
@@ -63,6 +68,10 @@ class SimOutcome:
     num_events: int
     num_rounds: int
     stall: dict | None = None  # why the run stopped before every request ended, if it did
+    # CPU seconds this process spent inside the broker core (intake, rounds, worker messages,
+    # cancels): what the real broker would spend on this traffic, before sockets, msgpack,
+    # detokenizing and its journal. Measured, so it differs from run to run.
+    broker_cpu_s: float = 0.0
 
 
 class Simulation:
@@ -96,6 +105,7 @@ class Simulation:
         self._last_round = -float("inf")
         self._filler: list[int] = []  # the token every simulated prompt repeats
         self.num_events = self.num_rounds = 0
+        self.broker_cpu_s = 0.0
         self.clock = 0.0  # simulated seconds: the time of the event being handled
         self.progress: Progress | None = None
         for w in self.workers:
@@ -192,7 +202,9 @@ class Simulation:
     def _round(self, now: float) -> None:
         self._last_round = now
         self.num_rounds += 1
+        started = thread_time()
         self.core.schedule(now)
+        self.broker_cpu_s += thread_time() - started
         self._route(now)
         self._sample(now)
         quiet = not self._heap and not any(w.stepping for w in self.workers)
@@ -226,7 +238,9 @@ class Simulation:
     # -- messages -------------------------------------------------------------------------------
 
     def _from_worker(self, worker: SimWorker, msg, now: float) -> None:
+        started = thread_time()
         self.core.on_worker_message(self.core.workers[worker.worker_id], msg, now)
+        self.broker_cpu_s += thread_time() - started
         if isinstance(msg, p.BatchDone):
             record = self.core.batch_records[-1] if self.core.batch_records else None
             if record is not None and record.batch_id == msg.batch_id:
@@ -265,7 +279,9 @@ class Simulation:
             request_id=rec.request_id, prompt_ids=prompt, stream=True, ignore_eos=True,
             max_tokens=item.max_tokens or item.output_len,
         )  # fmt: skip
+        started = thread_time()
         self.core.submit(CLIENT_ID, msg, prompt, now)
+        self.broker_cpu_s += thread_time() - started
 
     def _prompt(self, item: SimItem) -> list[int]:
         """Token ids the prefix caches see, as bench's prompts (engine/bench/prompts.py): each
@@ -300,7 +316,9 @@ class Simulation:
                 live = self.core.requests.get(rec.request_id)
                 if live is not None:
                     rec.num_slices, rec.cached_tokens = live.num_slices, live.cached_tokens
+                started = thread_time()
                 self.core.cancel(CLIENT_ID, rec.request_id, now)
+                self.broker_cpu_s += thread_time() - started
                 self._ended(rec, now)
         elif isinstance(msg, p.Finished):
             rec.finish_reason, rec.finished_s = msg.finish_reason, now
@@ -366,4 +384,5 @@ class Simulation:
             num_events=self.num_events,
             num_rounds=self.num_rounds,
             stall=stall,
+            broker_cpu_s=self.broker_cpu_s,
         )

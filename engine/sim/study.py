@@ -48,6 +48,7 @@ def measure(num: int, instances: int, rate_per_instance: float, device: str, tra
         "output_tokens": sum(r.num_output_tokens for r in out.records),
         "events": out.num_events,
         "broker_rounds": out.num_rounds,
+        "broker_cpu_s": out.broker_cpu_s,
     }
 
 

@@ -23,13 +23,14 @@ ARGS = [
 
 
 def _strip(doc: dict) -> dict:
-    """The document without what differs between two identical runs: its creation time and
-    the seconds each simulation took on this machine."""
+    """The document without what differs between two identical runs: its creation time, the
+    seconds each simulation took on this machine and the CPU seconds its broker core took."""
     doc = dict(doc)
     doc.pop("created")
     for runs in doc["runs"].values():
         for run in runs:
             run.pop("wall_s")
+            assert run["extra"]["sim"].pop("broker_cpu_s") > 0
     return doc
 
 
@@ -47,6 +48,10 @@ def test_simulate_writes_bench_results_and_is_deterministic(tmp_path: Path) -> N
     assert a["config"]["device_models"] == ["a100-80gb:llama-2-7b", "h200:llama-2-7b"]
     text = (tmp_path / "a" / "results.md").read_text()
     assert text.startswith("# Simulation results") and "**simulated**" in text
+    load = text.split("## The broker at this pace")[1].split("\n## ")[0].splitlines()
+    rows = [line.split(" | ") for line in load if line.startswith("| ") and "CPU" not in line]
+    assert [r[0] for r in rows] == ["| scls", "| ils", "| sls"]  # a row per run
+    assert all(float(r[2]) > 0 and float(r[3].rstrip(" |")) >= 0 for r in rows)
     assert sorted(p.name for p in (tmp_path / "a").glob("*.png"))
     assert not list((tmp_path / "b").glob("*.png"))
 
