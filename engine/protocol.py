@@ -7,6 +7,8 @@ messages are compact array-like structs; they are internal, versioned by ``PROTO
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Literal
 
 import msgspec
@@ -36,6 +38,20 @@ class ProtocolError(ValueError):
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     role: str
     content: str
+
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's
+
+
+def messages_problem(messages: Sequence[ChatMessage]) -> str:
+    """The first message a chat template should not get, as a message saying what to change
+    ("" if none): an unknown role would reach the template as text (a typo, silently)."""
+    if not messages:
+        return "messages is empty: pass at least one message"
+    for i, m in enumerate(messages):
+        if m.role not in CHAT_ROLES:
+            return f"messages[{i}].role is {m.role!r}: use one of {', '.join(CHAT_ROLES)}"
+    return ""
 
 
 DEFAULT_MAX_TOKENS = 256  # a Submit that leaves max_tokens out; the CLI's default too
@@ -70,8 +86,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         The engine's own limits (max_tokens against --max-gen-len) are the broker's to check."""
         if self.max_tokens < 1:
             return f"max_tokens must be >= 1, got {self.max_tokens}"
-        if not self.temperature >= 0.0:  # also catches NaN
-            return f"temperature must be >= 0 (0 is greedy), got {self.temperature}"
+        if not 0.0 <= self.temperature < math.inf:  # also catches NaN
+            return f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}"
         if not 0.0 < self.top_p <= 1.0:
             return f"top_p must be in (0, 1] (1.0 disables it), got {self.top_p}"
         if self.top_k < 0:

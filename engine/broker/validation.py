@@ -36,6 +36,8 @@ def check_prompt_fields(msg: p.Submit, max_prompt_chars: int | None = None) -> N
             "invalid_request",
             f"give exactly one of prompt, prompt_ids or messages (got {', '.join(given) or 'none'})",
         )
+    if msg.messages is not None and (problem := p.messages_problem(msg.messages)):
+        raise SubmitError("invalid_request", problem)
     if max_prompt_chars is None:
         return
     num_chars = len(msg.prompt or "") + sum(

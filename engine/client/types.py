@@ -23,6 +23,7 @@ from engine.protocol import (
     Usage,
     decode_client_request,
     encode,
+    messages_problem,
 )
 
 ChatInput = Sequence[ChatMessage | Mapping[str, str]]
@@ -183,6 +184,8 @@ def _check_request_id(request_id: str | None) -> str:
 def _check_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if not -(2**63) <= value < 2**64:  # what msgpack carries (the ranges are checked after)
+        raise InvalidRequest(f"{name} is {value}: out of what a request carries, [-2**63, 2**64)")
     return value
 
 
@@ -203,6 +206,10 @@ def _check_bool(name: str, value: Any) -> bool:
 
 
 def _check_stop(name: str, stop: str | Iterable[str]) -> list[str]:
+    if not isinstance(stop, str | Iterable) or isinstance(stop, bytes | Mapping):
+        raise InvalidRequest(
+            f"{name} must be a str or a list of str, got {type(stop).__name__} {stop!r}"
+        )
     items = [stop] if isinstance(stop, str) else list(stop)
     for i, s in enumerate(items):
         if not isinstance(s, str):
@@ -254,6 +261,7 @@ def _check_messages(messages: ChatInput | None) -> list[ChatMessage] | None:
         if not isinstance(role, str) or not isinstance(content, str):
             raise InvalidRequest(f"messages[{i}]: role and content must be str, got {m!r}")
         out.append(ChatMessage(role=role, content=content))
-    if not out:
-        raise InvalidRequest("messages is empty: pass at least one message")
+    problem = messages_problem(out)
+    if problem:
+        raise InvalidRequest(problem)
     return out

@@ -49,6 +49,23 @@ def test_an_empty_request_id_is_refused_not_taken_for_none():
     check_prompt_fields(p.Submit(prompt="hi"))  # left out: the broker assigns one
 
 
+def test_a_chat_role_the_templates_do_not_know_is_refused_before_tokenizing():
+    """A typo in a role would otherwise reach the chat template as text, silently."""
+    wizard = [p.ChatMessage(role="user", content="hi"), p.ChatMessage(role="wizard", content="x")]
+    with pytest.raises(SubmitError, match=r"messages\[1\].role is 'wizard': use one of") as info:
+        check_prompt_fields(p.Submit(messages=wizard))
+    assert info.value.code == "invalid_request"
+    for role in p.CHAT_ROLES:
+        check_prompt_fields(p.Submit(messages=[p.ChatMessage(role=role, content="hi")]))
+
+
+def test_an_infinite_temperature_is_refused():
+    core = make_core()
+    submit(core, b"c", "r", temperature=float("inf"))
+    [(_, error)] = replies(core)
+    assert error.code == "invalid_request" and "finite number" in error.message
+
+
 def test_a_duplicate_id_refuses_the_new_submit_and_the_live_request_goes_on():
     core = make_core()
     core.add_worker(b"w", ready(), 0.0)
