@@ -65,6 +65,9 @@ def build_app(gateway: Gateway) -> Starlette:
             Exception: _internal_error,
         },
     )
+    # No 307 to the path without its trailing slash: uvicorn would build the Location from the
+    # client's Host header, and clients do not replay a POST body on redirects anyway.
+    app.router.redirect_slashes = False
     app.state.gateway = gateway
     return app
 
@@ -159,9 +162,14 @@ def _http_error(request: Request, exc: Exception) -> Response:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     message = f"{request.method} {request.url.path}: {exc.detail}"
     if exc.status_code == 404:
-        message += " (routes: /v1/completions, /v1/chat/completions, /v1/models, /health, ...)"
+        message += f" (routes here: {', '.join(_paths(request))})"
     error = APIError(exc.status_code, code, message)
     return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+def _paths(request: Request) -> list[str]:
+    """The paths this app serves ("/v1/models/{model}"): the API, or metrics only."""
+    return [route.path.replace(":path}", "}") for route in request.app.routes]
 
 
 def _internal_error(request: Request, exc: Exception) -> Response:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from pathlib import Path
 
@@ -12,6 +13,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from engine.http.errors import APIError
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+#: Where a request's scope carries the id space of the caller's key (see key_scope).
+KEY_SCOPE_STATE = "key_scope"
+
+
+def key_scope(key: bytes) -> str:
+    """A short, stable name of an API key that does not reveal it: the prefix of the engine
+    request ids of its callers, so that callers with different keys never share an id (a
+    request id is a resume and replay key on the engine, docs/HTTP.md)."""
+    return "k" + hashlib.blake2b(key, digest_size=6, person=b"scls-key").hexdigest()
 
 
 class KeyFileError(ValueError):
@@ -43,7 +53,9 @@ class BearerAuth:
         if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIXES):
             await self.app(scope, receive, send)
             return
-        if self._allowed(scope):
+        key = self._matching_key(scope)
+        if key is not None:
+            scope.setdefault("state", {})[KEY_SCOPE_STATE] = key_scope(key)
             await self.app(scope, receive, send)
             return
         error = APIError(
@@ -60,13 +72,15 @@ class BearerAuth:
         await send({"type": "http.response.start", "status": 401, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    def _allowed(self, scope: Scope) -> bool:
+    def _matching_key(self, scope: Scope) -> bytes | None:
+        """The key the request's bearer token is, or None."""
         for name, value in scope["headers"]:
             if name == b"authorization":
                 scheme, _, token = value.partition(b" ")
                 if scheme.lower() != b"bearer":
-                    return False
+                    return None
                 token = token.strip()
                 # compare with every key, in constant time per key: no early exit on a match
-                return any([hmac.compare_digest(token, key) for key in self.keys])
-        return False
+                matches = [hmac.compare_digest(token, key) for key in self.keys]
+                return self.keys[matches.index(True)] if any(matches) else None
+        return None

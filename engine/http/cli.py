@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.addresses import with_port_offset
 from engine.cli_args import add_curve_client_flags, connect_arg
 from engine.cli_base import port, positive_float
 from engine.http.config import GatewayConfig
@@ -26,7 +25,7 @@ def add_http_parser(p: argparse.ArgumentParser) -> None:
         "--stats-connect",
         type=connect_arg("tcp://127.0.0.1:5557"),
         default=None,
-        help="the broker's stats address (default: the --connect port + 2)",
+        help="the broker's stats address (default: asked of the broker at --connect)",
     )
     p.add_argument("--bind", default="127.0.0.1", help="interface to listen on (loopback)")
     p.add_argument("--port", type=port, default=DEFAULT_HTTP_PORT, help="0: any free port")
@@ -90,7 +89,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         raise ValueError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
     return GatewayConfig(
         connect=args.connect,
-        stats_connect=args.stats_connect or stats_address(args.connect),
+        stats_connect=args.stats_connect,  # None: the gateway asks the broker, as `run.py tui`
         model=args.model,
         served_model_name=args.served_model_name,
         bind=args.bind,
@@ -101,16 +100,6 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         curve_secret_key=args.curve_key,
         curve_server_key=args.broker_key,
     )
-
-
-def stats_address(client_addr: str) -> str:
-    """tcp://HOST:PORT -> tcp://HOST:PORT+2, the broker's default layout."""
-    found = with_port_offset(client_addr, 2)
-    if found is None:
-        raise ValueError(
-            f"cannot derive the stats address from --connect {client_addr!r}: pass --stats-connect"
-        )
-    return found
 
 
 def run_http(args: argparse.Namespace) -> int:

@@ -11,8 +11,9 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 class GatewayConfig:
     connect: str = "tcp://127.0.0.1:5555"
     """The broker's client address (ZeroMQ)."""
-    stats_connect: str = "tcp://127.0.0.1:5557"
-    """The broker's stats address: health, engine-wide gauges and the scls: counters."""
+    stats_connect: str | None = None
+    """The broker's stats address: health, engine-wide gauges and the scls: counters. None:
+    ask the broker at ``connect`` where it publishes them (as `run.py tui` does)."""
     model: str = "embedded"
     """The broker's model spec: the gateway loads its tokenizer (no weights) for /tokenize,
     /detokenize, the context length and the default max_tokens of a chat."""

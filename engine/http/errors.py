@@ -26,6 +26,7 @@ _TYPE_OF_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     408: "timeout_error",
     409: "conflict_error",
     413: "invalid_request_error",
@@ -64,7 +65,8 @@ class APIError(Exception):
 
     @property
     def type(self) -> str:
-        return _TYPE_OF_STATUS.get(self.status, "server_error" if self.status >= 500 else "error")
+        fallback = "server_error" if self.status >= 500 else "invalid_request_error"
+        return _TYPE_OF_STATUS.get(self.status, fallback)
 
     def body(self) -> dict:
         """The JSON body: ``{"error": {"message", "type", "param", "code"}}``, as OpenAI's."""
@@ -83,15 +85,26 @@ class APIError(Exception):
         return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
-def from_engine(exc: EngineError) -> APIError:
-    """The HTTP form of an error the client library raised."""
+def from_engine(exc: EngineError, request_timeout_s: float | None = None) -> APIError:
+    """The HTTP form of an error the client library raised; ``request_timeout_s``: the
+    gateway's --request-timeout, named in a 504 instead of the client library's timeout_s
+    (which an HTTP caller never sent)."""
     if isinstance(exc, RequestRejected):  # also InvalidRequest (checked before sending)
         status = STATUS_OF_CODE.get(exc.code, 500)
         # InvalidRequest (refused before sending) has no retry_after_s attribute
         retry_after_s = getattr(exc, "retry_after_s", None)
         return APIError(status, exc.code, exc.message, retry_after_s=retry_after_s)
     if isinstance(exc, RequestTimeout):
-        return APIError(504, "deadline_exceeded", str(exc))
+        if request_timeout_s is None:
+            return APIError(504, "deadline_exceeded", str(exc))
+        return APIError(
+            504,
+            "deadline_exceeded",
+            f"the request did not finish within this server's request time limit of "
+            f"{request_timeout_s:g} s (the gateway's --request-timeout) and was cancelled on "
+            'the engine: ask for a smaller max_tokens, or stream the answer ("stream": true) '
+            "to receive its tokens as they come",
+        )
     if isinstance(exc, Disconnected):
         return APIError(503, "engine_unreachable", str(exc))
     return APIError(500, "internal", str(exc))

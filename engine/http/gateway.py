@@ -11,6 +11,7 @@ import time
 from prometheus_client import CollectorRegistry
 
 from engine.client import AsyncClient, AsyncStatsSubscriber, StatsSnapshot
+from engine.client.stats import find_stats_address
 from engine.curve import ClientKeys
 from engine.errors import SubmitError
 from engine.http.config import GatewayConfig
@@ -37,7 +38,8 @@ def model_name(cfg: GatewayConfig) -> str:
 
 class Gateway:
     """Everything a route needs from the engine. ``start()`` follows the stats stream in a
-    task; ``close()`` stops it and closes both sockets (cancelling requests in flight)."""
+    task (first asking the broker where it is, without ``cfg.stats_connect``); ``close()``
+    stops it and closes both sockets (cancelling requests in flight)."""
 
     def __init__(self, cfg: GatewayConfig, codec: TextCodec) -> None:
         self.cfg = cfg
@@ -45,11 +47,14 @@ class Gateway:
         self.model_name = model_name(cfg)
         self.model_names = {self.model_name, cfg.model}
         self.started_at = time.time()
-        curve = None
+        self._curve = None
         if cfg.curve_secret_key:
-            curve = ClientKeys.load(cfg.curve_secret_key, cfg.curve_server_key or "")
-        self.client = AsyncClient(cfg.connect, timeout_s=cfg.request_timeout_s, curve=curve)
-        self.subscriber = AsyncStatsSubscriber(cfg.stats_connect, latest_only=False, curve=curve)
+            self._curve = ClientKeys.load(cfg.curve_secret_key, cfg.curve_server_key or "")
+        self.client = AsyncClient(cfg.connect, timeout_s=cfg.request_timeout_s, curve=self._curve)
+        self.stats_addr = cfg.stats_connect  # None until the broker says where (_find_stats)
+        self.subscriber: AsyncStatsSubscriber | None = None
+        if self.stats_addr is not None:
+            self.subscriber = self._subscribe(self.stats_addr)
         self.registry = CollectorRegistry()
         self.requests = RequestMetrics(self.registry, self.model_name)
         self.engine = EngineStats(self.registry, self.model_name, cfg.stats_stale_s)
@@ -63,9 +68,30 @@ class Gateway:
             self._follower.cancel()
             await asyncio.gather(self._follower, return_exceptions=True)
         await self.client.close()
-        self.subscriber.close()
+        if self.subscriber is not None:
+            self.subscriber.close()
+
+    def _subscribe(self, addr: str) -> AsyncStatsSubscriber:
+        return AsyncStatsSubscriber(addr, latest_only=False, curve=self._curve)
+
+    async def _find_stats(self) -> AsyncStatsSubscriber:
+        """Ask the broker at cfg.connect where it publishes its stats, until it answers."""
+        while True:
+            try:
+                found = await find_stats_address(self.cfg.connect, curve=self._curve)
+            except Exception:  # a bug here must not leave the gateway without stats for good
+                log.exception("asking the broker at %s for its stats address failed; retrying",
+                              self.cfg.connect)  # fmt: skip
+                found = None
+            if found is not None:
+                log.info("the broker at %s publishes its stats at %s", self.cfg.connect, found)
+                self.stats_addr = found
+                return self._subscribe(found)
+            await asyncio.sleep(1.0)
 
     async def _follow_stats(self) -> None:
+        if self.subscriber is None:
+            self.subscriber = await self._find_stats()
         while True:
             try:
                 snap = await self.subscriber.recv(timeout_s=1.0)
@@ -94,11 +120,18 @@ class Gateway:
     def unavailable(self) -> APIError | None:
         """Why no request can be served now (no stats, no worker, draining), or None."""
         snap = self.engine.fresh()
+        if snap is None and self.stats_addr is None:
+            return APIError(
+                503,
+                "engine_unreachable",
+                f"no broker answers at {self.cfg.connect} (asked where it publishes its stats): "
+                "is the engine running (`run.py serve`), and is --connect its client address?",
+            )
         if snap is None:
             return APIError(
                 503,
                 "engine_unreachable",
-                f"no stats from the broker at {self.cfg.stats_connect} for "
+                f"no stats from the broker at {self.stats_addr} for "
                 f"{self.cfg.stats_stale_s:g} s: is the engine running (`run.py serve`), and "
                 "is --stats-connect its stats address?",
             )
@@ -122,10 +155,21 @@ class Gateway:
         return self.engine.fresh()
 
     def default_max_tokens(self, prompt_len: int) -> int:
-        """A chat without max_tokens: as many as the engine and the context allow."""
+        """A chat without max_tokens: as many as the engine and the context allow; a 400 when
+        the prompt leaves no room in the context."""
+        room = self.codec.max_context_len - prompt_len
+        if room < 1:
+            raise APIError(
+                400,
+                "prompt_too_long",
+                f"the messages are {prompt_len:,} tokens after the chat template, which leaves "
+                f"room for only {max(0, room)} tokens of the model's context of "
+                f"{self.codec.max_context_len:,}: shorten them",
+                param="messages",
+            )
         snap = self.engine.latest
         max_gen_len = snap.max_gen_len if snap is not None else 1024
-        return max(1, min(max_gen_len, self.codec.max_context_len - prompt_len))
+        return min(max_gen_len, room)
 
     def tokenize(
         self, *, prompt: str | None = None, messages: list[dict[str, str]] | None = None
@@ -137,11 +181,15 @@ class Gateway:
         except SubmitError as exc:
             raise bad_request(exc.message, param="messages") from None
 
-    def detokenize(self, token_ids: list[int]) -> str:
+    def check_token_ids(self, token_ids: list[int], param: str) -> None:
+        """A 400 naming ``param`` unless every id is in the model's vocabulary."""
         for i, t in enumerate(token_ids):
             if not 0 <= t < self.codec.vocab_size:
                 raise bad_request(
-                    f"tokens[{i}] is {t}: token ids are in [0, {self.codec.vocab_size})",
-                    param="tokens",
+                    f"{param}[{i}] is {t}: token ids are in [0, {self.codec.vocab_size})",
+                    param=param,
                 )
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        self.check_token_ids(token_ids, "tokens")
         return self.codec.decode(token_ids)

@@ -47,11 +47,14 @@ def engine_extra(result: GenerateResult) -> dict:
 
 @dataclass(slots=True)
 class Shape:
-    """One response's identity: a chat or a plain completion, its id, model and time."""
+    """One response's identity: a chat or a plain completion, its id (the caller's request
+    id), model and time; ``include_usage``: a stream whose last chunk carries the usage (every
+    chunk before it then has ``"usage": null``, as OpenAI's)."""
 
     chat: bool
     request_id: str
     model: str
+    include_usage: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -85,9 +88,11 @@ class Shape:
         else:
             choice = {"index": 0, "text": text or ""}
         choice |= {"logprobs": None, "finish_reason": reason}
-        return self._head("chat.completion.chunk" if self.chat else "text_completion") | {
-            "choices": [choice]
-        }
+        chunk = self._head("chat.completion.chunk" if self.chat else "text_completion")
+        chunk["choices"] = [choice]
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
 
     def usage_chunk(self, u: Usage) -> dict:
         """stream_options.include_usage: the last chunk, with no choices."""

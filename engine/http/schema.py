@@ -4,6 +4,7 @@ engine cannot honour are accepted only at their neutral value."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 import msgspec
@@ -15,6 +16,7 @@ T = TypeVar("T")
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM's extra: only its no-op value, false
 
 
 class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -35,6 +37,17 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
+    # OpenAI fields accepted at their do-nothing value only (_unsupported refuses the rest):
+    # null everywhere, and the values named in NO_OP_VALUES.
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
 
 
 class CompletionRequest(_Sampling, kw_only=True):
@@ -69,6 +82,18 @@ class DetokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     tokens: list[int]
 
 
+#: The do-nothing value (besides null) of the OpenAI fields the engine has no feature for.
+NO_OP_VALUES: dict[str, Any] = {
+    "tool_choice": "none",
+    "response_format": {"type": "text"},
+    "store": False,
+    "service_tier": "auto",
+}
+_FIELD_ERROR = re.compile(
+    r"Object (contains unknown|missing required) field `([^`]+)`(?: - at `\$\.?([^`]*)`)?"
+)
+
+
 def decode_body(body: bytes, kind: type[T]) -> T:
     """Parse a JSON body into ``kind``; a 400 that names the field otherwise."""
     if not body.strip():
@@ -76,18 +101,23 @@ def decode_body(body: bytes, kind: type[T]) -> T:
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
-        hint = ""
-        if "unknown field" in str(exc):
-            hint = " (this server does not support it: remove it)"
-        raise bad_request(f"invalid request body: {exc}{hint}") from None
+        field = _FIELD_ERROR.match(str(exc))
+        if field is None:  # "Expected `int`, got `str` - at `$.max_tokens`": errors.py finds it
+            raise bad_request(f"invalid request body: {exc}") from None
+        what, name, at = field.groups()
+        param = f"{at}.{name}" if at else name  # "frobnicate", "messages[0].role"
+        hint = " (this server does not support it: remove it)" if what.endswith("unknown") else ""
+        raise bad_request(f"invalid request body: {exc}{hint}", param=param) from None
     except msgspec.DecodeError as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
 
 
 def sampling_params(req: _Sampling) -> dict[str, Any]:
     """Keyword arguments for AsyncClient.generate/stream (max_tokens apart); refuses what the
-    engine cannot do (n > 1, penalties, logit_bias) with a 400 that says so."""
+    engine cannot do (n > 1, penalties, logit_bias, tools) with a 400 that says so."""
     _neutral(req)
+    _unsupported(req)
+    _check_int_ranges(req)
     top_k = req.top_k if req.top_k is not None else 0
     if top_k == -1:  # vLLM's spelling of "disabled"
         top_k = 0
@@ -107,6 +137,12 @@ def include_usage(req: _Sampling) -> bool:
         raise bad_request(
             "stream_options is only allowed with stream: true", param="stream_options"
         )
+    if req.stream_options is not None and req.stream_options.continuous_usage_stats:
+        raise bad_request(
+            "stream_options.continuous_usage_stats is not supported: leave it false (with "
+            "include_usage the last chunk carries the usage)",
+            param="stream_options.continuous_usage_stats",
+        )
     return bool(req.stream_options and req.stream_options.include_usage)
 
 
@@ -123,10 +159,62 @@ def _neutral(req: _Sampling) -> None:
             raise bad_request("echo is not supported: leave it false", param="echo")
         if req.best_of not in (None, 1):
             raise bad_request("best_of must be 1", param="best_of")
-        if req.logprobs is not None or req.suffix is not None:
-            raise bad_request("logprobs and suffix are not supported: leave them out")
+        if req.logprobs is not None:
+            raise bad_request("logprobs are not supported: leave them out", param="logprobs")
+        if req.suffix is not None:
+            raise bad_request("suffix is not supported: leave it out", param="suffix")
     if isinstance(req, ChatCompletionRequest) and (req.logprobs or req.top_logprobs):
-        raise bad_request("logprobs are not supported: leave them out", param="logprobs")
+        param = "logprobs" if req.logprobs else "top_logprobs"
+        raise bad_request("logprobs are not supported: leave them out", param=param)
+
+
+def _unsupported(req: _Sampling) -> None:
+    """OpenAI features the engine does not have (tools, structured output, stored
+    completions, service tiers): their do-nothing values pass, anything else is a 400."""
+    for name in ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
+                 "response_format", "metadata", "store", "service_tier"):  # fmt: skip
+        value = getattr(req, name)
+        if value is None or (name in NO_OP_VALUES and value == NO_OP_VALUES[name]):
+            continue
+        allowed = "null" if name not in NO_OP_VALUES else f"null or {_json(NO_OP_VALUES[name])}"
+        raise bad_request(
+            f"{name} is {_json(value)[:80]}: this server does not support "
+            f"{_FEATURES[name]}; leave {name} out (accepted: {allowed})",
+            param=name,
+        )
+
+
+_FEATURES = {
+    "tools": "tool calling",
+    "tool_choice": "tool calling",
+    "parallel_tool_calls": "tool calling",
+    "functions": "function calling",
+    "function_call": "function calling",
+    "response_format": "structured output (JSON mode, JSON schema)",
+    "metadata": "stored completions",
+    "store": "stored completions",
+    "service_tier": "service tiers",
+}
+
+#: The ranges of integer fields, said when a value does not even fit the engine's 64-bit wire.
+_INT_RANGES = {
+    "max_tokens": "ask for at most the engine's maximal generation length (--max-gen-len)",
+    "max_completion_tokens": "ask for at most the engine's maximal generation length "
+    "(--max-gen-len)",
+    "top_k": "top_k must be >= 0 (0 or -1 disable it)",
+    "seed": "seed must be in [0, 2**63)",
+}
+
+
+def _check_int_ranges(req: _Sampling) -> None:
+    for name, allowed in _INT_RANGES.items():
+        value = getattr(req, name, None)
+        if value is not None and not -(2**63) <= value < 2**63:
+            raise bad_request(f"{name} is {value}: out of range; {allowed}", param=name)
+
+
+def _json(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
 
 
 def completion_prompt(req: CompletionRequest) -> dict[str, Any]:
@@ -155,7 +243,9 @@ def chat_messages(messages: list[ChatMessageIn]) -> list[dict[str, str]]:
     for i, m in enumerate(messages):
         if m.content is None:
             raise bad_request(
-                f"messages[{i}] has no content (tool calls are not supported)", param="messages"
+                f"messages[{i}] has no content: every message needs one (a string, or a list "
+                'of {"type": "text", "text": ...} parts)',
+                param=f"messages[{i}].content",
             )
         if isinstance(m.content, str):
             content = m.content

@@ -4,8 +4,8 @@ both watch the connection while the engine works, and stop the engine's request 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 from starlette.types import Receive, Scope, Send
 
@@ -31,18 +31,20 @@ async def wait_disconnect(receive: Receive) -> None:
             return
 
 
-async def until_disconnect(receive: Receive, work: Coroutine[Any, Any, T]) -> T:
-    """Run ``work``; if the client leaves first, cancel it (the client library then cancels
-    the request on the engine) and raise ClientGone."""
-    task = asyncio.ensure_future(work)
+async def until_disconnect(receive: Receive, task: asyncio.Future[T]) -> T:
+    """Wait for ``task``; if the client leaves first, raise ClientGone and leave ``task``
+    running, for the caller to stop (and count what it did). If this wait is itself cancelled
+    (server shutdown), ``task`` is cancelled too."""
     watcher = asyncio.ensure_future(wait_disconnect(receive))
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:  # also when this handler itself is cancelled (server shutdown)
+    except BaseException:
+        task.cancel()  # the client library then cancels the request on the engine
+        await asyncio.gather(task, return_exceptions=True)
+        raise
+    finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-        await asyncio.gather(task, watcher, return_exceptions=True)
+        await asyncio.gather(watcher, return_exceptions=True)
     if task not in done:
         raise ClientGone()
     return task.result()

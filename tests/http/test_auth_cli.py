@@ -5,10 +5,12 @@ stops it cleanly."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -44,6 +46,30 @@ def test_api_key_guards_the_api_but_not_probes(engine, tiny_model_dir):
         bad.close()
 
 
+def test_standalone_gateway_asks_the_broker_for_its_stats(engine, tiny_model_dir):
+    """`run.py http --connect` alone, in front of a broker whose stats port is not the client
+    port + 2: it asks the broker where its stats are, as `run.py tui` does."""
+    proc = subprocess.Popen(
+        [sys.executable, str(RUN_PY), "http", "--port", "0", "--model", str(tiny_model_dir),
+         "--connect", engine.client_addr],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        url = next(m.group(1) for line in proc.stdout if (m := re.search(r"API at (\S+)/v1", line)))
+        deadline = time.monotonic() + 30
+        while (health := httpx.get(f"{url}/health", timeout=5)).status_code != 200:
+            assert time.monotonic() < deadline, health.text
+            time.sleep(0.1)
+        assert health.json()["num_workers"] == 1
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
 def run_http(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(RUN_PY), "http", *args],
@@ -65,7 +91,6 @@ def test_command_line_mistakes_are_one_line(tmp_path, tiny_model_dir):
     empty.write_text("# nothing here\n\n")
     assert_one_line_error(run_http("--api-key-file", str(empty)), 2, "holds no key")
     assert_one_line_error(run_http("--port", "70000"), 2, "--port must be in 0..65535")
-    assert_one_line_error(run_http("--connect", "ipc:///tmp/x"), 2, "pass --stats-connect")
     no_model = run_http("--model", str(tmp_path / "nothing"), "--port", "0")
     assert_one_line_error(no_model, 2, "not found")  # a usage error, as for every command
     with socket.socket() as taken:

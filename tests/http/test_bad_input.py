@@ -24,21 +24,32 @@ BAD_BODIES = [  # (path, body bytes, status, code, param)
     (COMPLETIONS, b"", 400, "invalid_request", None),
     (COMPLETIONS, b'{"prompt": "x", "max_tokens": "5"}', 400, "invalid_request", "max_tokens"),
     (COMPLETIONS, b'{"prompt": "x", "temperature": true}', 400, "invalid_request", "temperature"),
-    (COMPLETIONS, b'{"prompt": "x", "frobnicate": 1}', 400, "invalid_request", None),
+    (COMPLETIONS, b'{"prompt": "x", "frobnicate": 1}', 400, "invalid_request", "frobnicate"),
+    (COMPLETIONS, b'{"max_tokens": 1}', 400, "invalid_request", "prompt"),
     (COMPLETIONS, b'{"prompt": "\xff\xfe"}', 400, "invalid_request", None),
     (COMPLETIONS, b'{"prompt": ["a", "b"]}', 400, "invalid_request", "prompt"),
     (COMPLETIONS, b'{"prompt": ""}', 400, "invalid_request", "prompt"),
     (COMPLETIONS, b'{"prompt": "x", "n": 3}', 400, "invalid_request", "n"),
     (COMPLETIONS, b'{"prompt": "x", "max_tokens": 1000000000}', 400, "invalid_request", "max_tokens"),
-    (COMPLETIONS, b'{"prompt": "x", "max_tokens": 1' + b"0" * 40 + b"}", 400, "invalid_request", None),
+    (COMPLETIONS, b'{"prompt": "x", "max_tokens": 1' + b"0" * 40 + b"}", 400, "invalid_request", "max_tokens"),
+    (COMPLETIONS, b'{"prompt": "x", "top_k": 1' + b"0" * 40 + b"}", 400, "invalid_request", "top_k"),
+    (COMPLETIONS, b'{"prompt": "x", "seed": 1' + b"0" * 40 + b"}", 400, "invalid_request", "seed"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 1' + b"0" * 40 + b"}", 400, "invalid_request", "max_completion_tokens"),
+    (COMPLETIONS, b'{"prompt": [-1]}', 400, "invalid_request", "prompt"),
+    (COMPLETIONS, b'{"prompt": [[1, 1' + b"0" * 30 + b']]}', 400, "invalid_request", "prompt"),
+    (COMPLETIONS, b'{"prompt": "x", "logprobs": 2}', 400, "invalid_request", "logprobs"),
+    (COMPLETIONS, b'{"prompt": "x", "suffix": "y"}', 400, "invalid_request", "suffix"),
     (COMPLETIONS, b'{"prompt": "x", "max_tokens": 0}', 400, "invalid_request", "max_tokens"),
     (COMPLETIONS, b'{"prompt": "x", "stream_options": {"include_usage": true}}', 400, "invalid_request", "stream_options"),
     (COMPLETIONS, json.dumps({"prompt": [7] * 3000}).encode(), 400, "prompt_too_long", None),
     (COMPLETIONS, b'{"prompt": "x", "model": "nope"}', 404, "model_not_found", "model"),
     (CHAT, b'{"messages": []}', 400, "invalid_request", "messages"),
-    (CHAT, b'{"messages": [{"role": "user"}]}', 400, "invalid_request", "messages"),
+    (CHAT, b'{"messages": [{"role": "user"}]}', 400, "invalid_request", "messages[0].content"),
+    (CHAT, b'{"messages": [{"content": "x"}]}', 400, "invalid_request", "messages[0].role"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "x", "foo": 1}]}', 400, "invalid_request", "messages[0].foo"),
     (CHAT, b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}', 400, "invalid_request", "messages"),
-    (CHAT, b'{"prompt": "x"}', 400, "invalid_request", None),
+    (CHAT, b'{"prompt": "x"}', 400, "invalid_request", "prompt"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true}', 400, "invalid_request", "logprobs"),
     ("/tokenize", b'{"prompt": "x", "messages": []}', 400, "invalid_request", None),
     ("/detokenize", b'{"tokens": [1, 99999]}', 400, "invalid_request", "tokens"),
 ]  # fmt: skip
@@ -66,7 +77,8 @@ def test_bad_input_gets_a_clear_error_and_leaves_nothing_behind(gateway):
         assert_error_object(http.post(COMPLETIONS, content=big), 413, "body_too_large")
         bad_id = {"x-request-id": "no spaces allowed"}
         assert_error_object(http.post(COMPLETIONS, json=ok, headers=bad_id), 400, "invalid_request")
-        assert_error_object(http.get(COMPLETIONS), 405, "method_not_allowed")
+        not_allowed = assert_error_object(http.get(COMPLETIONS), 405, "method_not_allowed")
+        assert not_allowed["type"] == "invalid_request_error"
         assert_error_object(http.get("/v2/anything"), 404, "not_found")
         assert http.post(COMPLETIONS, json=ok).status_code == 200  # still serving
     settle_by = time.monotonic() + 5
@@ -164,3 +176,80 @@ def test_keep_alive_responses_are_not_held_back(gateway):
             http.get("/health")
             times.append(time.perf_counter() - started)
     assert sorted(times)[5] < 0.02, f"median {sorted(times)[5] * 1000:.0f} ms"
+
+
+CHAT_HI = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+NO_OP_FIELDS = {  # OpenAI fields at their do-nothing values: accepted, as OpenAI's SDKs send them
+    "tools": None, "tool_choice": None, "response_format": None, "parallel_tool_calls": None,
+    "functions": None, "function_call": None, "metadata": None, "store": False,
+    "service_tier": "auto", "user": "someone",
+}  # fmt: skip
+FEATURES_ASKED = [  # ... and values that ask for a feature the engine lacks: a 400 naming it
+    ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("tool_choice", "auto"),
+    ("response_format", {"type": "json_object"}),
+    ("parallel_tool_calls", True),
+    ("functions", [{"name": "f"}]),
+    ("function_call", "auto"),
+    ("metadata", {"a": "b"}),
+    ("store", True),
+    ("service_tier", "flex"),
+]
+
+
+def test_openai_no_op_fields_are_accepted_and_features_refused(gateway):
+    with httpx.Client(base_url=gateway.url, timeout=10) as http:
+        reply = http.post(CHAT, json=CHAT_HI | NO_OP_FIELDS)
+        assert reply.status_code == 200, reply.text
+        for value in ("none", None):
+            reply = http.post(CHAT, json=CHAT_HI | {"tool_choice": value})
+            assert reply.status_code == 200, reply.text
+        reply = http.post(CHAT, json=CHAT_HI | {"response_format": {"type": "text"}})
+        assert reply.status_code == 200, reply.text
+        options = {"include_usage": True, "continuous_usage_stats": False}
+        body = {"prompt": "hi", "max_tokens": 2, "stream": True, "stream_options": options}
+        assert http.post(COMPLETIONS, json=body | {"user": "u"}).status_code == 200
+        for name, value in FEATURES_ASKED:
+            error = assert_error_object(
+                http.post(CHAT, json=CHAT_HI | {name: value}), 400, "invalid_request"
+            )
+            assert error["param"] == name and "not support" in error["message"], error
+        options["continuous_usage_stats"] = True
+        error = assert_error_object(http.post(COMPLETIONS, json=body), 400, "invalid_request")
+        assert error["param"] == "stream_options.continuous_usage_stats"
+
+
+def test_error_messages_name_what_the_client_sent(gateway):
+    with httpx.Client(base_url=gateway.url, timeout=10) as http:
+        negative = http.post(COMPLETIONS, json={"prompt": [-1]}).json()["error"]
+        assert negative["message"].startswith("prompt[0] is -1: token ids are in [0, ")
+        huge = http.post(COMPLETIONS, json={"prompt": [5, 2**70]}).json()["error"]
+        assert huge["message"].startswith(f"prompt[1] is {2**70}: token ids are in [0, ")
+        no_content = http.post(CHAT, json={"messages": [{"role": "user"}]}).json()["error"]
+        assert "content" in no_content["message"] and "tool" not in no_content["message"]
+        for name in ("max_tokens", "top_k", "seed"):
+            error = http.post(COMPLETIONS, json={"prompt": "x", name: 2**65}).json()["error"]
+            assert error["param"] == name and "serialize" not in error["message"], error
+        # a chat with no max_tokens whose prompt fills the context: no "max_tokens is 1"
+        long_chat = {"messages": [{"role": "user", "content": "hi " * 3000}]}
+        error = assert_error_object(http.post(CHAT, json=long_chat), 400, "prompt_too_long")
+        assert "max_tokens is" not in error["message"], error
+        assert "leaves room for only 0 tokens" in error["message"], error
+
+
+def test_small_http_details(gateway):
+    with httpx.Client(base_url=gateway.url, timeout=10) as http:
+        ok = {"prompt": "hi", "max_tokens": 2}
+        reply = http.post(COMPLETIONS, json=ok, headers={"X-Request-Id": ""})  # as absent
+        assert reply.status_code == 200, reply.text
+        assert reply.headers["x-request-id"] and reply.json()["id"] != "cmpl-"
+        slash = http.post(COMPLETIONS + "/", json=ok)  # no redirect built from the Host header
+        assert slash.status_code == 404 and "location" not in slash.headers
+        assert slash.json()["error"]["code"] == "not_found"
+        body = CHAT_HI | {"stream": True, "stream_options": {"include_usage": True}}
+        with http.stream("POST", CHAT, json=body) as stream:
+            events = [line[6:] for line in stream.iter_lines() if line.startswith("data: ")]
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert events[-1] == "[DONE]" and len(chunks) >= 3
+        assert all("usage" in c and c["usage"] is None for c in chunks[:-1]), chunks
+        assert chunks[-1]["usage"]["completion_tokens"] == 2 and chunks[-1]["choices"] == []

@@ -58,14 +58,19 @@ def wait_state(engine: LocalEngine, request_id: str, state: str, timeout_s: floa
     return seen[1]
 
 
-def aborted_count(gateway: GatewayThread) -> float:
+def counter(gateway: GatewayThread, name: str, **labels: str) -> float:
+    """A counter's value (its _total sample with these labels), 0 when absent."""
     text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
     for family in text_string_to_metric_families(text):
-        if family.name == "vllm:request_success":
+        if family.name == name:
             for s in family.samples:
-                if s.name.endswith("_total") and s.labels["finished_reason"] == "abort":
+                if s.name.endswith("_total") and labels.items() <= s.labels.items():
                     return s.value
     return 0.0
+
+
+def aborted_count(gateway: GatewayThread) -> float:
+    return counter(gateway, "vllm:request_success", finished_reason="abort")
 
 
 def test_leaving_a_stream_cancels_the_request(slow_engine, slow_gateway):
@@ -91,17 +96,78 @@ def test_leaving_a_stream_cancels_the_request(slow_engine, slow_gateway):
         time.sleep(0.05)
 
 
-def test_leaving_a_whole_request_cancels_it(slow_engine, slow_gateway):
-    body = json.dumps({"prompt": "Once upon a time", **LONG}).encode()
+def test_leaving_a_whole_request_cancels_it_and_counts_its_tokens(slow_engine, slow_gateway):
+    prompt = "Once upon a time"
+    body = json.dumps({"prompt": prompt, **LONG}).encode()
     port = int(slow_gateway.url.rsplit(":", 1)[1])
+    tokens = ("vllm:prompt_tokens", "vllm:generation_tokens")
+    before = [counter(slow_gateway, name) for name in tokens]
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.sendall(
             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"X-Request-Id: leave-whole\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         )
-        wait_state(slow_engine, "leave-whole", "running")
+        deadline = time.monotonic() + 10
+        while (seen := request_state(slow_engine, "leave-whole")) is None or seen[1] == 0:
+            assert time.monotonic() < deadline, f"leave-whole is {seen}, no token yet"
+            time.sleep(0.05)
     generated = wait_state(slow_engine, "leave-whole", "cancelled")
-    assert generated < LONG["max_tokens"]
+    assert 0 < generated < LONG["max_tokens"]
+    # its tokens are counted, as a stream's are (docs/METRICS.md)
+    tokenized = httpx.post(f"{slow_gateway.url}/tokenize", json={"prompt": prompt}, timeout=10)
+    ran = [tokenized.json()["count"], generated]
+
+    def counted() -> list[float]:
+        return [counter(slow_gateway, name) - before[i] for i, name in enumerate(tokens)]
+
+    deadline = time.monotonic() + 5
+    while (added := counted()) != ran:
+        assert time.monotonic() < deadline, f"counted {added} tokens, the engine ran {ran}"
+        time.sleep(0.05)
+
+
+def test_request_timeout_names_the_gateways_limit(slow_engine, tiny_model_dir):
+    with gateway_for(slow_engine, tiny_model_dir, request_timeout_s=1.0) as gw:
+        gw.wait_ready()
+        reply = httpx.post(f"{gw.url}/v1/completions", json={"prompt": "hi", **LONG}, timeout=30)
+    assert reply.status_code == 504, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "deadline_exceeded" and error["type"] == "timeout_error"
+    assert "--request-timeout" in error["message"] and "of 1 s" in error["message"], error
+    assert "timeout_s" not in error["message"] and "tokens received" not in error["message"]
+
+
+def test_request_ids_are_scoped_by_api_key(slow_engine, tiny_model_dir):
+    """The same X-Request-Id from callers with different keys: two requests, neither taking
+    over or replaying the other's; each caller sees its own id."""
+    body = {"prompt": "Once upon a time", "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+    with (
+        gateway_for(slow_engine, tiny_model_dir, api_keys=("k1", "k2")) as gw,
+        httpx.Client(base_url=gw.url, timeout=30) as http,
+    ):
+        gw.wait_ready()
+        as_k1 = {"Authorization": "Bearer k1", "X-Request-Id": "cross-3"}
+        as_k2 = {"Authorization": "Bearer k2", "X-Request-Id": "cross-3"}
+        streamed = body | {"stream": True}
+        with http.stream("POST", "/v1/completions", json=streamed, headers=as_k1) as first:
+            assert first.status_code == 200 and first.headers["x-request-id"] == "cross-3"
+            lines = first.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            second = http.post("/v1/completions", json=streamed, headers=as_k2)
+            assert second.status_code == 200, second.text  # its own request, to its end
+            assert second.headers["x-request-id"] == "cross-3"
+            events = [line[6:] for line in lines if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        last = json.loads(events[-2])
+        assert "error" not in last, last  # not taken over (resumed_elsewhere)
+        assert last["choices"][0]["finish_reason"] == "length"
+        one = http.post("/v1/completions", json=body, headers=as_k1 | {"X-Request-Id": "same"})
+        two = http.post("/v1/completions", json=body, headers=as_k2 | {"X-Request-Id": "same"})
+        for reply in (one, two):
+            assert reply.status_code == 200, reply.text
+            assert reply.headers["x-request-id"] == "same" and reply.json()["id"] == "cmpl-same"
+        # two engine requests (k2's is not k1's finished one replayed)
+        assert one.json()["scls"]["request_id"] != two.json()["scls"]["request_id"]
 
 
 def test_overload_is_429_with_retry_after_and_recovers(tiny_model_dir):

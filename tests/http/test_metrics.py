@@ -137,3 +137,6 @@ def test_metrics_only_gateway_serves_no_api(engine, tiny_model_dir):
         assert httpx.get(f"{gw.url}/health", timeout=10).status_code == 200
         reply = httpx.post(f"{gw.url}/v1/completions", json={"prompt": "x"}, timeout=10)
         assert reply.status_code == 404
+        message = reply.json()["error"]["message"]  # the routes this port serves, no others
+        assert "/metrics" in message and "/health" in message, message
+        assert "/v1/" not in message.split("(routes here:")[1], message
