@@ -173,6 +173,7 @@ class Entry:
     tier: str = "device"  # "device" | "host"
     handed_off: bool = False
     transfer_s: float = 0.0  # how long its handoff took (handed off only)
+    sent_bytes: int = 0  # what its handoff moved (handed off only)
 
 
 @dataclass(slots=True)
@@ -208,6 +209,13 @@ class ParkedKV:
         if entry.table is None:
             self.staged_bytes += entry.nbytes
 
+    def settle(self, request_id: str, table: Table) -> None:
+        """A staged entry of ``request_id`` now lives in ``table``'s blocks."""
+        entry = self._device[request_id]
+        assert entry.table is None
+        self.staged_bytes -= entry.nbytes
+        entry.table, entry.nbytes = table, table.num_blocks * self.pool.block_bytes
+
     def take(self, request_id: str) -> Entry | None:
         """The entry, out of the store (the caller owns its blocks now)."""
         entry = self._device.pop(request_id, None)
@@ -228,14 +236,19 @@ class ParkedKV:
         if entry.table is not None:
             self.pool.free(entry.table)
 
-    def evict_for(self, bytes_needed: int) -> Evicted:
-        """Free device bytes, oldest entries first, until ``bytes_needed`` were freed or none is
-        left: each goes to the host tier when it fits and offloading pays, else it is dropped."""
+    def evict_for(
+        self, bytes_needed: int, protect: set[str] | frozenset[str] = frozenset()
+    ) -> Evicted:
+        """Free device bytes, oldest entries first and never those in ``protect``, until
+        ``bytes_needed`` were freed or none is left: each goes to the host tier when it fits
+        and offloading pays, else it is dropped."""
         out = Evicted()
         freed = 0
         for request_id in list(self._device):
             if freed >= bytes_needed:
                 break
+            if request_id in protect:
+                continue
             entry = self.take(request_id)
             assert entry is not None
             freed += entry.nbytes

@@ -119,6 +119,7 @@ class SimWorker:
         self._joining: list[p.RunBatch] = []
         self._queued: deque[p.RunBatch] = deque()
         self._awaited: dict[str, float] = {}  # request id -> when its handed-off KV arrives
+        self._in_flight: dict[str, Entry] = {}  # handed-off KV on its way here
         self._stats: dict[int, DispatchStats] = {}
         self._out = _Out()
         self._seq = 0
@@ -170,8 +171,8 @@ class SimWorker:
         (self._joining if run.join else self._queued).append(run)
 
     def _pull(self, item: p.BatchItem, now: float) -> None:
-        """A handoff: the peer's parked KV arrives after latency + bytes / rate (parked here,
-        outside the pool, until its row starts); gone there, the row recomputes."""
+        """A handoff: the peer's parked KV arrives after latency + bytes / rate (then landed
+        in the pool, ``_land``); gone there, the row recomputes."""
         peer = self._peers(item.kv_source)
         entry = peer.store.take(item.request_id) if peer is not None else None
         if entry is None or peer is None:
@@ -180,10 +181,28 @@ class SimWorker:
         if entry.num_tokens != len(item.token_ids) - 1:
             return  # stale: it covers other tokens
         d = self.device
-        transfer_s = d.transfer_latency_s + entry.nbytes / d.transfer_bytes_per_s
+        nbytes = entry.num_tokens * d.kv_bytes_per_token  # its tokens' KV, not whole blocks
+        transfer_s = d.transfer_latency_s + nbytes / d.transfer_bytes_per_s
         self._awaited[item.request_id] = now + transfer_s
-        arrived = Entry(entry.num_tokens, entry.nbytes, handed_off=True, transfer_s=transfer_s)
-        self.store.park(item.request_id, arrived)
+        arrived = Entry(entry.num_tokens, nbytes, handed_off=True, transfer_s=transfer_s)
+        arrived.sent_bytes = nbytes
+        self._in_flight[item.request_id] = arrived
+
+    def _land(self, now: float) -> None:
+        """Arrivals due by ``now`` (a step boundary, where the executor takes its commands) are
+        parked in blocks of the pool, evicting parked KV that no dispatch waiting here needs,
+        as the executor's ``_land``; one the pool has no room for waits outside it (staged)."""
+        due = [rid for rid in self._in_flight if self._awaited.get(rid, 0.0) <= now]
+        for request_id in due:
+            entry = self._in_flight.pop(request_id)
+            self.store.park(request_id, entry)  # staged, as the executor's intake parks it
+            waiting = {it.request_id for run in (*self._joining, *self._queued) for it in run.items}
+            need, table = self.pool.blocks_for(entry.num_tokens), Table()
+            if need > self.pool.num_blocks or not self._free_blocks(need, waiting - {request_id}):
+                continue
+            if self.pool.allocate(table, entry.num_tokens):
+                table.num_tokens = entry.num_tokens
+                self.store.settle(request_id, table)
 
     def renew(self, renewals: list[tuple[str, int]]) -> None:
         budgets = dict(renewals)
@@ -210,6 +229,7 @@ class SimWorker:
             self._leave(leaving)  # type: ignore[arg-type]
         for request_id in ids:
             self._awaited.pop(request_id, None)
+            self._in_flight.pop(request_id, None)
             self.store.drop(request_id)
 
     def drop_kv(self, request_ids: list[str]) -> None:
@@ -244,6 +264,7 @@ class SimWorker:
     def start_step(self, now: float) -> float | None:
         """Admit what may start, guard memory, and begin one forward; returns when it ends
         (None: nothing runs)."""
+        self._land(now)
         self._admit(now)
         self._adopt_computed()
         self._guard()
@@ -382,15 +403,15 @@ class SimWorker:
                 stats.prefix_hit_tokens += row.cached_tokens
             return row
         stats.reused_kv_tokens += entry.num_tokens
+        if entry.handed_off:
+            stats.handoff_tokens += entry.num_tokens
+            stats.handoff_bytes += entry.sent_bytes
+            stats.transfer_samples.append((entry.sent_bytes, entry.transfer_s))
         if entry.table is not None:
-            row.table = entry.table  # parked here: adopted in place
+            row.table = entry.table  # parked or landed here: adopted in place
         else:
             row.pending = entry
-            if entry.handed_off:
-                stats.handoff_tokens += entry.num_tokens
-                stats.handoff_bytes += entry.nbytes
-                stats.transfer_samples.append((entry.nbytes, entry.transfer_s))
-            else:
+            if not entry.handed_off:
                 copy_s = entry.nbytes / self.device.copy_bytes_per_s
                 stats.restored_tokens += entry.num_tokens
                 stats.copy_samples.append((entry.nbytes, copy_s))
@@ -405,10 +426,12 @@ class SimWorker:
     def _reservation(self, row: _Row) -> int:
         return row.context_len - 1 + self._steps_left(row)
 
-    def _free_blocks(self, num_blocks: int) -> bool:
+    def _free_blocks(
+        self, num_blocks: int, protect: set[str] | frozenset[str] = frozenset()
+    ) -> bool:
         while self.pool.num_free < num_blocks:
             missing = (num_blocks - self.pool.num_free) * self.pool.block_bytes
-            moved = self.store.evict_for(missing)
+            moved = self.store.evict_for(missing, protect)
             if not (moved.offloaded or moved.dropped):
                 return False
             self._out.offloaded += moved.offloaded

@@ -200,9 +200,25 @@ class Executor:
     def receive_kv(self, msg: KVArrived | KVFetchFailed) -> None:
         """A handoff this worker awaited arrived (parked, for its batch) or failed (recompute)."""
         if isinstance(msg, KVArrived):
-            self._intake.arrived(msg)
+            if self._intake.arrived(msg):
+                self._land(msg.request_id, len(msg.token_ids))
         else:
             self._intake.failed(msg)
+
+    def _land(self, request_id: str, num_tokens: int) -> None:
+        """Write an arrival into blocks of the pool now, evicting parked KV that no dispatch
+        waiting here needs (oldest first): the pool alone then holds the KV this worker keeps,
+        within its budget, rather than the pool plus tensors beside it (which a GPU would have
+        to find outside the budget). The broker reserved this request's slice here, so the room
+        exists once parked KV makes way; where it does not, it waits as tensors, as before."""
+        pool, table = self.pool, BlockTable()
+        waiting = {item.request_id for run in (*self._joining, *self._queued) for item in run.items}
+        need = pool.blocks_for(num_tokens)
+        if need > pool.num_blocks or not self._free_blocks(need, waiting - {request_id}):
+            return
+        if pool.allocate(table, num_tokens):
+            if not self._store.settle(request_id, table, lambda layers: pool.write(table, layers)):
+                pool.free(table)
 
     def fail_all(self, message: str) -> StepResult:
         """Release every running and queued request with "error" (after an internal failure)
@@ -348,12 +364,14 @@ class Executor:
         """Tokens of KV a row holds at the end of its dispatch (its slice reservation)."""
         return len(row.token_ids) - 1 + self._steps_left(row)
 
-    def _free_blocks(self, num_blocks: int) -> bool:
-        """Evict parked KV (oldest first) until ``num_blocks`` blocks are free; False if not
-        even evicting everything parked gets there."""
+    def _free_blocks(
+        self, num_blocks: int, protect: set[str] | frozenset[str] = frozenset()
+    ) -> bool:
+        """Evict parked KV (oldest first, never that of ``protect``) until ``num_blocks`` blocks
+        are free; False if not even evicting everything else parked gets there."""
         while self.pool.num_free < num_blocks:
             missing = (num_blocks - self.pool.num_free) * self.pool.block_bytes
-            moved = self._store.evict_for(missing)
+            moved = self._store.evict_for(missing, protect)
             if not moved:
                 return False
             self._out.offloaded += moved.offloaded

@@ -64,15 +64,17 @@ class KVIntake:
             if item.kv_source:
                 self._awaited[item.request_id] = until
 
-    def arrived(self, msg: KVArrived) -> None:
-        """Park an awaited arrival on the device tier; an unawaited (late) one is dropped."""
+    def arrived(self, msg: KVArrived) -> bool:
+        """Park an awaited arrival on the device tier (True); an unawaited (late) one is
+        dropped (False)."""
         if self._awaited.pop(msg.request_id, None) is None:
             log.info("dropped the KV of %s handed off too late", msg.request_id)
-            return
+            return False
         layers = to_device(msg.layers, self.device)
         self.store.park(
             msg.request_id, msg.token_ids, layers, msg.peer, (msg.nbytes, msg.elapsed_s)
         )
+        return True
 
     def failed(self, msg: KVFetchFailed) -> None:
         if self._awaited.pop(msg.request_id, None) is not None:
@@ -113,7 +115,8 @@ class KVIntake:
             stats.restored_tokens += entry.num_tokens
         if entry.peer:
             stats.handoff_tokens += entry.num_tokens
-            stats.handoff_bytes += entry.nbytes
+            # what was moved (its blocks here, once landed, are rounded up to whole blocks)
+            stats.handoff_bytes += entry.transfer[0] if entry.transfer else entry.nbytes
             if entry.transfer is not None:
                 stats.transfer_samples.append(entry.transfer)
         stats.reused_kv_tokens += entry.num_tokens

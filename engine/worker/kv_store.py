@@ -168,6 +168,23 @@ class KVStore:
             self._device_bytes += entry.nbytes
             self._staged_bytes += entry.nbytes if entry.table is None else 0
 
+    def settle(self, request_id: str, table: BlockTable, write: Callable[[Layers], None]) -> bool:
+        """Move a staged arrival of ``request_id`` into ``table`` (blocks allocated for it):
+        ``write`` copies its tensors there, which are then dropped. False if it has no staged
+        entry (nothing is written)."""
+        assert self.pool is not None
+        with self._lock:
+            entry = self._device.get(request_id)
+            if entry is None or entry.table is not None or entry.layers is None:
+                return False
+            write(entry.layers)
+            self._staged_bytes -= entry.nbytes
+            self._device_bytes -= entry.nbytes
+            entry.layers, entry.table = None, table
+            entry.nbytes = self.pool.nbytes(table)
+            self._device_bytes += entry.nbytes
+            return True
+
     def take(self, request_id: str) -> ParkedKV | None:
         """Remove and return the entry of ``request_id`` from either tier (None if none); the
         caller owns it, blocks included."""

@@ -183,3 +183,46 @@ def test_an_unawaited_or_late_arrival_is_dropped(runner) -> None:
     executor.receive_kv(KVArrived("x", (), layers, 0, 0.1, "peer"))
     executor.receive_kv(KVFetchFailed("y", "whatever"))
     assert len(executor.kv_store) == 0 and executor.wait_s() is None
+
+
+def test_an_arrival_lands_in_the_pool_evicting_parked_kv_no_waiting_dispatch_needs(
+    ctx, runner, prompts, reference
+) -> None:
+    """Handed-off KV goes into blocks of the pool when it arrives, not beside it: what the
+    worker holds stays within its budget. Parked KV makes way, oldest first, except that of a
+    dispatch waiting here ("b" is older than "d", but queued)."""
+    block = 16 * runner.info.kv_bytes_per_token
+    budget = 5 * block  # "b" (20 tokens) and "d" (12) park in 3 blocks; "c" (43) needs 3
+
+    def item(rid: str, got: list[int], source: str = "") -> p.BatchItem:
+        return msgspec.structs.replace(
+            make_item(
+                rid, prompts[rid] + got, max_steps=SLICE, max_new_tokens=NUM_TOKENS - len(got),
+                num_generated=len(got), keep_kv=True,
+            ),
+            kv_source=source,
+        )  # fmt: skip
+
+    with nodes(ctx, runner, {}, {"budget": budget}) as (a, b):
+        first = a.run_slice(1, [item("c", [])])[0]
+        first |= b.run_slice(2, [item("b", [])])[0]
+        first |= b.run_slice(3, [item("d", [])])[0]
+        assert b.store.request_ids() == ["b", "d"] and b.executor.pool.num_free == 2
+        run_c = make_run(4, [item("c", first["c"], a.thread.peer_addr)])
+        b.executor.submit(run_c)
+        b.thread.fetch_for(run_c)
+        b.executor.submit(make_run(5, [item("b", first["b"])]))
+        b.executor.receive_kv(b.arrivals.get(timeout=10))
+        assert b.store.staged_bytes == 0 and b.store.tier_of("c") == "device"
+        assert b.store.request_ids() == ["b", "c"]  # "d" made way, "b" is waited for
+        assert b.executor.kv_used_bytes <= budget
+        tokens: dict[str, list[int]] = {}
+        while b.executor.has_work():
+            result = b.executor.step()
+            for rid, toks in result.generated.tokens if result.generated else ():
+                tokens.setdefault(rid, []).extend(toks)
+            b.evicted += result.evicted
+            assert b.executor.kv_used_bytes <= budget
+    assert b.evicted == ["d"]
+    for rid in ("c", "b"):
+        assert first[rid] + tokens[rid] == reference[rid][: 2 * SLICE]
