@@ -203,7 +203,7 @@ class TimeModel:
     anchors (profile samples, or a grid predicted by the initial coefficients) as a prior.
     """
 
-    __slots__ = ("prefill", "decode", "_anchors", "_recent")
+    __slots__ = ("prefill", "decode", "_anchors", "_recent", "_unfitted")
 
     def __init__(
         self,
@@ -227,6 +227,7 @@ class TimeModel:
             _subsample(_as_samples(anchor_decode, "decode"), _MAX_ANCHORS),
         )
         self._recent = (_Window(window_len), _Window(window_len))
+        self._unfitted = [False, False]  # prefill, decode: samples observed since the last fit
 
     # -- construction ---------------------------------------------------------------------
 
@@ -384,12 +385,15 @@ class TimeModel:
         prefill_samples: Iterable[Sequence[float]],
         decode_samples: Iterable[Sequence[float]],
         mixed_samples: Iterable[Sequence[float]] = (),
+        *,
+        refit: bool = True,
     ) -> None:
         """Refine from measured batches: refit on the anchors plus the recent window (relative
         least squares, non-negative). Invalid samples (e.g. 0 seconds) are skipped with a log.
         A mixed step (decode rows n at context c, plus p prefill rows of length l, s seconds)
         teaches what prefilling inside a step adds: ``s - T_decode(n, c)``, taken as a prefill
-        sample (p, l) when positive (that is what a request joining a running set costs)."""
+        sample (p, l) when positive (that is what a request joining a running set costs). With
+        ``refit`` False the samples only join the window, for a later ``refit``."""
         prefill_samples = list(prefill_samples)
         for n, c, p, length, seconds in mixed_samples:
             extra_s = seconds - self.decode_step_s(int(n), int(c))
@@ -406,6 +410,15 @@ class TimeModel:
             good[:, :2] = np.trunc(good[:, :2])  # whole rows and tokens, as the features count
             if len(good):
                 self._recent[idx].extend(good)
+                self._unfitted[idx] = True
+        if refit:
+            self.refit()
+
+    def refit(self) -> None:
+        """Refit each formula that has samples it was not fitted on."""
+        for idx in (0, 1):
+            if self._unfitted[idx]:
+                self._unfitted[idx] = False
                 self._refit(idx)
 
     def _refit(self, idx: int) -> None:

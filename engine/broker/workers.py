@@ -55,6 +55,7 @@ class WorkerState:
     prefix_query_tokens: int = 0  # prefix cache lookups and hits, in tokens (from BatchDone)
     prefix_hit_tokens: int = 0
     busy_s: float = 0.0
+    refit_at: float = -float("inf")  # when its time model was last refitted (BrokerCore)
     token_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
     # The policy's view of the requests in its batches (BrokerCore._running_view), kept between
     # rounds; None (stale) whenever a batch, a batch's requests or a request's tokens or slice

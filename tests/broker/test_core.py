@@ -176,3 +176,39 @@ def test_cancel_unknown_and_duplicate_ids_are_errors():
     core.cancel(b"c", "r", 0.1)
     clients, _ = drain(core)
     assert clients[0].msg.finish_reason == "cancelled"
+
+
+def test_a_workers_time_model_is_refitted_at_most_once_a_refit_interval():
+    """BatchDones come hundreds a second at tens of workers: their samples join the window at
+    once, the refit follows at most every REFIT_INTERVAL_S (the first one at once)."""
+    import dataclasses
+
+    from engine.broker.core import REFIT_INTERVAL_S
+    from engine.cost_model import TimeModel
+
+    core = make_core()
+    core.add_worker(b"w1", ready(), 0.0)
+    worker = core.workers["w1"]
+    fits = []
+    time = worker.cost.time
+
+    class Counting(TimeModel):
+        def refit(self) -> None:
+            fits.append(now)
+            super().refit()
+
+    worker.cost = dataclasses.replace(worker.cost, time=Counting(time.prefill, time.decode))
+    done = p.BatchDone(
+        batch_id=1, steps=1, prefill_tokens=0, pad_tokens=0, invalid_tokens=0,
+        recomputed_tokens=0, reused_kv_tokens=0, generated_tokens=0, measured_s=0.01,
+        measured_peak_bytes=0, prefill_samples=[], decode_samples=[(4, 100, 0.02)],
+    )  # fmt: skip
+    for now in (
+        1.0,
+        1.2,
+        1.0 + REFIT_INTERVAL_S - 0.01,
+        1.0 + REFIT_INTERVAL_S,
+        2.5 + REFIT_INTERVAL_S,
+    ):
+        core.on_batch_done(worker, done, now)
+    assert fits == [1.0, 1.0 + REFIT_INTERVAL_S, 2.5 + REFIT_INTERVAL_S]

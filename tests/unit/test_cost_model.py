@@ -135,6 +135,22 @@ def test_mixed_steps_teach_what_a_prefill_inside_a_step_costs() -> None:
     assert abs(model.row_prefill_s(200) / truth.row_prefill_s(200) - 1) < 0.15
 
 
+def test_samples_observed_without_a_refit_count_at_the_next_one() -> None:
+    """``observe(refit=False)`` only keeps samples; ``refit`` then fits on all of them, as one
+    observe of them all would have."""
+    slower = TimeModel(TRUE_PREFILL, tuple(2 * d for d in TRUE_DECODE))
+    _, measured = samples(slower, noise=0.02, shapes=[(8, 200), (16, 300), (24, 400)] * 8)
+    paced, eager = TimeModel(TRUE_PREFILL, TRUE_DECODE), TimeModel(TRUE_PREFILL, TRUE_DECODE)
+    for i in range(0, len(measured), 8):
+        paced.observe([], measured[i : i + 8], refit=False)
+    assert paced.decode == TRUE_DECODE  # nothing refitted yet
+    paced.refit()
+    eager.observe([], measured)
+    assert paced.decode == eager.decode != TRUE_DECODE
+    paced.refit()  # nothing new: nothing changes
+    assert paced.decode == eager.decode
+
+
 def test_observe_skips_invalid_measurements(caplog: pytest.LogCaptureFixture) -> None:
     model = TimeModel.default()
     with caplog.at_level(logging.DEBUG, logger="engine.cost_model"):
