@@ -27,8 +27,14 @@ def _keys(args: argparse.Namespace) -> int:
     from engine.curve import CurveError, create_key_pair
 
     root = Path(args.dir)
-    wanted = [(root, "broker")] if not (root / "broker.key_secret").exists() else []
     clients, workers = args.client or [], args.worker or []
+    for flag, names in (("--client", clients), ("--worker", workers)):
+        _check_key_names(flag, names)
+    if root.exists() and not root.is_dir():
+        raise UsageError(
+            f"{root} is a file: give a directory for the keys (the broker's --curve DIR)"
+        )
+    wanted = [(root, "broker")] if not (root / "broker.key_secret").exists() else []
     if not clients and not workers:
         clients, workers = ["client"], ["worker"]
     wanted += [(root / "clients", n) for n in clients] + [(root / "workers", n) for n in workers]
@@ -38,6 +44,10 @@ def _keys(args: argparse.Namespace) -> int:
             print(f"created {public} (public) and {secret} (private, mode 0600)")
     except CurveError as exc:
         raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write keys in {root} ({exc.strerror}): give a directory you can write"
+        ) from None
     print(
         f"broker:  run.py broker --curve {root}\n"
         f"worker:  run.py worker --curve-key {root}/workers/NAME.key_secret --broker-key {root}/broker.key\n"
@@ -48,11 +58,33 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_key_names(flag: str, names: list[str]) -> None:
+    """Key names are plain file names (letters, digits, -, _, .), each once."""
+    import re
+
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):
+            raise UsageError(
+                f"{flag} {name!r}: a key name is a plain file name of letters, digits, "
+                "-, _ and . (not starting with .)"
+            )
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"{flag} {', '.join(twice)} given twice: name each key once")
+
+
 def _worker(args: argparse.Namespace) -> int:
     from engine.models import resolve_model
     from engine.worker.main import run_worker
 
     resolve_model(args.model)  # a wrong --model is said before torch loads
+    cli_args.check_device(args.device)
+    if args.curve_key or args.broker_key:  # and wrong keys too (CurveError: a usage error)
+        from engine.curve import ClientKeys
+
+        if not args.curve_key:
+            raise UsageError("--broker-key needs --curve-key too: pass this worker's *.key_secret")
+        ClientKeys.load(args.curve_key, args.broker_key or "")
     cfg = cli_args.worker_config(args, args.connect, args.device, args.threads)
     return run_worker(cfg)
 
@@ -101,6 +133,7 @@ def _profile(args: argparse.Namespace) -> int:
     from engine.worker.main import run_profile
 
     resolve_model(args.model)
+    cli_args.check_device(args.device)
     return run_profile(cli_args.worker_config(args, "", args.device, args.threads))
 
 
@@ -153,7 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("serve", run_serve, "start a broker and N workers as child processes")
     p.add_argument("--workers", type=positive_int, default=2, help="worker processes to start")
-    p.add_argument("--device", default="cpu", help='"cpu" or "cuda" (one worker per GPU)')
+    p.add_argument(
+        "--device",
+        type=cli_args.device_arg,
+        default="cpu",
+        help='"cpu" or "cuda" (one worker per GPU)',
+    )
     cli_args.add_bind_flags(p, "client port; workers use PORT+1, stats PORT+2 (0: any free ports)")
     cli_args.add_scheduler_flags(p)
     cli_args.add_worker_flags(p)
@@ -176,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="tcp://127.0.0.1:5556",
         help="the broker's worker address (its client port + 1), HOST:PORT or tcp://HOST:PORT",
     )
-    p.add_argument("--device", default="cpu", help='"cpu" or "cuda:N"')
+    p.add_argument("--device", type=cli_args.device_arg, default="cpu", help='"cpu" or "cuda:N"')
     p.add_argument("--worker-id", default=None, help="its name (default: host-pid-device)")
     p.add_argument(
         "--drain-timeout", type=positive_float, default=30.0, help="on SIGTERM: seconds to finish its work"
@@ -213,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli_args.add_worker_flags(p)
 
     p = command("profile", _profile, "profile this device and fit the time model (cached)")
-    p.add_argument("--device", default="cpu", help='"cpu" or "cuda:N"')
-    cli_args.add_worker_flags(p)
+    p.add_argument("--device", type=cli_args.device_arg, default="cpu", help='"cpu" or "cuda:N"')
+    cli_args.add_worker_flags(p, serving=False)
 
     p = command("keys", _keys, "create CURVE key pairs for a broker started with --curve")
     p.add_argument("dir", help="key directory (the broker's --curve DIR)")
@@ -237,12 +275,14 @@ def _add_log_flags(p: argparse.ArgumentParser, default) -> None:
     p.add_argument(
         "--log-level",
         default=default,
+        type=str.upper,
         choices=logs.LOG_LEVELS,
         help="DEBUG also shows the traceback of an error (default: INFO)",
     )
     p.add_argument(
         "--log-format",
         default=default,
+        type=str.lower,
         choices=logs.LOG_FORMATS,
         help="json: one JSON object per line (default: text)",
     )

@@ -31,6 +31,9 @@ _UNITS = {
     "g": 1000**3,
     "gb": 1000**3,
     "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
 }
 
 
@@ -39,7 +42,7 @@ def parse_bytes(text: str) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in _UNITS:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size: use bytes or a unit, e.g. 512MiB or 2GiB"
+            f"{text!r} is not a size: use bytes or a unit, e.g. 512MiB, 2GiB or 1TiB"
         )
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
@@ -49,6 +52,34 @@ def positive_bytes(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be above 0 bytes, got {text!r}")
     return value
+
+
+def device_arg(text: str) -> str:
+    """An argparse type: ``cpu``, ``cuda`` or ``cuda:N`` (whether torch sees that device is
+    ``check_device``'s, when the command starts: parsing imports no torch)."""
+    name = text.strip().lower()
+    if name != "cpu" and re.fullmatch(r"cuda(:\d+)?", name) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda or cuda:N")
+    return name
+
+
+def check_device(device: str) -> None:
+    """A CUDA ``--device`` that torch sees here (a UsageError otherwise), before weights load."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise UsageError(
+            f"--device {device}: no CUDA device is visible to torch here (CUDA_VISIBLE_DEVICES, "
+            "the driver, or a CPU-only torch): use cpu"
+        )
+    index = device.partition(":")[2]
+    if index and int(index) >= count:
+        raise UsageError(
+            f"--device {device}: torch sees {count} CUDA device(s): use cuda:0 to cuda:{count - 1}"
+        )
 
 
 def connect_arg(example: str):
@@ -222,7 +253,8 @@ def add_curve_client_flags(ap: argparse.ArgumentParser) -> None:
     )
 
 
-def add_worker_flags(ap: argparse.ArgumentParser) -> None:
+def add_worker_flags(ap: argparse.ArgumentParser, serving: bool = True) -> None:
+    """A worker's flags; ``serving=False`` (``profile``): those of its model and device only."""
     g = ap.add_argument_group("worker")
     g.add_argument(
         "--model",
@@ -247,6 +279,13 @@ def add_worker_flags(ap: argparse.ArgumentParser) -> None:
         default=None,
         help="torch threads per worker (CPU; default: the cores shared among the workers)",
     )
+    if serving:
+        _add_serving_flags(g)
+    g.add_argument("--slowdown", type=float, default=1.0, help=argparse.SUPPRESS)  # benchmarks
+
+
+def _add_serving_flags(g) -> None:
+    """The flags of a worker that serves (not of `profile`)."""
     g.add_argument(
         "--no-profile",
         action="store_true",
@@ -276,7 +315,6 @@ def add_worker_flags(ap: argparse.ArgumentParser) -> None:
         help="append every forward's shape and seconds to DIR/<worker id>.jsonl "
         "(for fitting the simulator: python -m engine.bench.calibrate)",
     )
-    g.add_argument("--slowdown", type=float, default=1.0, help=argparse.SUPPRESS)  # benchmarks
 
 
 def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
@@ -307,6 +345,7 @@ def bind_and_port(args: argparse.Namespace) -> tuple[str, int]:
         raise UsageError(
             f"--bind {args.bind} names port {bound_port} but --port is {args.port}: give one"
         )
+    check_local_host(host)
     client_port = bound_port if bound_port is not None else args.port
     client_port = DEFAULT_PORT if client_port is None else client_port
     if client_port > addresses.MAX_PORT - 2:
@@ -315,6 +354,32 @@ def bind_and_port(args: argparse.Namespace) -> tuple[str, int]:
             f"PORT+2): use at most {addresses.MAX_PORT - 2}"
         )
     return host, client_port
+
+
+def check_local_host(host: str) -> None:
+    """--bind names an address of this host (a UsageError saying so, before any port is
+    tried: binding elsewhere fails whatever the port)."""
+    import errno
+    import socket
+
+    if host in ("*", "0.0.0.0", "::", "[::]"):
+        return
+    name = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(name, 0, type=socket.SOCK_STREAM)
+    except OSError:
+        raise UsageError(f"--bind {host}: no such host: give an address of this host") from None
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno != errno.EADDRNOTAVAIL:
+                return  # anything else is the broker's to report, with the port
+            raise UsageError(
+                f"--bind {host} is not an address of this host: use 127.0.0.1 (this machine "
+                "only), 0.0.0.0 (every interface) or one of this host's addresses"
+            ) from None
 
 
 def broker_config(args: argparse.Namespace, host: str, port: int) -> BrokerConfig:
@@ -333,6 +398,23 @@ def broker_config(args: argparse.Namespace, host: str, port: int) -> BrokerConfi
         curve_dir=getattr(args, "curve", None),
         journal_path=journal_path(args, port),
     )
+
+
+def out_dir(directory: str | os.PathLike[str], flag: str) -> Path:
+    """A directory to write results into (``--out``, ``--journal DIR``), created if missing; a
+    UsageError naming ``flag`` when it is a file, under a file, or cannot be written."""
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {directory}: a file, not a directory: give a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"{flag} {directory}: cannot create it ({exc.strerror}): give a writable directory"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {directory}: not writable: give a writable directory")
+    return path
 
 
 def step_log_dir(directory: str | None) -> str | None:
@@ -360,7 +442,7 @@ def worker_config(
         dtype=args.dtype,
         kv_budget_bytes=args.kv_budget,
         num_threads=threads,
-        profile=not args.no_profile,
+        profile=not getattr(args, "no_profile", False),
         host_kv_budget_bytes=getattr(args, "host_kv_budget", None),
         peer_bind=getattr(args, "peer_bind", None) or "tcp://127.0.0.1:*",
         slowdown=getattr(args, "slowdown", 1.0),

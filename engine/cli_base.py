@@ -36,16 +36,20 @@ class UsageError(CommandError):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Shows every option's default after its help (not None, False or a suppressed one)."""
+    """Shows every option's default after its help (not None, False, "", a suppressed one, one
+    the help already states, nor that of an on/off flag: its help says what it does)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         default = action.default
         if (
             "%(default)" in text
+            or "(default" in text
             or not action.option_strings
-            or default in (None, False, argparse.SUPPRESS)
-            or isinstance(action, argparse._VersionAction)
+            or default is None
+            or default is False
+            or default in ("", [], argparse.SUPPRESS)
+            or isinstance(action, argparse._VersionAction | argparse._StoreConstAction)
         ):
             return text
         shown = ",".join(map(str, default)) if isinstance(default, list | tuple) else default
@@ -58,15 +62,26 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self.help_prog: str | None = None  # the command whose --help an error points to
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """As argparse's, except that an unknown argument after a command points to that
+        command's --help (argparse reports it from the top parser)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            self.help_prog = f"{self.prog} {command}" if command else None
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
     def error(self, message: str) -> NoReturn:
-        line = _rephrase(message)
+        line = rephrase(message)
         if "COMMAND" in message:  # none given, or an unknown one
             line = f"choose a command: {', '.join(self._commands())}"
             if "invalid choice" in message:
                 line = f"unknown command {message.split(':', 2)[2].split('(')[0].strip()}; {line}"
         elif "required" in message or "unrecognized" in message or "invalid choice" in message:
-            line += f" (`{self.prog} --help` lists them)"
+            line += f" (`{self.help_prog or self.prog} --help` lists them)"
         print(f"error: {line}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
 
@@ -77,7 +92,7 @@ class Parser(argparse.ArgumentParser):
         return []
 
 
-def _rephrase(message: str) -> str:
+def rephrase(message: str) -> str:
     """argparse's "argument --port/-p: must be ..." as "--port must be ..."."""
     match = re.fullmatch(r"argument ([^:]+): (.*)", message, flags=re.S)
     if match is None:
@@ -146,6 +161,14 @@ def positive_float(text: str) -> float:
     value = _float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def at_least_one(text: str) -> float:
+    """A factor of 1 or more (a slowdown)."""
+    value = _float(text)
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
     return value
 
 

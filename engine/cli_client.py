@@ -47,7 +47,12 @@ def add_request_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling, in (0, 1]")
     p.add_argument("--top-k", type=non_negative_int, default=0, help="0 disables it")
-    p.add_argument("--seed", type=seed, default=None, help="sampling seed (reproducible sampling)")
+    p.add_argument(
+        "--seed",
+        type=seed,
+        default=None,
+        help="sampling seed, for reproducible sampling (default: none, a fresh draw each time)",
+    )
     p.add_argument("--stop", type=_stop_string, action="append", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="generate until --max-tokens")
     p.add_argument(
@@ -91,7 +96,10 @@ def read_prompt(text: str) -> str:
                 "file after @, or pipe the prompt on stdin with -"
             ) from None
     else:
-        return _utf8(text, "the prompt")
+        prompt = _utf8(text, "the prompt")
+        if not prompt.strip():
+            raise UsageError("the prompt is empty: give some text, - for stdin or @FILE")
+        return prompt
     try:
         prompt = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -48,6 +48,7 @@ def run_broker(args: argparse.Namespace) -> int:
         host, port = cli_args.bind_and_port(args)
         cfg = cli_args.broker_config(args, host, port)
         check_journal(cfg.journal_path)  # before the tokenizer loads: said at once
+        check_curve_dir(cfg.curve_dir)
     resolve_model(cfg.model)
 
     def announce(server) -> None:
@@ -73,6 +74,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from engine.broker.server import BrokerStartError
 
     host, port = cli_args.bind_and_port(args)
+    cli_args.check_device(args.device)
     args.bind, args.port = host, port  # the gateway children get the plain host
     cfg = cli_args.broker_config(args, host, port)
     check_model_and_budget(args, cfg.scheduler.max_gen_len)
@@ -81,6 +83,8 @@ def run_serve(args: argparse.Namespace) -> int:
     except BrokerStartError as exc:
         raise CommandError(str(exc)) from None
     check_journal(cfg.journal_path)
+    check_curve_dir(cfg.curve_dir)
+    check_api_key_file(args)
     serve = _Serve(args, cfg)
     try:
         serve.run()
@@ -92,6 +96,25 @@ def run_serve(args: argparse.Namespace) -> int:
     if serve.failure:
         raise CommandError(serve.failure)
     return 0
+
+
+def check_curve_dir(curve_dir: str | None) -> None:
+    """--curve DIR holds the broker's key pair (a usage error, CurveError, otherwise)."""
+    if curve_dir is not None:
+        from engine.curve import load_pair
+
+        load_pair(Path(curve_dir) / "broker.key_secret")
+
+
+def check_api_key_file(args: argparse.Namespace) -> None:
+    """--api-key-file holds keys (read as the gateway child will), before any child starts."""
+    if getattr(args, "api_key_file", None):
+        from engine.http.auth import KeyFileError, load_keys
+
+        try:
+            load_keys(args.api_key_file)
+        except KeyFileError as exc:
+            raise UsageError(f"--api-key-file: {exc}") from None
 
 
 def check_journal(path: str | None) -> None:

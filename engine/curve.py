@@ -24,6 +24,8 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
+from engine.cli_base import UsageError
+
 log = logging.getLogger(__name__)
 
 ZAP_ADDR = "inproc://zeromq.zap.01"
@@ -31,8 +33,9 @@ DOMAINS = {"clients": ("clients",), "workers": ("workers",), "stats": ("clients"
 _LOG_EVERY_S = 10.0  # a refused key is logged at most this often (a peer retries every second)
 
 
-class CurveError(ValueError):
-    """A key file that is missing or unreadable; the message names the file and the fix."""
+class CurveError(UsageError, ValueError):
+    """A key file that is missing or unreadable; the message names the file and the fix (a
+    usage error: exit status 2)."""
 
 
 def create_key_pair(directory: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
@@ -104,6 +107,11 @@ class ClientKeys:
 
     @classmethod
     def load(cls, secret_file: str | os.PathLike[str], server_key_file: str | os.PathLike[str]):
+        if not str(server_key_file):
+            raise CurveError(
+                "--curve-key needs --broker-key too: pass the broker's public key file, "
+                "--broker-key DIR/broker.key"
+            )
         public, secret = load_pair(secret_file)
         return cls(public, secret, load_public(server_key_file))
 

@@ -95,6 +95,22 @@ def _gguf_spec(gguf_file: Path, name: str | None = None) -> ModelSpec:
     )
 
 
+def _check_gguf_magic(path: Path, spec: str) -> None:
+    """A .gguf file starts with b"GGUF": refuse anything else before it is converted (and
+    before a conversion lock is taken for it)."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelNotFoundError(f"{spec!r}: cannot read it ({exc.strerror})") from None
+    if magic != b"GGUF":
+        what = "an empty file" if not magic else "its first bytes are not GGUF's"
+        raise ModelNotFoundError(
+            f"{spec!r} is not a GGUF model file ({what}): pass a .gguf model file, a "
+            "transformers model directory (with config.json), or 'embedded'"
+        )
+
+
 def resolve_model(spec: str) -> ModelSpec:
     """Resolve "embedded" (alias "smollm2"), a transformers model directory, or a .gguf file.
 
@@ -110,6 +126,7 @@ def resolve_model(spec: str) -> ModelSpec:
                 f"{spec!r} is a file but not a .gguf file: pass a .gguf file, a transformers "
                 "model directory (with config.json), or 'embedded'"
             )
+        _check_gguf_magic(path, spec)
         return _gguf_spec(path)
     if path.is_dir():
         if (path / "config.json").is_file():

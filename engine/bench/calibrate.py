@@ -20,10 +20,11 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from engine.bench.cli import add_bench_parser
 from engine.bench.simulate import add_simulate_parser, run_simulate
-from engine.cli_base import UsageError
+from engine.cli_base import Parser, UsageError, rephrase
 from engine.cost_model import TimeModel
 from engine.sim.devices import (
     DeviceModelError,
@@ -252,9 +253,24 @@ def write_block(doc: Path, name: str, text: str) -> None:
     doc.write_text(f"{before}{start}\n{text}\n{end}{after}")
 
 
+BENCH_RUN = "a `run.py bench --step-log DIR` run"
+
+
+class _Parser(Parser):
+    """One line for a mistake, saying what BENCH_DIR must be."""
+
+    def error(self, message: str) -> NoReturn:
+        print(
+            f"error: {rephrase(message)}: usage: {self.prog} BENCH_DIR --device-model "
+            f"PROFILE.json, BENCH_DIR the --out DIR of {BENCH_RUN}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.bench.calibrate", description=__doc__)
-    ap.add_argument("bench_dir", type=Path, help="a bench results directory (results.json)")
+    ap = _Parser(prog="python -m engine.bench.calibrate", description=__doc__)
+    ap.add_argument("bench_dir", type=Path, help=f"the --out DIR of {BENCH_RUN} (its results.json)")
     ap.add_argument("--device-model", required=True, help="the workers' profile JSON")
     ap.add_argument(
         "--out", type=Path, default=None, help="simulation results (default BENCH_DIR-sim)"
@@ -293,13 +309,19 @@ def read_results(bench_dir: Path) -> dict:
         real = json.loads(path.read_text())
     except OSError as exc:
         raise CalibrationError(
-            f"{path}: cannot read it ({exc.strerror}): give a bench's --out DIR"
+            f"{path}: cannot read it ({exc.strerror}): give the --out DIR of {BENCH_RUN}"
         ) from None
     except ValueError:
         raise CalibrationError(f"{path}: not JSON: give a bench's --out DIR") from None
     if not isinstance(real, dict) or not {"command", "config", "summary", "runs"} <= set(real):
         raise CalibrationError(
             f"{path}: not a bench's results.json (command, config, summary, runs)"
+        )
+    words = shlex.split(str(real["command"]))
+    if "bench" not in words:
+        raise CalibrationError(
+            f"{path} records `{shlex.join(words[:2])} ...`, not a bench: give the --out DIR "
+            f"of {BENCH_RUN}"
         )
     return real
 

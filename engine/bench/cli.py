@@ -13,6 +13,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from engine import cli_args
+from engine.cli_base import (
+    UsageError,
+    at_least_one,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,27 +51,31 @@ def add_bench_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--endpoint-api-key-file", type=Path, default=None, metavar="FILE",
                    help="a bearer key for the endpoints (first line; kept out of the process "
                    "list and the results)")  # fmt: skip
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=positive_int, default=2, help="workers of each engine")
     add_load_flags(p)
-    p.add_argument("--repeats", type=int, default=1, help="runs of each entry, interleaved")
-    p.add_argument("--stall-timeout", type=float, default=60.0, metavar="S",
+    p.add_argument(
+        "--repeats", type=positive_int, default=1, help="runs of each entry, interleaved"
+    )
+    p.add_argument("--stall-timeout", type=non_negative_float, default=60.0, metavar="S",
                    help="a run in which no request received a token for S seconds while some "
                    "were in flight stops there and is reported as stalled, with why (0: never)")  # fmt: skip
-    p.add_argument("--slow-worker", type=float, default=1.0, metavar="FACTOR",
+    p.add_argument("--slow-worker", type=at_least_one, default=1.0, metavar="FACTOR",
                    help="the last worker of every engine runs FACTOR times slower (each forward "
                    "pass takes that much longer: a slower device beside faster ones)")  # fmt: skip
     g = p.add_argument_group("peers")
-    g.add_argument("--peer-batch-size", type=int, default=None,
+    g.add_argument("--peer-batch-size", type=positive_int, default=None,
                    help="hf_generate batch size (default: the most whose worst case fits the "
                    "workers' KV budgets together)")  # fmt: skip
-    g.add_argument("--peer-page-size", type=int, default=32,
+    g.add_argument("--peer-page-size", type=positive_int, default=32,
                    help="hf_generate_batch tokens per KV page")  # fmt: skip
     g.add_argument(
-        "--peer-max-batch-tokens", type=int, default=1024,
+        "--peer-max-batch-tokens", type=positive_int, default=1024,
         help="hf_generate_batch tokens per forward (its default, 8192, sizes attention masks "
         "for the whole cache and exhausts a CPU's memory)",
     )  # fmt: skip
-    p.add_argument("--stats-interval", type=float, default=0.25, help="seconds between snapshots")
+    p.add_argument(
+        "--stats-interval", type=positive_float, default=0.25, help="seconds between snapshots"
+    )
     p.add_argument(
         "--journal",
         metavar="DIR",
@@ -92,27 +105,35 @@ def add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arrival", default=None,
                    help="offline | poisson:RATE | gamma:RATE:BURSTINESS | trace[:SPEED] | "
                    "closed:CONCURRENCY (default: trace for traces with timestamps, else offline)")  # fmt: skip
-    p.add_argument("--num-requests", type=int, default=64)
-    p.add_argument("--trace-offset", type=int, default=0, help="first trace row to replay")
+    p.add_argument("--num-requests", type=positive_int, default=64, help="requests to send")
+    p.add_argument(
+        "--trace-offset", type=non_negative_int, default=0, help="first trace row to replay"
+    )
     p.add_argument("--sample-conversations", type=float, default=None, metavar="FRACTION",
                    help="mooncake: keep this fraction of the trace's conversations (drawn with "
                    "--seed), every turn of each, before --trace-offset and --num-requests")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=seed, default=0, help="draws synthetic lengths, arrivals and prompts"
+    )
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="results directory")
     p.add_argument(
         "--baseline", default=None, help="entry the ratios compare with (default: first)"
     )
     p.add_argument("--goodput", nargs="+", default=[], metavar="KEY:MS",
                    help="latency targets for goodput, e.g. ttft:2000 tpot:200 e2e:30000")  # fmt: skip
-    p.add_argument("--max-duration", type=float, default=600.0,
+    p.add_argument("--max-duration", type=positive_float, default=600.0,
                    help="seconds each run may take from its first request; the rest is cancelled")  # fmt: skip
     g = p.add_argument_group("length scaling")
-    g.add_argument("--prompt-divisor", type=float, default=1.0, help="divide prompt lengths")
-    g.add_argument("--output-divisor", type=float, default=1.0, help="divide output lengths")
-    g.add_argument("--max-prompt-len", type=int, default=None, help="clip prompts (tokens)")
-    g.add_argument("--max-output-len", type=int, default=None,
+    g.add_argument("--prompt-divisor", type=positive_float, default=1.0,
+                   help="divide prompt lengths")  # fmt: skip
+    g.add_argument("--output-divisor", type=positive_float, default=1.0,
+                   help="divide output lengths")  # fmt: skip
+    g.add_argument("--max-prompt-len", type=positive_int, default=None,
+                   help="clip prompts (tokens; default: the model's context)")  # fmt: skip
+    g.add_argument("--max-output-len", type=positive_int, default=None,
                    help="clip outputs (tokens; default and at most --max-gen-len)")  # fmt: skip
-    g.add_argument("--min-output-len", type=int, default=1)
+    g.add_argument("--min-output-len", type=positive_int, default=1,
+                   help="lengthen shorter outputs to this (tokens)")  # fmt: skip
     p.add_argument(
         "--lengths", choices=["known", "hidden"], default="known",
         help="known: max_tokens = the output length (as vLLM's benchmark; ILS reserve then "
@@ -260,6 +281,19 @@ def _resolve_endpoints(args: argparse.Namespace, settings, prepared: Prepared):
     return replace(settings, endpoints=endpoints), texts
 
 
+def _check_start(args: argparse.Namespace, settings) -> None:
+    """What `serve` refuses at start, refused before any worker starts: a --kv-budget that
+    cannot hold one request; and where the results and journals go."""
+    from engine.bench.runner import POLICY_VARIANTS
+    from engine.cli_serve import check_model_and_budget
+
+    if any(e in POLICY_VARIANTS for e in settings.entries):  # engines, whose workers check it
+        check_model_and_budget(args, settings.scheduler.max_gen_len)
+    cli_args.out_dir(args.out, "--out")
+    if args.journal is not None:
+        cli_args.out_dir(args.journal, "--journal")
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from engine.bench.metrics import MetricsError, parse_goodput
     from engine.bench.runner import BenchError, run_all
@@ -271,12 +305,12 @@ def run_bench(args: argparse.Namespace) -> int:
         baseline = (args.baseline or settings.entries[0]).lower()
         if baseline not in settings.entries:
             raise BenchError(f"--baseline {baseline!r} is not among {', '.join(settings.entries)}")
+        _check_start(args, settings)
         prepared = prepare(args, settings.scheduler.max_gen_len)
         workload, arrival, items, times, _ = prepared
         settings, prompt_texts = _resolve_endpoints(args, settings, prepared)
     except (BenchError, MetricsError, WorkloadError, ValueError) as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     print(
         f"bench: {len(items)} requests of {workload.name} ({arrival.label()}), entries "
         f"{', '.join(settings.entries)}, {settings.repeats} repeat(s); results in {args.out}",
@@ -343,8 +377,10 @@ class Results:
 
 def bench_main(argv: list[str]) -> int:
     """``run.py bench ARGV`` from Python."""
-    parser = argparse.ArgumentParser(prog="run.py bench")
+    from engine.cli_base import Parser, run_command
+
+    parser = Parser(prog="run.py bench")
     add_bench_parser(parser)
     args = parser.parse_args(argv)
     args.argv = ["bench", *argv]
-    return run_bench(args)
+    return run_command(run_bench, args)  # a mistake: one `error:` line and status 2

@@ -39,11 +39,13 @@ def parse_goodput(items: Iterable[str]) -> dict[str, float]:
             ms = float(value)
         except ValueError:
             ms = float("nan")
-        if not sep or key not in GOODPUT_KEYS or not ms > 0:
+        if not sep or key not in GOODPUT_KEYS or not ms > 0 or ms == float("inf"):
             raise MetricsError(
                 f"goodput target {item!r}: write KEY:MILLISECONDS with KEY one of ttft, tpot, "
                 "e2e (e.g. --goodput ttft:2000 tpot:200)"
             )
+        if key in out:
+            raise MetricsError(f"--goodput gives {key} twice: give one target per metric")
         out[key] = ms
     return out
 

@@ -256,7 +256,7 @@ def _workload_lines(workload: Mapping[str, Any], arrival: Mapping[str, Any]) -> 
     scaling = desc.get("scaling", {})
     prompt, output = desc.get("prompt_len", {}), desc.get("output_len", {})
     lines = [
-        f"- workload: `{workload.get('name')}`, {desc.get('num_requests', '?')} requests, "
+        f"- workload: `{workload.get('name')}`, {_count(desc.get('num_requests'), 'request')}, "
         f"arrival {json.dumps(dict(arrival))}, lengths {workload.get('lengths', 'known')} to "
         "the engine",
         f"- prompt tokens after scaling: mean {prompt.get('mean', 0):.0f}, p50 "
@@ -267,10 +267,8 @@ def _workload_lines(workload: Mapping[str, Any], arrival: Mapping[str, Any]) -> 
     if scaling:
         lines.append(
             f"- scaling: prompt / {scaling.get('prompt_divisor')}, output / "
-            f"{scaling.get('output_divisor')}, prompt clipped to {scaling.get('max_prompt_len')} "
-            f"({scaling.get('num_prompts_clipped')} clipped), output clipped to "
-            f"{scaling.get('max_output_len')} ({scaling.get('num_outputs_clipped')} clipped), "
-            f"context at most {scaling.get('max_total_len')}"
+            f"{scaling.get('output_divisor')}, {_clip('prompt', scaling)}, "
+            f"{_clip('output', scaling)}, context at most {scaling.get('max_total_len')}"
         )
     prefix = desc.get("prefix")
     if prefix:
@@ -282,6 +280,23 @@ def _workload_lines(workload: Mapping[str, Any], arrival: Mapping[str, Any]) -> 
     if desc.get("attribution"):
         lines.append(f"- data: {desc['attribution']}")
     return lines
+
+
+def _count(num: Any, noun: str) -> str:
+    """``1 request``, ``2 requests``, ``? requests`` (unknown)."""
+    if num is None:
+        return f"? {noun}s"
+    return f"{num} {noun}" if num == 1 else f"{num} {noun}s"
+
+
+def _clip(kind: str, scaling: Mapping[str, Any]) -> str:
+    """``prompt clipped to 512 (3 clipped)``; without a maximum, what the context clipped."""
+    limit, num = scaling.get(f"max_{kind}_len"), scaling.get(f"num_{kind}s_clipped")
+    if limit is None:
+        return (
+            f"{kind} clipped to fit the context ({num} clipped)" if num else f"{kind} not clipped"
+        )
+    return f"{kind} clipped to {limit} ({num} clipped)"
 
 
 def _setup_lines(cfg: Mapping[str, Any]) -> list[str]:
@@ -300,7 +315,7 @@ def _setup_lines(cfg: Mapping[str, Any]) -> list[str]:
         )
     elif len(cfg.get("entries") or ()) > len(endpoints):
         lines.append(
-            f"- {cfg.get('num_workers')} workers x {cfg.get('threads_per_worker')} torch "
+            f"- {_count(cfg.get('num_workers'), 'worker')} x {cfg.get('threads_per_worker')} torch "
             f"thread(s), model `{cfg.get('model')}` ({cfg.get('dtype')}), KV budget "
             f"{cfg.get('kv_budget_bytes_effective', 0) / 2**20:.0f} MiB per worker; slice "
             f"{sched.get('slice_len')}, max_gen_len {sched.get('max_gen_len')}, kv_mode "

@@ -101,9 +101,14 @@ class BenchSettings:
         return out
 
 
-def check_entries(entries: Sequence[str], endpoints: Sequence[str] = ()) -> tuple[str, ...]:
-    """Policy specs and peer names, then endpoint names: each known, and each once."""
+def check_entries(
+    entries: Sequence[str], endpoints: Sequence[str] = (), peers: bool = True
+) -> tuple[str, ...]:
+    """Policy specs and peer names, then endpoint names: each known, and each once.
+    ``peers=False`` (simulate): policies alone, and the messages name only --policies."""
     names = tuple(e.strip().lower() for e in entries if e.strip())
+    if not peers:
+        return _check_policies(names)
     unknown = [n for n in names if n not in POLICY_VARIANTS and n not in PEER_NAMES]
     taken = [n for n in endpoints if n in POLICY_VARIANTS or n in PEER_NAMES]
     if taken:
@@ -122,6 +127,25 @@ def check_entries(entries: Sequence[str], endpoints: Sequence[str] = ()) -> tupl
         )
     if len(set(names)) != len(names):
         raise BenchError(f"an entry appears twice in {', '.join(names)}: list each once")
+    return names
+
+
+def _check_policies(names: tuple[str, ...]) -> tuple[str, ...]:
+    peers = [n for n in names if n in PEER_NAMES]
+    if peers:
+        raise BenchError(
+            f"{', '.join(peers)} is a transformers peer, which only `run.py bench --peers` runs: "
+            "simulate runs policies; drop it from --policies"
+        )
+    unknown = [n for n in names if n not in POLICY_VARIANTS]
+    if unknown:
+        raise BenchError(
+            f"unknown policy {', '.join(unknown)}: --policies takes {', '.join(POLICY_VARIANTS)}"
+        )
+    if not names:
+        raise BenchError("--policies is empty: pass policies, e.g. --policies sls,ils,scls")
+    if len(set(names)) != len(names):
+        raise BenchError(f"a policy appears twice in --policies {','.join(names)}: list each once")
     return names
 
 

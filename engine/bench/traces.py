@@ -51,8 +51,27 @@ def parse(
     ``limit``: ShareGPT only (it has no timestamps), stop after that many requests, since each
     one must be tokenized."""
     file = Path(path).expanduser()
+    what = f"{_ARTICLE.get(kind, 'a')} {_TITLES.get(kind, kind)} trace file"
+    if file.is_dir():
+        raise WorkloadError(f"{str(path)!r} is a directory: pass the path of {what}")
     if not file.is_file():
-        raise WorkloadError(f"trace file {str(path)!r} not found: pass the path of a {kind} file")
+        raise WorkloadError(f"trace file {str(path)!r} not found: pass the path of {what}")
+    try:
+        return _parse(kind, file, tokenize, limit)
+    except UnicodeDecodeError as exc:
+        raise WorkloadError(
+            f"{file} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
+            f"pass the path of {what}"
+        ) from None
+
+
+_TITLES = {"azure": "Azure", "burstgpt": "BurstGPT", "mooncake": "Mooncake"}
+_ARTICLE = {"azure": "an"}
+
+
+def _parse(
+    kind: str, file: Path, tokenize: Callable[[str], list[int]] | None, limit: int | None
+) -> list[RequestSpec]:
     if kind == "azure":
         rows = list(_azure(file))
     elif kind == "burstgpt":

@@ -91,6 +91,15 @@ class Workload:
         return ATTRIBUTIONS.get(self.kind)
 
 
+#: The flags that set LengthScaling's fields (the shortest prompt is no flag: 1 token).
+_FLAGS = {
+    "min_prompt_len": "the shortest prompt",
+    "min_output_len": "--min-output-len",
+    "max_prompt_len": "--max-prompt-len",
+    "max_output_len": "--max-output-len",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class LengthScaling:
     """Lengths are divided by the divisors, rounded, then clipped to [min, max]; ``None`` max:
@@ -110,13 +119,15 @@ class LengthScaling:
                 f"length divisors must be > 0, got prompt {self.prompt_divisor} and output "
                 f"{self.output_divisor}: use 1 to keep lengths, 4 to divide them by 4"
             )
-        for name in ("min_prompt_len", "min_output_len"):
-            if getattr(self, name) < 1:
-                raise WorkloadError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("min_prompt_len", "min_output_len", "max_prompt_len", "max_output_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise WorkloadError(f"{_FLAGS[name]} must be at least 1, got {value}")
         for lo, hi in (("min_prompt_len", "max_prompt_len"), ("min_output_len", "max_output_len")):
             if getattr(self, hi) is not None and getattr(self, hi) < getattr(self, lo):
                 raise WorkloadError(
-                    f"{hi} ({getattr(self, hi)}) is below {lo} ({getattr(self, lo)}): raise it"
+                    f"{_FLAGS[hi]} ({getattr(self, hi)}) is below {_FLAGS[lo]} "
+                    f"({getattr(self, lo)}): raise it"
                 )
 
     def apply(self, req: RequestSpec) -> tuple[RequestSpec, bool, bool]:
@@ -260,7 +271,13 @@ def load_workload(
 
     kind, sep, rest = spec.partition(":")
     kind = kind.strip().lower()
-    if not sep or not rest:
+    if sep and not rest.strip():
+        raise WorkloadError(
+            f"workload {spec!r}: nothing after ':': pass "
+            + ("synthetic:SPEC, e.g. synthetic:prompt=40,output=lognormal:250:0.8"
+               if kind == "synthetic" else f"{kind}:PATH, the path of the trace file")
+        )  # fmt: skip
+    if not sep:
         raise WorkloadError(
             f"workload {spec!r} has no ':': pass KIND:PATH (KIND one of {', '.join(TRACE_KINDS)}) "
             "or synthetic:SPEC, e.g. synthetic:prompt=40,output=lognormal:250:0.8"

@@ -76,6 +76,9 @@ MODELS: dict[str, ModelGeometry] = {
     "smollm2-135m": ModelGeometry("smollm2-135m", 134.5e6, 30, 576, 3, 64, 49152, 8192, 4),
 }
 
+#: The fewest tokens of KV a simulated GPU instance must hold (one request of a few tokens).
+MIN_KV_TOKENS = 64
+
 #: Shapes a simulated GPU worker "profiles" to fit the time model it announces (a real worker
 #: times its own PREFILL_GRID / DECODE_GRID; a GPU runs far larger batches, so larger shapes).
 PROFILE_PREFILL = ((1, 16), (1, 128), (1, 512), (1, 2048), (4, 256), (8, 512), (16, 128))
@@ -223,7 +226,13 @@ def fit_roofline(roof: Roofline) -> TimeModel:
 
 def gpu_device(spec: str, kv_budget_bytes: int | None = None) -> DeviceModel:
     """``GPU:MODEL[:tpN]``, e.g. ``h100-80gb:llama-3-8b`` or ``a100-80gb:llama-2-70b:tp4``."""
-    gpu_name, model_name, *rest = [*spec.lower().split(":"), ""][:3]
+    parts = spec.lower().split(":")
+    gpu_name, model_name, *rest = [*parts, ""][:3]
+    if len(parts) > 3:
+        raise DeviceModelError(
+            f"--device-model {spec!r}: write GPU:MODEL[:tpN], e.g. a100-80gb:llama-2-70b:tp4 "
+            f"(nothing after tpN: {':'.join(parts[3:])!r})"
+        )
     if gpu_name not in GPUS or model_name not in MODELS:
         raise DeviceModelError(
             f"--device-model {spec!r}: write GPU:MODEL[:tpN] with GPU one of {', '.join(GPUS)} "
@@ -236,12 +245,25 @@ def gpu_device(spec: str, kv_budget_bytes: int | None = None) -> DeviceModel:
         raise DeviceModelError(f"--device-model {spec!r}: the third part is tpN, e.g. tp4")
     tp = int(tp_text[2:]) if tp_text else 1
     gpu, model = GPUS[gpu_name], MODELS[model_name]
+    num_heads = model.hidden // model.head_dim
+    if num_heads % tp:
+        divisors = [str(d) for d in range(1, num_heads + 1) if num_heads % d == 0]
+        raise DeviceModelError(
+            f"--device-model {spec!r}: {model.name}'s {num_heads} attention heads do not split "
+            f"over {tp} GPUs: use tp{', tp'.join(divisors)}"
+        )
     roof = Roofline(gpu, model, tp)
     # As vLLM's gpu_memory_utilization=0.9: 90% of HBM, less the weights and 1 GiB of
     # activations and workspace per GPU, holds KV.
     free = tp * (0.9 * gpu.hbm_bytes - GIB) - model.weight_bytes
     budget = kv_budget_bytes if kv_budget_bytes is not None else int(free)
-    if budget < model.kv_bytes_per_token * 64:
+    if kv_budget_bytes is not None and budget < model.kv_bytes_per_token * MIN_KV_TOKENS:
+        raise DeviceModelError(
+            f"--kv-budget {budget / 2**20:.3g}MiB holds {budget // model.kv_bytes_per_token} tokens of "
+            f"{model.name}'s KV ({model.kv_bytes_per_token:,} bytes per token): give at least "
+            f"{model.kv_bytes_per_token * MIN_KV_TOKENS / 2**20:.1f}MiB, or leave it out"
+        )
+    if budget < model.kv_bytes_per_token * MIN_KV_TOKENS:
         raise DeviceModelError(
             f"--device-model {spec!r}: {model.name} ({model.weight_bytes / 1e9:.0f} GB of weights) "
             f"leaves no room for KV on {tp} x {gpu.name}: use more GPUs (:tpN)"
@@ -263,13 +285,26 @@ def gpu_device(spec: str, kv_budget_bytes: int | None = None) -> DeviceModel:
 
 def load_profile(path: str | Path, flag: str) -> TimeModel:
     """The time model of a profile JSON named by ``flag``; DeviceModelError saying why not."""
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise DeviceModelError(f"{flag} {path}: no such file: give a profile JSON")
+    if file.is_dir():
+        raise DeviceModelError(f"{flag} {path}: a directory, not a profile JSON file")
     try:
-        time = TimeModel.load_cached(Path(path).expanduser())
+        data = json.loads(file.read_text(encoding="utf-8"))
     except OSError as exc:
         raise DeviceModelError(f"{flag} {path}: cannot read it ({exc.strerror})") from None
+    except ValueError:  # not JSON, or not UTF-8 text
+        data = None
+    time = None
+    if isinstance(data, dict):  # the loader takes a JSON object (and warns of anything else)
+        try:
+            time = TimeModel.from_json(data)
+        except (ValueError, KeyError, TypeError):
+            time = None
     if time is None:
         raise DeviceModelError(
-            f"{flag} {path}: not a time-model profile (a worker writes one under "
+            f"{flag} {path}: not a time-model profile (a JSON object that a worker writes under "
             "~/.cache/scls-engine/profiles/; `run.py profile` makes it)"
         )
     return time

@@ -196,6 +196,9 @@ class WorkerLoop:
         try:
             while not abort.is_set() and self.compute.is_alive():
                 if stop.is_set() and self.drain_deadline is None:
+                    if self.heard_at is None:  # no broker since start or reset: no work here
+                        log.info("stopping: no broker has answered, so nothing is running here")
+                        break
                     self._start_drain()
                 events = dict(poller.poll(timeout=100))
                 if self.inbox in events and not self._forward_outputs():

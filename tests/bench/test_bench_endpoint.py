@@ -76,9 +76,9 @@ def _free_port() -> int:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ([], "bench: endpoint: cannot reach http://127.0.0.1:{port}/v1 ("),
-        (["--lengths", "hidden"], "bench: --lengths hidden cancels each request at its length"),
-        (["--policies", "ils", "--endpoint", "ils=http://x/v1"], "bench: --endpoint name ils"),
+        ([], "error: endpoint: cannot reach http://127.0.0.1:{port}/v1 ("),
+        (["--lengths", "hidden"], "error: --lengths hidden cancels each request at its length"),
+        (["--policies", "ils", "--endpoint", "ils=http://x/v1"], "error: --endpoint name ils"),
     ],
 )
 def test_bad_endpoint_is_one_line(tiny_model_dir, tmp_path, capsys, extra, message):

@@ -224,3 +224,23 @@ def test_a_mistake_is_one_line_and_status_2(tmp_path: Path, capsys, make, words:
     assert calibrate_main([str(tmp_path), "--device-model", "x.json"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and words in err[0], err
+
+
+def test_a_simulate_dir_or_no_argument_is_one_line(tmp_path: Path, capsys) -> None:
+    """calibrate wants a bench's --out DIR: a simulate's is refused in one line, status 2."""
+    args = ["simulate", "--policies", "scls", "--num-requests", "5", "--no-plots",
+            "--out", str(tmp_path / "sim")]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    profile = tmp_path / "p.json"
+    TimeModel((1e-3, 0.0, 0.0, 0.01, 0.0), (0.0, 1e-3, 0.0, 0.02)).save(profile)
+    assert calibrate_main([str(tmp_path / "sim"), "--device-model", str(profile)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert (
+        len(err) == 1 and "not a bench: give the --out DIR of a `run.py bench --step-log" in err[0]
+    )
+    with pytest.raises(SystemExit) as exit_:
+        calibrate_main([])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: ")
+    assert "`run.py bench --step-log DIR`" in err[0]

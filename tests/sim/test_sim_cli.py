@@ -96,8 +96,46 @@ def test_the_broker_plans_with_the_announced_model(tmp_path: Path) -> None:
         (["--instances", "0"], "--instances must be at least 1"),
         (["--device-model", "v100:llama-2-7b"], "GPU:MODEL"),
         (["--device-model", "a100-80gb:llama-2-70b"], "tpN"),
-        (["--device-model", "/nonexistent/profile.json"], "not a time-model profile"),
-        (["--policies", "scls,fifo"], "unknown policy"),
+        (["--device-model", "/nonexistent/profile.json"], "/nonexistent/profile.json: no such"),
+        (["--policies", "scls,fifo"], "unknown policy fifo: --policies takes sls,"),
+        (["--policies", "hf_generate"], "simulate runs policies"),
+        (["--policies", ""], "--policies is empty"),
+        (["--instances", "0"], "--instances must be at least 1, got 0"),
+        (["--noise", "-1"], "--noise must be at least 0, got -1"),
+        (["--tick", "0"], "--tick must be above 0, got 0"),
+        (["--max-duration", "-5"], "--max-duration must be above 0, got -5"),
+        (["--step-scale", "0"], "--step-scale must be above 0"),
+        (["--slow-worker", "0.5"], "--slow-worker must be at least 1"),
+        (["--noise", "nan"], "--noise must be a finite number"),
+        (["--noise", "inf"], "--noise must be a finite number"),
+        (["--step-scale", "inf"], "--step-scale must be a finite number"),
+        (["--step-scale", "nan"], "--step-scale must be a finite number"),
+        (["--tick", "nan"], "--tick must be a finite number"),
+        (["--seed", "-1"], "--seed must be at least 0, got -1"),
+        (["--max-output-len", "0"], "--max-output-len must be at least 1"),
+        (["--max-prompt-len", "0"], "--max-prompt-len must be at least 1"),
+        (
+            ["--min-output-len", "5", "--max-output-len", "3"],
+            "--max-output-len (3) is below --min-output-len (5)",
+        ),  # fmt: skip
+        (["--device-model", "h100-80gb:llama-3-8b:tp2:extra"], "nothing after tpN: 'extra'"),
+        (["--device-model", "h100-80gb:llama-2-7b:tp3"], "32 attention heads do not split over 3"),
+        (
+            [
+                "--instances",
+                "2",
+                "--device-model",
+                "h200:llama-2-7b,a100-80gb:llama-2-7b,h200:llama-2-7b",
+            ],
+            "--device-model names 3 entries for 2 instance(s)",
+        ),  # fmt: skip
+        (["--slowdown-trace", ","], "--slowdown-trace ',': an entry is empty"),
+        (["--kv-budget", "1MiB"], "--kv-budget 1MiB holds 8 tokens of llama-3-8b's KV"),
+        (["--goodput", "ttft:10", "ttft:20"], "--goodput gives ttft twice"),
+        (["--workload", "azure:"], "nothing after ':': pass azure:PATH"),
+        (["--workload", "synthetic:"], "nothing after ':': pass synthetic:SPEC"),
+        (["--workload", "azure:/"], "'/' is a directory: pass the path of an Azure trace file"),
+        (["--bogus"], "(`run.py simulate --help` lists them)"),
         (["--device-model", "h200:llama-2-7b,h200:llama-3-8b"], "mixes llama-2-7b and llama-3-8b"),
         (["--policy", "ils"], "--policies"),
         (["--workload", "azure:/nonexistent.csv"], "nonexistent"),
@@ -115,6 +153,64 @@ def test_a_mistake_is_one_line_and_status_2(args: list[str], words: str) -> None
     assert out.returncode == 2, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], out.stderr
+
+
+def _one_error(args: list[str]) -> str:
+    """The one line of a simulate run refused with status 2."""
+    out = subprocess.run(
+        [sys.executable, str(RUN_PY), "simulate", "--num-requests", "5", "--no-plots", *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), out.stderr
+    return lines[0]
+
+
+def test_files_that_cannot_serve_are_named(tmp_path: Path) -> None:
+    from engine.sim.devices import device_model
+
+    for name, text in (("list.json", "[1, 2]"), ("text.json", '"profile"')):
+        (tmp_path / name).write_text(text)
+        for flag in ("--device-model", "--announced-model"):
+            line = _one_error([flag, str(tmp_path / name), "--out", str(tmp_path / "o")])
+            assert f"{flag} {tmp_path / name}: not a time-model profile (a JSON object" in line
+    (tmp_path / "trace.csv").write_bytes(b"\xff\xfe\x00binary")
+    line = _one_error(["--workload", f"azure:{tmp_path / 'trace.csv'}"])
+    assert f"{tmp_path / 'trace.csv'} is not UTF-8 text" in line
+    (tmp_path / "afile").write_text("")
+    for out, words in (("afile", "a file, not a directory"), ("afile/sub", "cannot create it")):
+        assert f"--out {tmp_path / out}: {words}" in _one_error(["--out", str(tmp_path / out)])
+    device_model("a100-80gb:llama-2-7b").time_model.save(tmp_path / "profile.json")
+    line = _one_error(
+        ["--device-model", str(tmp_path / "profile.json"), "--kv-budget", "1MiB",
+         "--out", str(tmp_path / "o")]
+    )  # fmt: skip
+    assert "--kv-budget 1MiB cannot hold a single request" in line
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_the_header_counts_each_device_model(tmp_path: Path, capsys) -> None:
+    args = ["simulate", "--policies", "scls", "--instances", "3", "--num-requests", "5",
+            "--device-model", "a100-80gb:llama-2-7b,h200:llama-2-7b", "--no-plots",
+            "--max-output-len", "4", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert "on 2 x a100-80gb:llama-2-7b, 1 x h200:llama-2-7b, entries scls" in head, head
+    text = (tmp_path / "results.md").read_text()
+    assert "5 requests" in text and "clipped to None" not in text
+    assert "prompt not clipped" in text and "output clipped to 4 (" in text
+
+
+def test_the_report_counts_in_words() -> None:
+    from engine.bench import report
+
+    scaling = {"max_prompt_len": None, "num_prompts_clipped": 10, "max_output_len": 9,
+               "num_outputs_clipped": 0}  # fmt: skip
+    lines = report._workload_lines({"description": {"num_requests": 1, "scaling": scaling}}, {})
+    text = "\n".join(lines)
+    assert "1 request," in text and "prompt clipped to fit the context (10 clipped)" in text
+    assert "1 worker x" in "\n".join(report._setup_lines({"num_workers": 1, "entries": ["sls"]}))
 
 
 def test_the_noise_seed_varies_the_noise_alone(tmp_path: Path) -> None:
