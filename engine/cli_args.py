@@ -421,14 +421,7 @@ def step_log_dir(directory: str | None) -> str | None:
     """``--step-log DIR``, created if missing; a UsageError when it cannot be written."""
     if directory is None:
         return None
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(
-            f"--step-log {directory}: cannot create it ({exc.strerror}): give a writable directory"
-        ) from None
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise UsageError(f"--step-log {directory}: not writable: give a writable directory")
+    out_dir(directory, "--step-log")
     return directory
 
 

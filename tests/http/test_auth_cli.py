@@ -61,13 +61,9 @@ def test_standalone_gateway_asks_the_broker_for_its_stats(engine, tiny_model_dir
             assert time.monotonic() < deadline, health.text
             time.sleep(0.1)
         assert health.json()["num_workers"] == 1
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
+        _stop(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
+        _reap(proc)
 
 
 def run_http(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
@@ -114,10 +110,19 @@ def test_beyond_loopback_without_key_warns_and_sigterm_stops(tiny_model_dir):
             if line.startswith("http: "):
                 break
         assert any("without authentication" in line for line in lines), lines
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
+        _stop(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
+        _reap(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM: a gateway drains and exits 0."""
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    proc.stdout.close()

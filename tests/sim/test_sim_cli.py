@@ -146,13 +146,7 @@ def test_the_broker_plans_with_the_announced_model(tmp_path: Path) -> None:
     ],
 )
 def test_a_mistake_is_one_line_and_status_2(args: list[str], words: str) -> None:
-    out = subprocess.run(
-        [sys.executable, str(RUN_PY), "simulate", "--num-requests", "5", "--no-plots", *args],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert out.returncode == 2, out.stderr
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], out.stderr
+    assert words in _one_error(args)
 
 
 def _one_error(args: list[str]) -> str:
