@@ -16,9 +16,8 @@ from engine.cost_model import (
     CostModelError,
     MemoryModel,
     TimeModel,
-    _nnls_every_support,
-    nnls,
 )
+from engine.nnls import _nnls_every_support, nnls
 from engine.protocol import TimeModelParams
 
 from .brute import brute_running_peak
