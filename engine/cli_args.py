@@ -309,6 +309,14 @@ def _add_serving_flags(g) -> None:
         help="do not reuse the KV of repeated prompt prefixes (automatic prefix caching is on)",
     )
     g.add_argument(
+        "--stream-interval",
+        type=positive_int,
+        default=1,
+        metavar="STEPS",
+        help="send sampled tokens every STEPS steps (at once for a request's first token): "
+        "fewer messages for the broker at many workers, tokens in bursts (vLLM's option)",
+    )
+    g.add_argument(
         "--step-log",
         metavar="DIR",
         default=None,
@@ -440,6 +448,7 @@ def worker_config(
         peer_bind=getattr(args, "peer_bind", None) or "tcp://127.0.0.1:*",
         slowdown=getattr(args, "slowdown", 1.0),
         prefix_cache=not getattr(args, "no_prefix_cache", False),
+        stream_interval=getattr(args, "stream_interval", 1),
         step_log=step_log_dir(getattr(args, "step_log", None)),
         worker_id=getattr(args, "worker_id", None),
         drain_timeout_s=getattr(args, "drain_timeout", 30.0),
@@ -468,6 +477,8 @@ def worker_flags(cfg: WorkerConfig) -> list[str]:
         flags += ["--slowdown", str(cfg.slowdown)]
     if not cfg.prefix_cache:
         flags.append("--no-prefix-cache")
+    if cfg.stream_interval != 1:
+        flags += ["--stream-interval", str(cfg.stream_interval)]
     if cfg.step_log:
         flags += ["--step-log", cfg.step_log]
     return flags

@@ -118,6 +118,9 @@ class WorkerConfig:
     step_log: str | None = None
     """A directory: every forward's shape and seconds are appended to ``<worker id>.jsonl`` there
     (what the simulator's calibration fits step times from)."""
+    stream_interval: int = 1
+    """Send sampled tokens every this many steps (always at once for a request's first token
+    and before a release): fewer messages for the broker to handle, tokens in bursts."""
     prefix_cache: bool = True
     """Reuse the KV of full blocks whose tokens (and every token before them) equal those of an
     earlier request on this worker (automatic prefix caching)."""

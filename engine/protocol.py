@@ -391,6 +391,9 @@ class Ready(_W, tag="ready"):
     kv_block_tokens: int = 0  # tokens per block of its paged KV pool (0: one left-padded cache)
     # the root of its prefix-cache block names (engine/prefix_hash.py); empty: no prefix cache
     prefix_root: bytes = b""
+    # it sends Generated every this many steps (and at once for a request's first token and
+    # before any release): the broker's view of a running request lags by up to this less one
+    stream_interval: int = 1
 
 
 class Heartbeat(_W, tag="hb"):

@@ -185,6 +185,7 @@ def _settings(args: argparse.Namespace):
         stats_interval_s=args.stats_interval,
         journal_dir=args.journal,
         step_log_dir=cli_args.step_log_dir(args.step_log),
+        stream_interval=args.stream_interval,
         peer_batch_size=args.peer_batch_size,
         peer_page_size=args.peer_page_size,
         peer_max_batch_tokens=args.peer_max_batch_tokens,

@@ -87,6 +87,7 @@ class BenchSettings:
     stats_interval_s: float = 0.25
     journal_dir: str | None = None  # each engine run journals into a fresh file here
     step_log_dir: str | None = None  # each engine run's workers log their steps under here
+    stream_interval: int = 1  # the workers send sampled tokens every this many steps
     peer_batch_size: int | None = None
     peer_page_size: int = 32
     peer_max_batch_tokens: int = 1024
@@ -170,6 +171,7 @@ def worker_args(settings: BenchSettings, spec: str = "", repeat: int = 0) -> lis
         num_threads=settings.threads_per_worker,
         profile=settings.profile,
         step_log=run_step_log_dir(settings, spec, repeat),
+        stream_interval=settings.stream_interval,
     )
     extra = WORKER_VARIANTS.get(spec, [])
     return [*worker_flags(worker), *extra, "--log-level", settings.log_level]

@@ -65,6 +65,9 @@ def add_simulate_parser(p: argparse.ArgumentParser) -> None:
                    help="workers report no time samples: the broker keeps the announced time "
                    "model (by default it refits it on them, at most once a second per "
                    "worker)")  # fmt: skip
+    p.add_argument("--stream-interval", type=positive_int, default=1, metavar="STEPS",
+                   help="the instances send sampled tokens every STEPS steps, as workers with "
+                   "--stream-interval do (fewer messages for the broker; tokens in bursts)")  # fmt: skip
     p.add_argument("--tokenizer", default="embedded",
                    help="model whose tokenizer counts the tokens of text traces (ShareGPT)")  # fmt: skip
     add_load_flags(p)
@@ -214,6 +217,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         "slow_worker": args.slow_worker,
         "tick_s": args.tick,
         "refine": args.refine,
+        "stream_interval": args.stream_interval,
         "seed": args.seed,
         "repeats": 1,
     }
@@ -247,6 +251,7 @@ def simulate_entry(spec, sched, devices, items, times, concurrency, args) -> Any
         refine=args.refine,
         seed=args.seed if args.noise_seed is None else args.noise_seed,
         prefix_cache="--no-prefix-cache" not in WORKER_VARIANTS.get(spec, []),
+        stream_interval=args.stream_interval,
     )
     progress = Progress(
         f"simulate {spec}", len(items), detail=lambda: f"{sim.clock:.1f} simulated s"

@@ -37,6 +37,7 @@ def worker_view(worker: WorkerState, requests: Mapping[str, Request], kv: KVLedg
         num_queued_batches=len(worker.queued_batches()),
         running=worker.running_view,
         parked_kv_bytes=kv.parked_bytes(worker.worker_id),
+        stream_interval=worker.ready.stream_interval,
     )
 
 

@@ -65,6 +65,9 @@ class WorkerView(msgspec.Struct, frozen=True):
     # request then recomputes) when a new batch needs the room, so a sequential batch may use the
     # whole budget; a policy may prefer a request's own worker to save its prefill.
     parked_kv_bytes: int
+    # it reports sampled tokens every this many steps (Ready.stream_interval): what ``running``
+    # says of a request's progress may be this less one steps behind
+    stream_interval: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -298,7 +298,7 @@ class ContinuousSCLSPolicy:
             if not w.running:
                 continue
             time = w.cost.time
-            key = (w.running, time, tuple(time.decode))
+            key = (w.running, time, tuple(time.decode), w.stream_interval)
             cached = self._ends.get(w.worker_id)
             if cached is not None and cached[0][0] is key[0] and cached[0][1:] == key[1:]:
                 out += cached[1]
@@ -307,6 +307,9 @@ class ContinuousSCLSPolicy:
             step_s = max(time.decode_step_s(len(w.running), context_len), 1e-6)
             within = max(self.renew_within_steps, int(self.renew_lookahead_s / step_s))
             within = min(within, max(1, self.slice_len // 2))  # a slice is renewed once
+            # the worker reports its tokens every stream_interval steps: a row may be that less
+            # one steps further than the view says
+            within = min(within + w.stream_interval - 1, max(1, self.slice_len - 1))
             ends = [
                 (w.worker_id, r)
                 for r in w.running

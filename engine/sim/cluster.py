@@ -87,11 +87,21 @@ class Simulation:
         stats_interval_s: float = 0.25,
         refine: bool = True,
         prefix_cache: bool = True,
+        stream_interval: int = 1,
     ) -> None:
         limits = Limits(min(d.max_context_len for d in devices), cfg.max_gen_len, VOCAB)
         self.core = BrokerCore(cfg, make_policy(cfg), lambda ids: "", limits, QueueLimits())
         self.workers = [
-            SimWorker(f"sim-{i}", dev, self._peer, noise, seed * 1000 + i, refine, prefix_cache)
+            SimWorker(
+                f"sim-{i}",
+                dev,
+                self._peer,
+                noise,
+                seed * 1000 + i,
+                refine,
+                prefix_cache,
+                stream_interval,
+            )  # fmt: skip
             for i, dev in enumerate(devices)
         ]
         self._by_id = {w.worker_id: w for w in self.workers}

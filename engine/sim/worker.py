@@ -22,7 +22,7 @@ from engine import protocol as p
 from engine.prefix_hash import block_hashes, prefix_root
 from engine.sim.devices import DeviceModel, StepShape
 from engine.sim.kv import BlockPool, Entry, ParkedKV, Table
-from engine.worker.dispatch import MAX_SAMPLES, DispatchStats
+from engine.worker.dispatch import MAX_SAMPLES, DispatchStats, TokenStream
 
 BLOCK_TOKENS = 16  # the worker's default (engine/worker/kv_pool.py)
 MAX_STEP_TOKENS = 512  # engine/worker/executor.py: DEFAULT_STEP_TOKENS
@@ -75,7 +75,6 @@ class _Context(Sequence[int]):
 
 @dataclass(slots=True)
 class _Out:
-    generated: list[tuple[str, list[int]]] = field(default_factory=list)
     released: list[p.Released] = field(default_factory=list)
     done: list[DispatchStats] = field(default_factory=list)
     offloaded: list[str] = field(default_factory=list)
@@ -95,6 +94,7 @@ class SimWorker:
         seed: int = 0,
         refine: bool = True,
         prefix_cache: bool = False,
+        stream_interval: int = 1,
     ) -> None:
         self.worker_id = worker_id
         self.refine = refine  # report time samples (the broker refines its time model on them)
@@ -122,6 +122,7 @@ class SimWorker:
         self._in_flight: dict[str, Entry] = {}  # handed-off KV on its way here
         self._stats: dict[int, DispatchStats] = {}
         self._out = _Out()
+        self._tokens = TokenStream(stream_interval)  # sampled, not yet sent
         self._seq = 0
         self._extra_s = 0.0  # restores written before this step
         self._step: tuple[float, list[tuple[_Row, int]], int, list[int]] | None = None
@@ -145,7 +146,7 @@ class SimWorker:
             peer_addr=self.worker_id, host_kv_budget_bytes=d.host_kv_budget_bytes,
             copy_bytes_per_s=d.copy_bytes_per_s, transfer_bytes_per_s=d.transfer_bytes_per_s,
             transfer_latency_s=d.transfer_latency_s, kv_block_tokens=BLOCK_TOKENS,
-            prefix_root=self.prefix_root,
+            prefix_root=self.prefix_root, stream_interval=self._tokens.interval,
         )  # fmt: skip
 
     # -- commands (between steps: one that arrives during a step waits for its end) -------------
@@ -310,17 +311,18 @@ class SimWorker:
             if self.refine:
                 self._time_sample(stats, decode_ctx, prefills, step_s)
         leaving: list[tuple[_Row, p.ReleaseReason]] = []
-        generated = self._out.generated
+        stream = self._tokens
         for row, _ in fed:
             if row.table.num_tokens != row.context_len:
                 continue  # mid-prefill: nothing sampled yet
             row.context_len += 1
             row.num_new += 1
             all_stats[row.batch_id].generated_tokens += 1
-            generated.append((row.item.request_id, [SIM_TOKEN]))
+            stream.add(row.item.request_id, SIM_TOKEN, row.item.num_generated + row.num_new == 1)
             reason = self._finish_reason(row)
             if reason is not None:
                 leaving.append((row, reason))
+        stream.step()
         if leaving:
             index = {id(r): i for i, r in enumerate(self._rows)}
             self._leave({index[id(row)]: reason for row, reason in leaving})
@@ -354,8 +356,10 @@ class SimWorker:
         """The messages of the last step and of commands since, in the executor's order."""
         out, self._out = self._out, _Out()
         msgs: list[p.Generated | p.Released | p.BatchDone | p.KVEvicted] = []
-        if out.generated:
-            msgs.append(p.Generated(tokens=out.generated))
+        others = out.released or out.done or out.evicted or out.offloaded
+        generated = self._tokens.take(force=bool(others) or not self._rows)
+        if generated is not None:
+            msgs.append(generated)
         stored, removed = self.pool.take_events()
         if stored or removed:
             msgs.append(p.BlockEvents(stored=stored, removed=removed))

@@ -14,6 +14,41 @@ if TYPE_CHECKING:  # a type only: the simulator uses DispatchStats without torch
 MAX_SAMPLES = 64
 
 
+class TokenStream:
+    """Tokens sampled since the last Generated, per request in order (``--stream-interval``):
+    they go out every ``interval`` steps, at once when a request samples its first token (its
+    time to first token is not delayed), and whenever anything else goes out (a release, a
+    finished batch, moved KV: a request's tokens always precede its release). Interval 1 sends
+    every step's tokens, as the protocol's simplest worker does."""
+
+    def __init__(self, interval: int = 1) -> None:
+        if interval < 1:
+            raise ValueError(f"the stream interval must be at least 1 step, got {interval}")
+        self.interval = interval
+        self._held: dict[str, list[int]] = {}
+        self._steps = 0  # steps since the tokens last went out
+        self._first = False  # a request sampled its first token since then
+
+    def add(self, request_id: str, token: int, first: bool) -> None:
+        held = self._held.get(request_id)
+        if held is None:
+            self._held[request_id] = [token]
+        else:
+            held.append(token)
+        self._first = self._first or first
+
+    def step(self) -> None:
+        self._steps += 1
+
+    def take(self, force: bool) -> p.Generated | None:
+        """The Generated to send now, if due (``force``: other messages go out now)."""
+        if not self._held or not (force or self._first or self._steps >= self.interval):
+            return None
+        tokens = list(self._held.items())
+        self._held, self._steps, self._first = {}, 0, False
+        return p.Generated(tokens=tokens)
+
+
 class BoundedSamples:
     """At most ``max_len`` samples spread evenly over everything added: when full, every other
     sample is dropped and the keeping stride doubles."""

@@ -54,7 +54,13 @@ from dataclasses import dataclass, field
 
 from engine import protocol as p
 from engine.prefix_hash import block_hashes, prefix_root
-from engine.worker.dispatch import MAX_SAMPLES, DispatchStats, check_item, too_big
+from engine.worker.dispatch import (
+    MAX_SAMPLES,
+    DispatchStats,
+    TokenStream,
+    check_item,
+    too_big,
+)
 from engine.worker.kv_pool import DEFAULT_BLOCK_TOKENS, BlockTable
 from engine.worker.kv_reuse import KVArrived, KVFetchFailed, KVIntake
 from engine.worker.kv_store import KVStore, ParkedKV
@@ -70,7 +76,7 @@ DEFAULT_PREFILL_CHUNK_TOKENS = 256
 class StepResult:
     """Messages to send after a step, in this order."""
 
-    generated: p.Generated | None = None  # one new token per row that stepped
+    generated: p.Generated | None = None  # tokens sampled since the last one (TokenStream)
     released: list[p.Released] = field(default_factory=list)
     done: list[p.BatchDone] = field(default_factory=list)
     offloaded: list[str] = field(default_factory=list)  # parked KV moved to the host tier
@@ -118,6 +124,7 @@ class Executor:
         store: KVStore | None = None,
         block_tokens: int = DEFAULT_BLOCK_TOKENS,
         prefix_cache: bool = True,
+        stream_interval: int = 1,
     ) -> None:
         self.runner = runner
         self.info = runner.info
@@ -135,6 +142,7 @@ class Executor:
         self._queued: deque[p.RunBatch] = deque()
         self._stats: dict[int, DispatchStats] = {}
         self._out = StepResult()
+        self._tokens = TokenStream(stream_interval)  # sampled, not yet sent
         self._seq = 0
         self.progress = 0  # decode steps done
         # the last forward: (decode rows, their mean context, prefill rows, their mean length,
@@ -289,6 +297,8 @@ class Executor:
 
     def _flush(self) -> StepResult:
         out, self._out = self._out, StepResult()
+        others = out.released or out.done or out.evicted or out.offloaded
+        out.generated = self._tokens.take(force=bool(others) or not self._rows)
         stored, removed = self.pool.take_events()
         if stored or removed:
             out.blocks = p.BlockEvents(stored=stored, removed=removed)
@@ -528,16 +538,16 @@ class Executor:
             self._stats[batch_id].peak_bytes = max(self._stats[batch_id].peak_bytes, total_bytes)
         self._time_sample(decoded, prefills, elapsed_s, batch_ids)
         leaving: dict[int, tuple[p.ReleaseReason, str]] = {}
-        generated = []
+        stream = self._tokens
         for i, row, token in zip(ready, rows, tokens, strict=True):
             row.token_ids.append(token)
             row.num_new += 1
             self._stats[row.batch_id].generated_tokens += 1
-            generated.append((row.request_id, [token]))
+            stream.add(row.request_id, token, row.item.num_generated + row.num_new == 1)
             reason = self._finish_reason(row, token)
             if reason is not None:
                 leaving[i] = (reason, "")
-        self._out.generated = p.Generated(tokens=generated)
+        stream.step()
         if leaving:
             self._leave(leaving)
 

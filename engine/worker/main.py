@@ -127,11 +127,18 @@ def build(cfg: WorkerConfig) -> tuple[Callable[[], Executor], p.Ready]:
         mem_total_bytes=probe(loaded.device)[1],
         time_model=params,
         kv_block_tokens=DEFAULT_BLOCK_TOKENS,
+        stream_interval=cfg.stream_interval,
     )
     make_store, kv_fields = kv_store_factory(cfg, loaded.device, params)
 
     def make_executor() -> Executor:
-        return Executor(runner, budget, store=make_store(), prefix_cache=cfg.prefix_cache)
+        return Executor(
+            runner,
+            budget,
+            store=make_store(),
+            prefix_cache=cfg.prefix_cache,
+            stream_interval=cfg.stream_interval,
+        )
 
     kv_fields["prefix_root"] = cache_root(runner, DEFAULT_BLOCK_TOKENS, cfg.prefix_cache)
     ready = msgspec.structs.replace(ready, **kv_fields)

@@ -91,6 +91,26 @@ def test_every_request_finishes_exactly_once_within_budget(name: str, hidden: in
         assert core.num_preempted == 0
 
 
+@pytest.mark.parametrize("name", ["scls", "ils", "scls:strict"])
+def test_workers_that_report_every_few_steps_lose_nothing(name: str) -> None:
+    """--stream-interval 4: every request still finishes once with all its tokens, within the
+    budget and (but for optimistic ILS) without a preemption, in fewer messages."""
+    items, times = load(150, seed=3)
+    cfg = replace(POLICIES[name], max_gen_len=256, slice_len=32)
+    counts = {}
+    for interval in (1, 4):
+        sim = CountingSimulation(cfg, small_cluster(), stream_interval=interval)
+        out = sim.run(items, times)
+        assert all(r.success for r in out.records)
+        assert [r.num_output_tokens for r in out.records] == [it.output_len for it in items]
+        assert sim.finished == {r.request_id: 1 for r in out.records}
+        budgets = {w.worker_id: w.device.kv_budget_bytes for w in sim.workers}
+        assert all(b["measured_peak_bytes"] <= budgets[b["worker_id"]] for b in out.batches)
+        assert sim.core.num_preempted == 0
+        counts[interval] = sum(len(r.chunk_times_s) for r in out.records)
+    assert counts[4] < counts[1] / 2  # the client got its tokens in fewer deltas
+
+
 def test_tight_memory_exercises_parking_offload_and_preemption() -> None:
     items, times = load(150, seed=3)
     cfg = SchedulerConfig(max_gen_len=256, slice_len=16, kv_mode="keep")

@@ -43,8 +43,12 @@ def copy(msg):
 class Pair:
     """One real executor and one simulated worker with the same pool, fed the same commands."""
 
-    def __init__(self, runner: Runner, budget_bytes: int, prefix_cache: bool = False) -> None:
-        self.real = Executor(runner, budget_bytes, prefix_cache=prefix_cache)
+    def __init__(
+        self, runner: Runner, budget_bytes: int, prefix_cache: bool = False, interval: int = 1
+    ) -> None:
+        self.real = Executor(
+            runner, budget_bytes, prefix_cache=prefix_cache, stream_interval=interval
+        )
         pool = self.real.pool
         time = TimeModel.default()
         device = DeviceModel(
@@ -53,7 +57,7 @@ class Pair:
             max_context_len=runner.info.max_context_len, copy_bytes_per_s=1e9,
             transfer_bytes_per_s=1e9, transfer_latency_s=0.0, host_kv_budget_bytes=0,
         )  # fmt: skip
-        self.sim = SimWorker("sim", device, prefix_cache=prefix_cache)
+        self.sim = SimWorker("sim", device, prefix_cache=prefix_cache, stream_interval=interval)
         assert self.sim.pool.num_blocks == pool.num_blocks
         self.now = 0.0
         self.tokens: dict[str, list[int]] = {}  # the real tokens, to continue requests
@@ -136,8 +140,10 @@ def prompts(seed: int, lens: list[int]) -> list[list[int]]:
     return [[rng.randrange(3, 512) for _ in range(n)] for n in lens]
 
 
-def test_joins_chunked_prefill_parking_renewal_and_abort(runner: Runner) -> None:
-    pair = Pair(runner, 1 << 26)
+@pytest.mark.parametrize("interval", [1, 3])
+def test_joins_chunked_prefill_parking_renewal_and_abort(runner: Runner, interval: int) -> None:
+    """(``interval``: both send their tokens every that many steps, --stream-interval.)"""
+    pair = Pair(runner, 1 << 26, interval=interval)
     a, b, c, d = prompts(1, [40, 700, 130, 20])
     pair.command(run(1, [item("a", a, 6, 20), item("b", b, 4, 9)], join=True))
     real, sim = pair.step()  # b's 700 tokens are prefilled in chunks over several steps

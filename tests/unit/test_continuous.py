@@ -3,6 +3,8 @@ tight, a slower worker gets fewer rows."""
 
 from __future__ import annotations
 
+import msgspec
+
 from engine.cost_model import CostModel, MemoryModel, TimeModel
 from engine.scheduler.base import RunningRequest, WaitingRequest, WorkerView
 from engine.scheduler.continuous import ContinuousSCLSPolicy
@@ -58,3 +60,16 @@ def test_a_slice_that_does_not_fit_whole_is_granted_shorter():
     assert len(plan) == 1 and plan[0].max_steps == 25 and plan[0].predicted_peak_bytes == 128
     tight = policy.schedule(waiting(1, context_len=45), [worker("w", 64 + 48, running=[held])], 1.0)
     assert tight == []
+
+
+def test_a_worker_reporting_every_few_steps_is_renewed_that_much_earlier():
+    """With --stream-interval k a running request may be k - 1 steps further than the broker's
+    view says: its renewal comes k - 1 steps earlier, so it still reaches the worker in time."""
+    policy = ContinuousSCLSPolicy(slice_len=32, max_batch_size=64, aging_s=10.0)
+    policy.renew_lookahead_s = 0.0  # renew within renew_within_steps (2) steps of the boundary
+    row = RunningRequest("run", 40, 100, 0, 5, 0.0)  # 5 steps left in its slice, as reported
+    every_step = worker("w", 100_000, running=[row])
+    assert policy.schedule([], [every_step], 1.0) == []
+    every_fourth = msgspec.structs.replace(every_step, stream_interval=4)
+    [renewal] = policy.schedule([], [every_fourth], 1.0)
+    assert renewal.renew and renewal.request_ids == ("run",)
