@@ -15,7 +15,7 @@ from pathlib import Path
 import msgspec
 
 from engine import cli_args
-from engine.cli_base import CommandError, UsageError
+from engine.cli_base import EXIT_INTERRUPTED, CommandError, UsageError
 from engine.config import BrokerConfig
 from engine.start_checks import check_kv_budget
 
@@ -93,9 +93,22 @@ def run_serve(args: argparse.Namespace) -> int:
         if port == 0 and not args.journal and cfg.journal_path:  # its own, for this run only
             for suffix in ("", "-wal"):
                 Path(cfg.journal_path + suffix).unlink(missing_ok=True)
+    if serve.abandoned_by is not None:  # a second signal: accepted requests were cut short
+        name = "Ctrl-C" if serve.abandoned_by == signal.SIGINT else "SIGTERM"
+        error = Interrupted if serve.abandoned_by == signal.SIGINT else CommandError
+        raise error(
+            f"stopped at once on a second {name}: the requests still running were answered "
+            "shutting_down (one signal drains them)"
+        )
     if serve.failure:
         raise CommandError(serve.failure)
     return 0
+
+
+class Interrupted(CommandError):
+    """Ctrl-C cut work short: README's status 130."""
+
+    status = EXIT_INTERRUPTED
 
 
 def check_curve_dir(curve_dir: str | None) -> None:
@@ -130,7 +143,10 @@ def check_journal(path: str | None) -> None:
 
 class _Serve:
     """`serve`'s processes: the engine (supervised broker, workers), the gateways; signals
-    (the first drains the broker, a second stops it at once); what it says while they start."""
+    (the first drains the broker, a second stops it at once); what it says while they start;
+    a drain when its workers are gone and no other worker is joined."""
+
+    GONE_GRACE_S = 5.0  # its workers gone, none joined this long: drain (lets connections drop)
 
     def __init__(self, args: argparse.Namespace, cfg: BrokerConfig) -> None:
         from engine.curve import ClientKeys
@@ -147,7 +163,11 @@ class _Serve:
         )  # fmt: skip
         self.others: list[subprocess.Popen] = []
         self.failure: str | None = None
-        self._num_signals = 0
+        self.abandoned_by: int | None = None  # the signal that stopped a draining broker at once
+        self._num_signals = 0  # SIGTERMs passed to the broker: 1 drains, 2 stop at once
+        self._gone_since: float | None = None  # when serve's workers were all seen exited
+        self._alone_since: float | None = None  # ... and no worker was joined
+        self._said_others = False
 
     def run(self) -> None:
         from engine.launcher import EngineStartError
@@ -164,12 +184,20 @@ class _Serve:
         self._watch()
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        self._num_signals += 1
         broker = self.engine.broker
         assert broker is not None
+        if self._num_signals and broker.proc is not None and broker.proc.poll() is None:
+            self.abandoned_by = signum  # it was draining: what is left is answered shutting_down
+        self._signal_broker()
+
+    def _signal_broker(self) -> None:
+        """The first call drains the broker (and ends its supervision), a second stops it."""
+        broker = self.engine.broker
+        assert broker is not None
+        self._num_signals += 1
         if self._num_signals == 1:
             broker.stop_supervising()
-        broker.signal(signal.SIGTERM)  # the first drains, a second stops at once
+        broker.signal(signal.SIGTERM)
 
     def _start_children(self) -> None:
         from engine.http.cli import serve_gateway_argv
@@ -195,27 +223,56 @@ class _Serve:
         )  # fmt: skip
 
     def _watch(self) -> None:
-        """Until the broker is gone for good: say when every worker has joined; stop the
-        broker if every worker exited."""
+        """Until the broker is gone for good: say when every worker has joined; when serve's
+        workers have all exited and no other worker is joined, drain the broker (one signal)."""
         broker, workers = self.engine.broker, self.engine.procs
         assert broker is not None
-        started, announced = time.monotonic(), False
-        while not broker.exited.wait(0.25):
-            if not announced and self.engine.num_workers_joined() >= len(workers):
-                print(f"engine: ready: {len(workers)} worker(s) joined in {time.monotonic() - started:.0f} s", flush=True)  # fmt: skip
-                announced = True
-            codes = sorted({w.returncode for w in workers if w.poll() is not None})
-            if (
-                codes
-                and all(w.returncode not in (None, 0) for w in workers)
-                and not self._num_signals
-            ):
-                self.failure = (
-                    f"every worker exited (status {', '.join(map(str, codes))}) before serving: "
-                    "see their messages above"
-                )
-                return
+        started_at = time.monotonic()
+        joined_at: float | None = None  # when a worker had first joined
+        announced = False
+        while not broker.exited.wait(0.25 if self._gone_since is None else 1.0):
+            if not announced:
+                num_joined = self.engine.num_workers_joined()
+                joined_at = joined_at or (time.monotonic() if num_joined else None)
+                if num_joined >= len(workers):
+                    print(f"engine: ready: {len(workers)} worker(s) joined in {time.monotonic() - started_at:.0f} s", flush=True)  # fmt: skip
+                    announced = True
+            if not self._num_signals and all(w.poll() is not None for w in workers):
+                self._on_workers_gone(joined_at)
         self.failure = self.failure or broker.failure
+
+    def _on_workers_gone(self, joined_at: float | None) -> None:
+        """Serve's workers have all exited: serve on while another worker is joined (one that
+        ran `run.py worker --connect`); drain the broker once none has been for GONE_GRACE_S
+        (at once if none ever joined). The grace lets dead workers' connections drop and a
+        worker rejoin a restarted broker (num_workers_joined is 0 while it does not answer)."""
+        now = time.monotonic()
+        self._gone_since = self._gone_since or now
+        num_joined = self.engine.num_workers_joined()
+        gone = self._workers_gone(joined_at)
+        if num_joined:
+            self._alone_since = None
+            if now - self._gone_since >= self.GONE_GRACE_S and not self._said_others:
+                log.warning("%s; %d other worker(s) joined: serving on with them", gone, num_joined)  # fmt: skip
+                self._said_others = True
+            return
+        self._alone_since = self._alone_since or now
+        if joined_at is None or now - self._alone_since >= self.GONE_GRACE_S:
+            self.failure = f"{gone}, and no other worker is joined: drained the broker and stopped"  # fmt: skip
+            log.warning("%s; no other worker is joined: draining the broker", gone)
+            self._signal_broker()
+
+    def _workers_gone(self, joined_at: float | None) -> str:
+        """What happened to serve's workers, in a few words."""
+        from engine.supervisor import exit_text
+
+        how = ", ".join(sorted({exit_text(w.returncode) for w in self.engine.procs}))
+        if joined_at is None:
+            return f"every worker of serve exited ({how}) before joining: see their messages above"
+        return (
+            f"every worker of serve exited ({how}), {(self._gone_since or 0) - joined_at:.0f} s after "
+            "the first joined"
+        )
 
     def stop(self) -> None:
         from engine.supervisor import stop_all

@@ -136,12 +136,12 @@ class SupervisedBroker:
                 if self._stopping.is_set() or code == 0:
                     return
                 if not self.ready.is_set():
-                    self.failure = f"the broker exited ({_status(code)}) before it was ready: see its message above"
+                    self.failure = f"the broker exited ({exit_text(code)}) before it was ready: see its message above"
                     return
                 num_failures = num_failures + 1 if ran_s < self.STABLE_S else 1
                 if num_failures > self.max_restarts:
                     self.failure = (
-                        f"the broker died {num_failures} times in a row ({_status(code)} the last "
+                        f"the broker died {num_failures} times in a row ({exit_text(code)} the last "
                         f"time): not restarting it again; see its messages above"
                     )
                     log.error("%s", self.failure)
@@ -150,7 +150,7 @@ class SupervisedBroker:
                 self.num_restarts += 1
                 log.warning(
                     "the broker died (%s) after %.1f s; restarting it in %.0f s on the same "
-                    "addresses%s (restart %d in a row, at most %d)", _status(code), ran_s, delay_s,
+                    "addresses%s (restart %d in a row, at most %d)", exit_text(code), ran_s, delay_s,
                     " and journal" if self.cfg.journal_path else ", without a journal: its requests are lost",
                     num_failures, self.max_restarts,
                 )  # fmt: skip
@@ -195,7 +195,8 @@ class BrokerExited(RuntimeError):
 _ADDRESSES = re.compile(r"broker: clients (\S+), workers (\S+), stats (\S+)")
 
 
-def _status(code: int) -> str:
+def exit_text(code: int) -> str:
+    """How a process ended, for a log line: "exit status 1", "killed by SIGKILL"."""
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"

@@ -54,6 +54,8 @@ class DashboardApp(App[None]):
     TITLE = "SCLS dashboard"
     BINDINGS = [
         Binding("q", "quit", "Quit"),
+        # Textual's default ctrl+c only says how to quit; here it quits as q does (exit 0).
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
         Binding("p", "toggle_pause", "Pause"),
         Binding("question_mark", "help", "Help", key_display="?"),
     ]
@@ -133,6 +135,10 @@ class DashboardApp(App[None]):
 
     def on_snapshot_received(self, message: SnapshotReceived) -> None:
         snapshot = message.snapshot
+        found_at = getattr(self.source, "addr", None)  # a client address leads to the stats
+        if found_at and self.address and found_at != self.header.address:
+            self.log_pane.note(f"the broker's stats are at {found_at} (asked {self.address})")
+            self.header.address = found_at
         if self.latest is not None and snapshot.uptime_s < self.latest.uptime_s:
             self.log_pane.note(
                 f"the broker restarted {fmt_s(snapshot.uptime_s)} ago: showing the new one",

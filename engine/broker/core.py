@@ -245,9 +245,8 @@ class BrokerCore:
             if req.worker_id == worker_id and req.state is RequestState.RUNNING:
                 self._requeue(req, now)
                 num_requeued += 1
-        self.log(
-            now, "warning", f"worker {worker_id} lost ({reason}); {num_requeued} requests requeued"
-        )
+        requeued = f"{num_requeued} request{'' if num_requeued == 1 else 's'} requeued"
+        self.log(now, "warning", f"worker {worker_id} lost ({reason}); {requeued}")
 
     def on_worker_message(self, worker: WorkerState, msg: p.FromWorker, now: float) -> None:
         """Apply a message of a worker that has joined (its Ready goes to ``add_worker``): the

@@ -346,9 +346,11 @@ class BrokerServer:
             log.info("drained: every accepted request has ended")
             return True
         if now - self.draining_since >= self.cfg.drain_timeout_s:
+            num_left = len(self.core.requests)
             log.warning(
-                "drain deadline passed with %d requests unfinished", len(self.core.requests)
-            )
+                "drain deadline passed with %d request%s unfinished",
+                num_left, "" if num_left == 1 else "s",
+            )  # fmt: skip
             return True
         return False
 

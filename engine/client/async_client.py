@@ -381,9 +381,10 @@ class AsyncClient:
             inflight.lost = True
         if self._inflight:
             log.warning(
-                "lost the connection to the broker at %s: %d requests in flight continue when "
-                "it is back (waiting up to %g s)",
-                self.addr, len(self._inflight), self.resume_timeout_s,
+                "lost the connection to the broker at %s: %d request%s in flight continue%s "
+                "when it is back (waiting up to %g s)", self.addr, len(self._inflight),
+                "" if len(self._inflight) == 1 else "s", "s" if len(self._inflight) == 1 else "",
+                self.resume_timeout_s,
             )  # fmt: skip
         assert self._loop is not None
         if self._give_up is None:
@@ -418,8 +419,9 @@ class AsyncClient:
             except Disconnected as exc:  # the send queue stayed full
                 self._end(inflight, exc)
         log.warning(
-            "the broker at %s answers again: resubmitted %d requests", self.addr, len(inflights)
-        )
+            "the broker at %s answers again: resubmitted %d request%s",
+            self.addr, len(inflights), "" if len(inflights) == 1 else "s",
+        )  # fmt: skip
 
     def _give_up_resuming(self) -> None:
         self._give_up = None

@@ -140,6 +140,7 @@ def test_lost_worker_requeues_with_generated_tokens():
     core.remove_worker("w1", 2.0, reason="test")
     assert core.requests["r"].generated == [5, 6]
     assert "r" in core.waiting
+    assert core.events[-1][2] == "worker w1 lost (test); 1 request requeued"
     core.add_worker(b"id2", ready("w2"), 3.0)
     core.schedule(3.0)
     _, to_workers = drain(core)

@@ -254,3 +254,10 @@ async def test_exits_when_the_source_cannot_open() -> None:
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: not app.is_running, "the app to exit")
     assert app.return_code == 1
+
+
+async def test_ctrl_c_quits_as_q_does(app: DashboardApp, source: StubSource) -> None:
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+c")
+        await wait_for(pilot, lambda: not app.is_running, "the app to exit on ctrl+c")
+    assert app.return_code == 0 and source.closed

@@ -88,3 +88,54 @@ async def test_dashboard_over_a_real_pub_socket() -> None:
     finally:
         pub.close(linger=0)
         ctx.term()
+
+
+class SilentSubscriber:
+    """Nothing ever arrives: a broker that is not up, or an address that is not its stats."""
+
+    instances: list[SilentSubscriber] = []
+
+    def __init__(self, addr: str) -> None:
+        self.addr, self.closed = addr, False
+        SilentSubscriber.instances.append(self)
+
+    async def recv(self, timeout_s: float):
+        return snapshot(uptime_s=2.0) if self.addr == "tcp://127.0.0.1:7" else None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_adapter_keeps_asking_where_the_stats_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given a client address while no broker is up, it asks again (with backoff) until the
+    broker answers, then subscribes to the stats address it names."""
+    fake_client = types.ModuleType("engine.client")
+    fake_client.AsyncStatsSubscriber = SilentSubscriber
+    monkeypatch.setitem(sys.modules, "engine.client", fake_client)
+    SilentSubscriber.instances.clear()
+    now = [0.0]
+    asked: list[tuple[float, str]] = []
+
+    async def find(addr: str, curve=None):
+        asked.append((now[0], addr))
+        return "tcp://127.0.0.1:7" if len(asked) >= 4 else None  # the broker is up at last
+
+    source = SubscriberSource(
+        "tcp://127.0.0.1:5", find=find, first_probe_s=1.0, max_backoff_s=4.0, clock=lambda: now[0]
+    )
+    received = None
+    for _ in range(200):
+        received = await source.recv(0.0)
+        if received is not None:
+            break
+        now[0] += 0.5
+    assert received is not None and received.uptime_s == 2.0
+    assert [when for when, _ in asked] == [1.0, 2.0, 4.0, 8.0]  # backoff 1, 2, 4 s
+    assert {addr for _, addr in asked} == {"tcp://127.0.0.1:5"}
+    first, second = SilentSubscriber.instances
+    assert first.closed and second.addr == source.addr == "tcp://127.0.0.1:7"
+    await source.recv(0.0)
+    now[0] += 100.0
+    await source.recv(0.0)
+    assert len(asked) == 4  # heard from the stats address: no more asking
+    source.close()

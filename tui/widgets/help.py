@@ -10,7 +10,7 @@ from textual.widgets import Static
 
 HELP_TEXT = """\
 [b]Keys[/b]
-  q        quit
+  q        quit (ctrl+c too)
   p        pause / resume updates (data keeps arriving; the screen freezes)
   tab      next panel (shift+tab: previous); arrows and page keys scroll it
   ?        this help (escape or ? closes it)
