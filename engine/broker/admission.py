@@ -69,7 +69,8 @@ def check(
         return
     retry_s = retry_after_s(costs, live, free_requests, free_tokens, max_batch_size)
     what = (
-        f"{len(live):,} requests in flight (--max-queued-requests {limits.max_requests:,})"
+        f"{len(live):,} request{'s' * (len(live) != 1)} in flight "
+        f"(--max-queued-requests {limits.max_requests:,})"
         if free_requests
         else f"{num_tokens:,} tokens in flight (--max-queued-tokens {limits.max_tokens:,})"
     )

@@ -61,7 +61,8 @@ class Recovery:
         core.log(
             now,
             "info" if not rec.dropped else "warning",
-            f"journal: recovered {len(rec.live)} unfinished requests ({num_tokens} tokens already "
+            f"journal: recovered {len(rec.live)} unfinished request{'s' * (len(rec.live) != 1)} "
+            f"({num_tokens} tokens already "
             f"delivered: they continue from there) and {len(rec.finished)} finished answers; "
             f"{len(rec.dropped)} problems",
         )

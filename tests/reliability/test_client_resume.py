@@ -115,7 +115,7 @@ def test_the_cli_stream_continues_across_a_broker_restart(procs):
     assert (first + out).decode() == reference.text + "\n"
     assert "resubmitted 1 request\n" in err.decode() and "Traceback" not in err.decode()
     if procs.journal:
-        assert "journal: recovered 1 unfinished requests" in procs.logs("broker")
+        assert "journal: recovered 1 unfinished request (" in procs.logs("broker")
 
 
 def test_a_broker_that_stays_away_fails_the_request_after_the_resume_timeout(procs):
