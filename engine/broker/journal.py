@@ -34,6 +34,9 @@ CREATE TABLE IF NOT EXISTS tokens (
     ids BLOB NOT NULL, ids_crc INTEGER NOT NULL,          -- int32 little-endian
     PRIMARY KEY (request_id, start)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS first_tokens (                 -- when its first token was delivered
+    request_id TEXT PRIMARY KEY, wall REAL NOT NULL
+) WITHOUT ROWID;
 """
 _COMPACT_EVERY_S = 10.0
 
@@ -63,6 +66,7 @@ class Entry:
     chunks: list[list[int]] = field(default_factory=list)  # its tokens, as they were delivered
     finished: p.Finished | None = None
     ended_wall: float = 0.0  # when it finished (wall clock), if it did
+    first_token_wall: float | None = None  # when its first token was delivered, if it was
 
     @property
     def generated(self) -> list[int]:
@@ -167,12 +171,16 @@ class Journal(NoJournal):
         sql = "INSERT OR REPLACE INTO requests (request_id, record, record_crc) VALUES (?, ?, ?)"
         self._ops.append((sql, (request_id, record, _crc(record))))
         self._ops.append(("DELETE FROM tokens WHERE request_id = ?", (request_id,)))
+        self._ops.append(("DELETE FROM first_tokens WHERE request_id = ?", (request_id,)))
         self._unconfirmed.add(request_id)
 
     def tokens(self, request_id: str, start: int, ids: list[int]) -> None:
         blob = _pack(ids)
         sql = "INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?)"
         self._ops.append((sql, (request_id, start, blob, _crc(blob))))
+        if start == 0:  # its time to first token survives a restart
+            sql = "INSERT OR REPLACE INTO first_tokens VALUES (?, ?)"
+            self._ops.append((sql, (request_id, time.time())))
 
     def finished(self, finished: p.Finished) -> None:
         """It finished normally: keep its answer ``replay_s`` for resubmissions, drop its tokens."""
@@ -180,11 +188,13 @@ class Journal(NoJournal):
         sql = "UPDATE requests SET finished = ?, finished_crc = ?, ended_wall = ? WHERE request_id = ?"
         self._ops.append((sql, (blob, _crc(blob), time.time(), finished.request_id)))
         self._ops.append(("DELETE FROM tokens WHERE request_id = ?", (finished.request_id,)))
+        self._ops.append(("DELETE FROM first_tokens WHERE request_id = ?", (finished.request_id,)))
 
     def ended(self, request_id: str) -> None:
         """It was cancelled or failed (its client got a final Error): forget it."""
         self._ops.append(("DELETE FROM requests WHERE request_id = ?", (request_id,)))
         self._ops.append(("DELETE FROM tokens WHERE request_id = ?", (request_id,)))
+        self._ops.append(("DELETE FROM first_tokens WHERE request_id = ?", (request_id,)))
         self._unconfirmed.discard(request_id)
 
     # -- writing ---------------------------------------------------------------------------
@@ -257,6 +267,7 @@ class Journal(NoJournal):
             out.dropped.append(self._tail.describe(self.path.with_name(self.path.name + "-wal")))
         entries = self._read_requests(out)
         self._read_tokens(entries, out)
+        self._read_first_tokens(entries)
         cutoff = time.time() - self.replay_s
         for entry in entries.values():
             if entry.finished is None:
@@ -299,6 +310,17 @@ class Journal(NoJournal):
             out.dropped.append(f"request {rid!r}: its record cannot be read ({exc}); dropped")
             return None
         return Entry(rid, submit, rec.prompt_ids, rec.owner, rec.arrived_wall, rec.deadline_wall)
+
+    def _read_first_tokens(self, entries: dict[str, Entry]) -> None:
+        """When each live request's first token was delivered (a journal written before this
+        table existed, or a damaged one, has none: its TTFT then counts from the restart)."""
+        try:
+            for rid, wall in self._db.execute("SELECT request_id, wall FROM first_tokens"):
+                entry = entries.get(rid)
+                if entry is not None and entry.chunks:
+                    entry.first_token_wall = float(wall)
+        except (sqlite3.DatabaseError, TypeError, ValueError):
+            log.warning("journal: the first-token times cannot be read; TTFTs count from now")
 
     def _read_tokens(self, entries: dict[str, Entry], out: Recovered) -> None:
         """Each live request's tokens: the longest run without a gap or a damaged row."""

@@ -83,4 +83,6 @@ def _request(entry: Entry, core: BrokerCore, now: float, wall: float) -> Request
     for chunk in entry.chunks:  # as delivered: the text stream is where it was, to the char
         req.generated += chunk
         req.text.add(req.generated)
+    if entry.first_token_wall is not None and req.generated:  # its TTFT, not the restart's
+        req.first_token_at = now - max(0.0, wall - entry.first_token_wall)
     return req

@@ -131,3 +131,30 @@ def test_requests_the_journal_could_not_record_are_refused_not_accepted(tmp_path
     replies, _ = drain(core)
     assert isinstance(replies[0].msg, p.Accepted)
     journal.close()
+
+
+def test_a_restarted_core_keeps_the_time_to_first_token_of_what_it_recovers(tmp_path):
+    """A request that had delivered tokens keeps its first token's time (wall clock, in the
+    journal), so its TTFT is its own and not the restart's; one that had none gets its first
+    token from the new core."""
+    import time
+
+    journal = Journal(tmp_path / "a" / "j.sqlite")
+    core = make_core(journal)
+    core.add_worker(b"id1", ready(), 0.0)
+    for rid in ("g", "w"):
+        core.submit(b"c1", submit(rid), [5, 6, 7], 0.0)
+    core.schedule(0.0)
+    core.on_generated(core.workers["w1"], p.Generated(tokens=[("g", [11, 12])]), 0.3)
+    assert journal.commit() == []
+    delivered_wall = time.time()
+
+    restarted = Journal(crash(journal, tmp_path / "b"))
+    core2 = make_core(restarted)
+    Recovery(restarted.recover()).restore(core2, 100.0, delivered_wall + 30.0)  # 30 s later
+    g, w = core2.requests["g"], core2.requests["w"]
+    assert g.first_token_at is not None and w.first_token_at is None
+    assert 0.0 <= g.first_token_at - g.arrived_at < 5.0  # not the 30 s the restart took
+    assert g.first_token_at == pytest.approx(70.0, abs=5.0)
+    journal.close()
+    restarted.close()
