@@ -80,6 +80,11 @@ class _Out:
     offloaded: list[str] = field(default_factory=list)
     evicted: list[str] = field(default_factory=list)
 
+    @property
+    def pending(self) -> bool:
+        """Messages besides tokens wait to go out (tokens then go out before them)."""
+        return bool(self.released or self.done or self.offloaded or self.evicted)
+
 
 class SimWorker:
     """One simulated worker; the cluster calls ``start_step(now)`` when it is idle and has work,
@@ -356,8 +361,7 @@ class SimWorker:
         """The messages of the last step and of commands since, in the executor's order."""
         out, self._out = self._out, _Out()
         msgs: list[p.Generated | p.Released | p.BatchDone | p.KVEvicted] = []
-        others = out.released or out.done or out.evicted or out.offloaded
-        generated = self._tokens.take(force=bool(others) or not self._rows)
+        generated = self._tokens.take(force=out.pending or not self._rows)
         if generated is not None:
             msgs.append(generated)
         stored, removed = self.pool.take_events()

@@ -83,6 +83,11 @@ class StepResult:
     evicted: list[str] = field(default_factory=list)  # parked KV freed: these must recompute
     blocks: p.BlockEvents | None = None  # prefix-cache blocks named and forgotten
 
+    @property
+    def pending(self) -> bool:
+        """Messages besides tokens wait to go out (tokens then go out before them)."""
+        return bool(self.released or self.done or self.offloaded or self.evicted)
+
 
 @dataclass(slots=True)
 class _Row:
@@ -225,7 +230,7 @@ class Executor:
         if need > pool.num_blocks or not self._free_blocks(need, waiting - {request_id}):
             return
         if pool.allocate(table, num_tokens):
-            if not self._store.settle(request_id, table, lambda layers: pool.write(table, layers)):
+            if not self._store.settle(request_id, table):
                 pool.free(table)
 
     def fail_all(self, message: str) -> StepResult:
@@ -245,18 +250,14 @@ class Executor:
 
     def has_work(self) -> bool:
         """True while rows run, dispatches wait, or messages wait for the next step()."""
-        out = self._out
-        pending = out.generated or out.released or out.done or out.evicted or out.offloaded
-        return bool(self._rows or self._joining or self._queued or pending)
+        return bool(self._rows or self._joining or self._queued or self._out.pending)
 
     def wait_s(self) -> float | None:
         """None: no work; 0: step() makes progress now; else the seconds the next batch may
         still wait for handed-off KV (a command, e.g. its arrival, ends the wait earlier)."""
         if not self.has_work():
             return None
-        out = self._out
-        pending = out.generated or out.released or out.done or out.evicted or out.offloaded
-        if self._rows or pending:
+        if self._rows or self._out.pending:
             return 0.0
         waits = [self._intake.blocking_s(run) for run in self._joining]
         if self._queued and not self._joining:
@@ -297,8 +298,7 @@ class Executor:
 
     def _flush(self) -> StepResult:
         out, self._out = self._out, StepResult()
-        others = out.released or out.done or out.evicted or out.offloaded
-        out.generated = self._tokens.take(force=bool(others) or not self._rows)
+        out.generated = self._tokens.take(force=out.pending or not self._rows)
         stored, removed = self.pool.take_events()
         if stored or removed:
             out.blocks = p.BlockEvents(stored=stored, removed=removed)

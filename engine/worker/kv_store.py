@@ -168,16 +168,15 @@ class KVStore:
             self._device_bytes += entry.nbytes
             self._staged_bytes += entry.nbytes if entry.table is None else 0
 
-    def settle(self, request_id: str, table: BlockTable, write: Callable[[Layers], None]) -> bool:
+    def settle(self, request_id: str, table: BlockTable) -> bool:
         """Move a staged arrival of ``request_id`` into ``table`` (blocks allocated for it):
-        ``write`` copies its tensors there, which are then dropped. False if it has no staged
-        entry (nothing is written)."""
+        its tensors are written there, then dropped. False if it has no staged entry."""
         assert self.pool is not None
         with self._lock:
             entry = self._device.get(request_id)
             if entry is None or entry.table is not None or entry.layers is None:
                 return False
-            write(entry.layers)
+            self.pool.write(table, entry.layers)
             self._staged_bytes -= entry.nbytes
             self._device_bytes -= entry.nbytes
             entry.layers, entry.table = None, table
