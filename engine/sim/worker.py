@@ -204,7 +204,7 @@ class SimWorker:
             self.store.park(request_id, entry)  # staged, as the executor's intake parks it
             waiting = {it.request_id for run in (*self._joining, *self._queued) for it in run.items}
             need, table = self.pool.blocks_for(entry.num_tokens), Table()
-            if need > self.pool.num_blocks or not self._free_blocks(need, waiting - {request_id}):
+            if need > self.pool.num_blocks or not self._free_blocks(need, waiting | {request_id}):
                 continue
             if self.pool.allocate(table, entry.num_tokens):
                 table.num_tokens = entry.num_tokens

@@ -227,7 +227,7 @@ class Executor:
         pool, table = self.pool, BlockTable()
         waiting = {item.request_id for run in (*self._joining, *self._queued) for item in run.items}
         need = pool.blocks_for(num_tokens)
-        if need > pool.num_blocks or not self._free_blocks(need, waiting - {request_id}):
+        if need > pool.num_blocks or not self._free_blocks(need, waiting | {request_id}):
             return
         if pool.allocate(table, num_tokens):
             if not self._store.settle(request_id, table):

@@ -73,3 +73,23 @@ def test_an_arrival_lands_in_the_pool_evicting_parked_kv_no_waiting_dispatch_nee
     assert done[4].handoff_tokens == done[4].reused_kv_tokens == 40 + SLICE - 1
     assert done[4].handoff_bytes == (40 + SLICE - 1) * KVPT  # what moved, not whole blocks
     assert done[5].reused_kv_tokens == 17 + SLICE - 1 and done[5].recomputed_tokens == 0
+
+
+def test_an_arrival_the_pool_cannot_take_waits_beside_it_rather_than_evicting_itself() -> None:
+    """ "c" (55 tokens) needs 4 blocks where 2 are free and "d" holds 1: making way cannot
+    succeed, and the arrival, parked like the others, must not be what is evicted."""
+    peers: dict[str, SimWorker] = {}
+    a = worker("a", 1 << 30, peers)
+    b = worker("b", 5 * BLOCK_TOKENS * KVPT, peers)
+    msgs: list = []
+    a.command(make_run(1, [item("c", 52, 0)]), 0.0)
+    now = drive(a, 0.0, msgs)
+    for batch_id, (rid, length) in enumerate((("b", 17), ("d", 9)), start=2):
+        b.command(make_run(batch_id, [item(rid, length, 0)]), now)
+        now = drive(b, now, msgs)
+    b.command(make_run(4, [item("c", 52, SLICE, source="a")]), now)
+    b.command(make_run(5, [item("b", 17, SLICE)]), now)
+    msgs.clear()
+    drive(b, now, msgs)
+    done = {m.batch_id: m for m in msgs if isinstance(m, p.BatchDone)}
+    assert done[4].handoff_tokens == 52 + SLICE - 1 and done[4].recomputed_tokens == 0
